@@ -13,14 +13,21 @@ from typing import Protocol, Union
 
 import mlx.core as mx
 
+from .bf16 import BF16
 from .fp32 import FP32
+from .int4 import INT4_M, INT4_V
+from .int8 import INT8_M, INT8_V
 
 #: A stored moment: one array, or a small dict of arrays (codes + scales) for quantized formats.
 Stored = Union[mx.array, dict[str, mx.array]]
 
 
 class MomentCodec(Protocol):
-    """Stores one moment tensor. All methods are pure and traceable by ``mx.compile``."""
+    """Stores one moment tensor. All methods are pure and traceable by ``mx.compile``.
+
+    ``encode(decode(s))`` must give back ``s`` bit for bit (with any key): a skipped step re-encodes
+    the decoded moments and must leave the state unchanged.
+    """
 
     #: Whether ``encode`` consumes a random key (stochastic rounding).
     stochastic: bool
@@ -53,4 +60,7 @@ class Precision:
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", FP32, FP32),
+    "bf16": Precision("bf16", BF16, BF16),
+    "int8": Precision("int8", INT8_M, INT8_V),
+    "int4": Precision("int4", INT4_M, INT4_V),
 }
