@@ -1,0 +1,229 @@
+"""The `adamw-lm` command line and the trainer behind it: formats, fine-tune types, accumulation,
+and bad input (exit status 2, one clear line, no traceback)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import yaml
+
+from adamw_lm import checkpoint, trainer
+from adamw_lm.config import from_dict
+
+
+def base(model: Path, data: Path, run_dir: Path, **extra) -> dict:
+    cfg = {
+        "model": str(model), "data": str(data), "fine_tune_type": "lora", "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}, "batch_size": 4, "iters": 4,
+        "val_batches": 1, "learning_rate": 1e-3, "steps_per_report": 1, "steps_per_eval": 100,
+        "max_seq_length": 64, "adapter_path": str(run_dir), "optimizer": {"state_precision": "fp32"},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adamw_lm.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["text", "chat", "completions"])
+def test_each_dataset_format_trains(fmt, tmp_path, tiny_model_path, data_dir):
+    data = data_dir if fmt == "text" else data_dir / fmt
+    cfg = base(tiny_model_path, data, tmp_path / "run", mask_prompt=fmt != "text")
+    result = trainer.run(from_dict(cfg), progress=False)
+    assert result.iteration == 4 and all(mx.isfinite(mx.array(result.losses)).tolist())
+    assert (tmp_path / "run" / "adapters.safetensors").exists()
+    checkpoint.verify(result.checkpoint)
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora", "full"])
+def test_fine_tune_types_save_mlx_lm_adapters(fine_tune_type, tmp_path, tiny_model_path, data_dir):
+    from mlx_lm import load
+
+    cfg = base(tiny_model_path, data_dir, tmp_path / "run", fine_tune_type=fine_tune_type, num_layers=1)
+    result = trainer.run(from_dict(cfg), progress=False)
+    saved = mx.load(str(tmp_path / "run" / "adapters.safetensors"))
+    names = set(saved)
+    if fine_tune_type == "full":
+        assert any(n.endswith("mlp.down_proj.weight") for n in names) and not any("lora" in n for n in names)
+    else:
+        assert any(n.endswith("lora_a") for n in names)
+        assert any(n.endswith(".m") for n in names) == (fine_tune_type == "dora")
+    # mlx-lm itself loads the final adapters and each checkpoint's.
+    for folder in (tmp_path / "run", result.checkpoint):
+        model, _ = load(str(tiny_model_path), adapter_path=str(folder))
+        loaded = dict(__import__("mlx.utils").utils.tree_flatten(model.parameters()))
+        assert all(mx.array_equal(loaded[k], v).item() for k, v in saved.items())
+
+
+def test_grad_accumulation_equals_double_batch(tmp_path, tiny_model_path):
+    # Identical examples make every batch the same, so two accumulated batches of 4 must give the
+    # update of one batch of 8 (up to float rounding of the sum).
+    data = tmp_path / "data"
+    data.mkdir()
+    line = json.dumps({"text": "The capital of France is Paris. Two plus two is four."}) + "\n"
+    (data / "train.jsonl").write_text(line * 32)
+    (data / "valid.jsonl").write_text(line * 8)
+    common = dict(lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0}, val_batches=0)
+    a = trainer.run(from_dict(base(tiny_model_path, data, tmp_path / "a", batch_size=8, iters=3, **common)),
+                    progress=False)
+    b = trainer.run(from_dict(base(tiny_model_path, data, tmp_path / "b", batch_size=4, iters=6,
+                                   grad_accumulation_steps=2, **common)), progress=False)
+    wa = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    wb = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert mx.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6).item(), k
+    assert json.loads((b.checkpoint / "trainer_state.json").read_text())["iteration"] == 6
+    b_opt = mx.load(str(b.checkpoint / "optimizer.safetensors"))
+    assert b_opt["step"].item() == 3  # three optimizer updates for six micro-batches
+
+
+def test_train_cli_with_overrides_and_inspect(tmp_path, tiny_model_path, data_dir):
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
+    done = cli("train", str(cfg), "--no-progress", "--iters", "3", "--optimizer.state_precision", "int8",
+               "--optimizer.min_quantize_size=64", "--checkpoint.every", "2")
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint" in done.stdout and str(tmp_path / "run") in done.stdout
+    states = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert states == ["step-0000002", "step-0000003"]
+
+    shown = cli("inspect", str(tmp_path / "run"))
+    assert shown.returncode == 0, shown.stderr
+    assert "step-0000003" in shown.stdout and "int8" in shown.stdout and "verified" in shown.stdout
+
+    (tmp_path / "run" / "checkpoints" / "step-0000003" / "adapters.safetensors").write_bytes(b"broken")
+    shown = cli("inspect", str(tmp_path / "run" / "checkpoints" / "step-0000003"))
+    assert shown.returncode == 2 and "adapters.safetensors" in shown.stderr
+
+
+def test_plan_cli_from_config_json(tmp_path, tiny_model_path):
+    done = cli("plan", "--model", str(tiny_model_path / "config.json"), "--fine-tune-type", "full",
+               "--precision", "fp32", "int8")
+    assert done.returncode == 0, done.stderr
+    assert "| fp32 |" in done.stdout and "| int8 |" in done.stdout and "None" not in done.stdout
+
+
+def test_tiny_model_cli(tmp_path):
+    done = cli("tiny-model", str(tmp_path / "m"), "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m" / "model.safetensors").exists() and str(tmp_path / "m") in done.stdout
+
+
+def bad(tmp_path, tiny_model_path, data_dir, **changes) -> subprocess.CompletedProcess:
+    cfg = base(tiny_model_path, data_dir, tmp_path / "run")
+    cfg.update(changes)
+    done = cli("train", str(write_yaml(tmp_path / "bad.yaml", cfg)), "--no-progress")
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    return done
+
+
+def test_missing_model_path(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, model=str(tmp_path / "no-such-model"))
+    assert "'model'" in done.stderr and "no-such-model" in done.stderr
+
+
+def test_missing_data_folder(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, data=str(tmp_path / "no-such-data"))
+    assert "'data'" in done.stderr and "no-such-data" in done.stderr
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, tiny_model_path, data_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (data_dir / "train.jsonl").read_text().splitlines()
+    lines[6] = lines[6][:-3]  # cut the closing of line 7
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "valid.jsonl").write_text((data_dir / "valid.jsonl").read_text())
+    done = bad(tmp_path, tiny_model_path, data_dir, data=str(data))
+    assert f"{data / 'train.jsonl'}, line 7" in done.stderr
+
+
+def test_unknown_key_suggests(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, learning_rte=1e-3)
+    assert "unknown config key 'learning_rte'; did you mean 'learning_rate'?" in done.stderr
+    assert "bad.yaml" in done.stderr
+
+
+def test_wrong_type(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, iters="ten")
+    assert "'iters' must be int, got 'ten'" in done.stderr
+
+
+def test_bad_override_and_bad_optimizer_value(tmp_path, tiny_model_path, data_dir):
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
+    done = cli("train", str(cfg), "--batch-size", "many")
+    assert done.returncode == 2 and "'batch_size' must be int" in done.stderr
+    done = cli("train", str(cfg), "--optimizer.state_precision", "int3")
+    assert done.returncode == 2 and "state_precision" in done.stderr and "'int8'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_callback_for_mlx_lm_trainer(tmp_path, tiny_model_path, data_dir):
+    """People who keep mlx_lm.tuner.trainer.train get full checkpoints through the callback."""
+    import types
+
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from adamw_lm import AdamW
+
+    model, tokenizer = load(str(tiny_model_path))
+    train_set, valid_set, _ = load_dataset(
+        types.SimpleNamespace(data=str(data_dir), train=True, test=False, mask_prompt=False), tokenizer)
+    model.freeze()
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, lora)
+    optimizer = AdamW(1e-3, state_precision="int8", min_quantize_size=64)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    callback = trainer.CheckpointCallback(tmp_path / "run", model, optimizer, config, every=4)
+    train(model, optimizer, CacheDataset(train_set), CacheDataset(valid_set),
+          args=TrainingArgs(batch_size=4, iters=8, val_batches=1, steps_per_report=2, steps_per_eval=4,
+                            steps_per_save=100, max_seq_length=64,
+                            adapter_file=str(tmp_path / "adapters.safetensors")),
+          training_callback=callback)
+    assert [p.name for p in callback.saved] == ["step-0000004", "step-0000008"]
+
+    fresh, _ = load(str(tiny_model_path))
+    fresh.freeze()
+    linear_to_lora_layers(fresh, 2, lora)
+    restored = AdamW(1e-3, state_precision="int8", min_quantize_size=64)
+    state = checkpoint.load(callback.saved[-1], fresh, restored)
+    assert state["iteration"] == 8
+    assert restored.state["step"].item() == 8
+    final = mx.load(str(tmp_path / "adapters.safetensors"))
+    params = dict(__import__("mlx.utils").utils.tree_flatten(fresh.trainable_parameters()))
+    assert all(mx.array_equal(params[k], v).item() for k, v in final.items())
+
+
+def test_resume_with_other_precision_needs_the_flag(tmp_path, tiny_model_path, data_dir):
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run", iters=2,
+                                                optimizer={"state_precision": "fp32", "min_quantize_size": 64}))
+    assert cli("train", str(cfg), "--no-progress").returncode == 0
+    before = checkpoint.latest_checkpoint(tmp_path / "run")
+    done = cli("resume", str(tmp_path / "run"), "--iters", "4", "--optimizer.state_precision", "int8")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'fp32'" in done.stderr and "'int8'" in done.stderr and "--convert-precision" in done.stderr
+    assert checkpoint.latest_checkpoint(tmp_path / "run") == before  # nothing lost or changed
+    checkpoint.verify(before)
+
+    done = cli("resume", str(tmp_path / "run"), "--iters", "4", "--optimizer.state_precision", "int8",
+               "--convert-precision", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step-0000004"
+    state = mx.load(str(latest / "optimizer.safetensors"))
+    assert any(k.endswith(".m.codes") or ".m." in k for k in state) and state["step"].item() == 4

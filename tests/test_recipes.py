@@ -1,0 +1,39 @@
+"""Every shipped recipe is a valid config, and the plan numbers in its header are what `plan` says."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from adamw_lm import memory
+from adamw_lm.cli import build_parser
+from adamw_lm.config import load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert "tiny-lora.yaml" in names and len(names) >= 5
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_is_valid_and_its_plan_comment_is_true(recipe):
+    config = load_config(recipe)
+    assert config.optimizer.state_precision in (None, "fp32", "bf16", "int8", "int4")
+    text = recipe.read_text()
+    command = re.search(r"^# (adamw-lm plan .*)$", text, re.M)
+    if recipe.name == "tiny-lora.yaml":
+        return
+    assert command, f"{recipe.name}: no `adamw-lm plan` line in its header"
+    args = build_parser().parse_args(shlex.split(command.group(1))[1:])
+    num_layers = args.num_layers if args.num_layers is not None or args.fine_tune_type == "full" else 16
+    plan = memory.plan_from_config(
+        Path(__file__).resolve().parents[1] / args.model, fine_tune_type=args.fine_tune_type,
+        rank=args.rank, num_layers=num_layers,
+    )
+    assert f"{plan.trainable_parameters:,} trainable" in text
+    assert config.fine_tune_type == args.fine_tune_type
+    if config.fine_tune_type != "full":
+        assert config.lora_parameters["rank"] == args.rank

@@ -1,0 +1,123 @@
+"""Bit-exact resume: a run stopped half way (SIGINT) and resumed by a *new process* equals the run
+that was never stopped — adapters, optimizer state and every logged loss, for every precision."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adamw_lm import trainer
+from adamw_lm.codecs import PRECISIONS
+from adamw_lm.config import load_config
+
+ITERS = 40
+
+
+def make_config(tmp_path: Path, model: Path, data: Path, run_dir: Path, **extra) -> Path:
+    data_cfg = {
+        "model": str(model),
+        "data": str(data),
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1},  # dropout: the RNG matters
+        "batch_size": 4,
+        "iters": ITERS,
+        "val_batches": 2,
+        "learning_rate": 3e-3,
+        "lr_schedule": {"name": "cosine_decay", "warmup": 5, "arguments": [3e-3, ITERS, 1e-4]},
+        "steps_per_report": 1,
+        "steps_per_eval": 7,
+        "max_seq_length": 64,
+        "adapter_path": str(run_dir),
+        "seed": 3,
+        "optimizer": {"min_quantize_size": 64, "weight_decay": 0.02},
+        "checkpoint": {"every": 6, "keep_last": 2},
+    }
+    for key, value in extra.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            data_cfg.setdefault(section, {})[sub] = value
+        else:
+            data_cfg[key] = value
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(data_cfg))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "adamw_lm.cli", *args]
+
+
+def logged_iteration(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["iteration"] for r in lines), default=0)
+
+
+def train_interrupted(config: Path, run_dir: Path, after: int) -> None:
+    """Start `adamw-lm train` in a subprocess and Ctrl-C it once it has logged `after` iterations."""
+    proc = subprocess.Popen(cli("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while logged_iteration(run_dir) < after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert f"adamw-lm resume {run_dir}" in err
+    assert "Traceback" not in err
+
+
+def stopped_at(run_dir: Path) -> int:
+    return json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                       / "trainer_state.json").read_text())["iteration"]
+
+
+def check_resume_matches(tmp_path, tiny_model_path, data_dir, **extra):
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
+    reference = trainer.run(load_config(make_config(tmp_path, tiny_model_path, data_dir, ref_dir, **extra)),
+                            progress=False)
+    assert not reference.interrupted and len(reference.losses) == ITERS
+
+    train_interrupted(make_config(tmp_path, tiny_model_path, data_dir, run_dir, **extra), run_dir, after=8)
+    stop = stopped_at(run_dir)
+    assert 8 <= stop < ITERS
+    done = subprocess.run(cli("resume", str(run_dir), "--no-progress"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    message = trainer.compare_runs(run_dir, ref_dir)  # raises on the first differing tensor or loss
+    assert f"iteration {ITERS}" in message
+    resumed = json.loads((run_dir / "checkpoints" / f"step-{ITERS:07d}" / "trainer_state.json").read_text())
+    assert resumed["losses"] == reference.losses  # exact float equality, every iteration
+    # The metrics log reads as one run: every iteration reported once, in order.
+    reported = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "train_loss" in line]
+    assert reported == list(range(1, ITERS + 1))
+    return stop
+
+
+@pytest.mark.parametrize("precision", [None, *PRECISIONS])
+def test_lora_resume_is_bit_exact(precision, tmp_path, tiny_model_path, data_dir):
+    check_resume_matches(tmp_path, tiny_model_path, data_dir, **{"optimizer.state_precision": precision})
+
+
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_full_fine_tune_resume_is_bit_exact(precision, tmp_path, tiny_model_path, data_dir):
+    check_resume_matches(tmp_path, tiny_model_path, data_dir, fine_tune_type="full", learning_rate=1e-3,
+                         **{"optimizer.state_precision": precision})
+
+
+def test_resume_on_folder_without_checkpoint_is_a_clear_error(tmp_path):
+    done = subprocess.run(cli("resume", str(tmp_path)), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no complete checkpoint" in done.stderr and str(tmp_path) in done.stderr
+    assert "Traceback" not in done.stderr
+
