@@ -936,33 +936,41 @@ def describe(path: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def load_adapters_only(adapter_dir: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
-    """Load the weights of an adapter folder into ``model`` (no optimizer state); return its config.
+def load_adapters_only(adapter_path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Load adapter weights into ``model`` (no optimizer state); return their adapter config.
 
-    ``adapter_dir`` is a folder written by ``mlx_lm lora`` (``adapters.safetensors`` +
-    ``adapter_config.json``) or an adamw_lm checkpoint (then verified first). Use it to seed a new
-    run; the model's trainable parameters must match the file's keys, shapes and dtypes exactly.
+    ``adapter_path`` is a folder written by ``mlx_lm lora`` (``adapters.safetensors`` +
+    ``adapter_config.json``), an adamw_lm checkpoint (then verified first), or an adapters
+    ``.safetensors`` file alone (mlx-lm's ``resume_adapter_file``; its config is then ``{}``). Use it
+    to seed a new run; the model's trainable parameters must match the file's keys, shapes and
+    dtypes exactly.
 
     Raises:
         NoCheckpointError: a file is missing.
         CorruptCheckpointError: an unreadable file, or a checkpoint that does not verify.
         IncompatibleCheckpointError: the weights do not fit the model.
     """
-    folder = Path(adapter_dir)
-    if (folder / MANIFEST).is_file():
-        verify(folder)
-    for required in (ADAPTERS, ADAPTER_CONFIG):
-        if not (folder / required).is_file():
-            raise NoCheckpointError(
-                f"{folder / required} not found: expected an adapter folder written by mlx_lm lora "
-                f"({ADAPTERS} + {ADAPTER_CONFIG}) or an adamw_lm checkpoint"
-            )
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_bytes())
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from e
-    weights, _ = _load_safetensors(folder / ADAPTERS)
-    _check_weights(weights, dict(tree_flatten(model.trainable_parameters())), folder / ADAPTERS)
+    path = Path(adapter_path)
+    config: dict[str, Any] = {}
+    if path.is_file():
+        weights_file = path
+    else:
+        if (path / MANIFEST).is_file():
+            verify(path)
+        for required in (ADAPTERS, ADAPTER_CONFIG):
+            if not (path / required).is_file():
+                raise NoCheckpointError(
+                    f"{path / required} not found: expected an adapter folder written by mlx_lm "
+                    f"lora ({ADAPTERS} + {ADAPTER_CONFIG}), an adamw_lm checkpoint, or a "
+                    f"{ADAPTERS} file"
+                )
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_bytes())
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{path / ADAPTER_CONFIG} is not valid JSON: {e}") from e
+        weights_file = path / ADAPTERS
+    weights, _ = _load_safetensors(weights_file)
+    _check_weights(weights, dict(tree_flatten(model.trainable_parameters())), weights_file)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.trainable_parameters())
     return config

@@ -7,7 +7,7 @@
     adamw-lm tiny-model OUT_DIR [--size small|medium] [--seed N]
 
 Bad input exits with status 2 and one line that names what is wrong; a run stopped by Ctrl-C or
-SIGTERM saves a checkpoint, prints the resume command and exits with 130.
+SIGTERM saves a checkpoint, prints the resume command and exits with 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -38,23 +38,28 @@ def _parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
         else:
             overrides[key] = True
             i += 1
-    return {k.replace("-", "_"): v for k, v in overrides.items()}
+    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+    if "config" in overrides:
+        raise ConfigError("--config names the YAML file: give it once, before any --key value override")
+    return overrides
 
 
 def _exit_code(result: Any) -> int:
-    if not result.interrupted:
-        print(f"Done: iteration {result.iteration}; checkpoint {result.checkpoint}; "
-              f"adapters in {result.run_dir}")
-        return 0
-    return 130
+    if result.stop_signal is not None:
+        return 128 + result.stop_signal  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
+    print(f"Done: iteration {result.iteration}; checkpoint {result.checkpoint}; "
+          f"adapters in {result.run_dir}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from . import trainer
-    from .config import load_config
+    from .config import ConfigError, load_config
 
-    config = load_config(args.config, _parse_overrides(extra))
-    return _exit_code(trainer.run(config, progress=not args.no_progress))
+    if args.config and args.config_option:
+        raise ConfigError(f"two config files given: {args.config} and --config {args.config_option}")
+    config = load_config(args.config or args.config_option, _parse_overrides(extra))
+    return _exit_code(trainer.run(config, overwrite=args.overwrite, progress=not args.no_progress))
 
 
 def _cmd_resume(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -104,22 +109,28 @@ def _cmd_tiny_model(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adamw-lm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="adamw-lm", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a YAML config (mlx_lm lora keys)")
+    p = sub.add_parser("train", help="fine-tune from a YAML config (mlx_lm lora keys)", allow_abbrev=False)
     p.add_argument("config", nargs="?", help="YAML config; --key value pairs override its keys")
+    p.add_argument("-c", "--config", dest="config_option", metavar="CONFIG",
+                   help="the YAML config, as `mlx_lm lora --config` takes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that already holds checkpoints (deletes them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_train)
 
-    p = sub.add_parser("resume", help="continue a run exactly where it stopped")
+    p = sub.add_parser("resume", help="continue a run exactly where it stopped", allow_abbrev=False)
     p.add_argument("run_dir")
     p.add_argument("--convert-precision", action="store_true",
                    help="allow resuming with another optimizer.state_precision (converts the moments)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_resume)
 
-    p = sub.add_parser("plan", help="memory table for a model, from its config.json alone")
+    p = sub.add_parser("plan", help="memory table for a model, from its config.json alone",
+                       allow_abbrev=False)
     p.add_argument("--model", required=True, help="model folder or its config.json")
     p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -153,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.fn(args, extra)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, OSError) as e:
         print(f"adamw-lm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

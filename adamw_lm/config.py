@@ -80,7 +80,8 @@ class TrainConfig:
     completion_feature: Optional[str] = None
     chat_feature: Optional[str] = None
     text_feature: Optional[str] = None
-    # Accepted so that mlx_lm lora configs load unchanged; see `from_dict` for what each means here.
+    # mlx_lm lora's keys that do not shape the training itself; `train` must be true and
+    # `training_mode` "normal" (checked in from_dict), `config` names the YAML file itself.
     train: bool = True
     training_mode: str = "normal"
     clear_cache_threshold: int = 0
@@ -172,7 +173,7 @@ def _normalise_optimizer(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(optimizer_config, dict):
         raise ConfigError(f"config key 'optimizer_config' must be a mapping, got {optimizer_config!r}")
     if isinstance(optimizer, str) or optimizer is None:
-        name = (optimizer or "adamw").lower()
+        name = (optimizer or "adam").lower()  # mlx_lm lora's default optimizer is Adam
         if name not in ("adam", "adamw"):
             raise ConfigError(
                 f"config key 'optimizer' is '{optimizer}': adamw-lm trains with AdamW only "
@@ -203,11 +204,32 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
                 "grad_accumulation_steps", "max_seq_length"):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(config, key)}")
+    _check_schedule(config.lr_schedule)
     for key in ("keep_last", "keep_best", "every"):
         value = getattr(config.checkpoint, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key 'checkpoint.{key}' must be >= 1 or null, got {value}")
     return config
+
+
+def _check_schedule(schedule: Optional[dict[str, Any]]) -> None:
+    """``lr_schedule`` as mlx-lm's ``build_schedule`` reads it: name, arguments, optional warmup."""
+    if schedule is None:
+        return
+    import mlx.optimizers as optim
+
+    name = schedule.get("name")
+    if not isinstance(name, str) or not callable(getattr(optim.schedulers, name, None)):
+        known = ", ".join(n for n in dir(optim.schedulers) if n.endswith(("_decay", "_schedule")))
+        raise ConfigError(f"config key 'lr_schedule.name' must name an mlx.optimizers schedule ({known}); got {name!r}")
+    if not isinstance(schedule.get("arguments"), list):
+        raise ConfigError(f"config key 'lr_schedule.arguments' must be a list (e.g. [1e-5, 1000, 1e-7]); "
+                          f"got {schedule.get('arguments')!r}")
+    unknown = set(schedule) - {"name", "arguments", "warmup", "warmup_init"}
+    if unknown:
+        raise ConfigError(f"unknown config key 'lr_schedule.{sorted(unknown)[0]}' (valid: name, arguments, warmup, warmup_init)")
+    if not isinstance(schedule.get("warmup", 0), int) or schedule.get("warmup", 0) < 0:
+        raise ConfigError(f"config key 'lr_schedule.warmup' must be an int >= 0; got {schedule.get('warmup')!r}")
 
 
 def parse_override(text: str) -> Any:
@@ -247,7 +269,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file {path} must hold a mapping of keys")
     if isinstance(data.get("optimizer"), str) or "optimizer_config" in data:
         data = _normalise_optimizer(data)
+    defaults = TrainConfig()
     for dotted, value in (overrides or {}).items():
+        top = dotted.split(".")[0]
+        if "." in dotted and top not in data and isinstance(getattr(defaults, top, None), dict):
+            data[top] = dict(getattr(defaults, top))  # `--lora-parameters.rank 16` keeps the other defaults
         set_dotted(data, dotted, value)
     try:
         return from_dict(data)

@@ -9,7 +9,9 @@ state, position — goes into an atomic checkpoint (:mod:`adamw_lm.checkpoint`).
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -21,7 +23,6 @@ from typing import Any, Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import CacheDataset, load_dataset
@@ -43,8 +44,12 @@ class RunResult:
     run_dir: Path
     iteration: int
     checkpoint: Optional[Path]
-    interrupted: bool
+    stop_signal: Optional[int] = None  # SIGINT / SIGTERM when the run was stopped before its end
     losses: list[float] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
 
 
 # -- set-up -------------------------------------------------------------------------------------
@@ -60,11 +65,18 @@ def load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
         raise ConfigError(f"config key 'model': {config.model} does not exist (expected a model folder with config.json)")
     if path.exists() and not (path / "config.json").is_file():
         raise ConfigError(f"config key 'model': {config.model} has no config.json (expected an mlx-lm model folder)")
-    return load(
-        str(path) if path.exists() else config.model,
-        tokenizer_config={"trust_remote_code": config.trust_remote_code},
-        trust_remote_code=config.trust_remote_code,
-    )
+    try:
+        return load(
+            str(path) if path.exists() else config.model,
+            tokenizer_config={"trust_remote_code": config.trust_remote_code},
+            trust_remote_code=config.trust_remote_code,
+        )
+    except Exception as e:
+        if path.exists():
+            raise
+        # A Hub repo id: not found, offline, gated... say which key and what happened.
+        raise ConfigError(f"config key 'model': could not load {config.model!r} from the Hugging Face Hub "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def setup_trainable(model: nn.Module, config: TrainConfig) -> None:
@@ -95,17 +107,43 @@ def adapter_config(config: TrainConfig) -> dict[str, Any]:
     return data
 
 
-def _check_jsonl(path: Path) -> None:
+def _format_keys(config: TrainConfig, record: dict[str, Any]) -> tuple[str, ...]:
+    """The keys every record needs, in the format mlx-lm's ``create_dataset`` picks from the first."""
+    prompt = config.prompt_feature or "prompt"
+    completion = config.completion_feature or "completion"
+    chat = config.chat_feature or "messages"
+    text = config.text_feature or "text"
+    for keys in ((prompt, completion), (chat,), (text,)):
+        if all(k in record for k in keys):
+            return keys
+    raise ConfigError(
+        f"no known data format: expected keys {text!r} (text), {chat!r} (chat) or {prompt!r} + "
+        f"{completion!r} (completions); found {sorted(record)}"
+    )
+
+
+def _check_jsonl(path: Path, config: TrainConfig) -> None:
+    """Every line a JSON object in one format, before mlx-lm reads it (it stops at the first bad
+    line without saying which, and processes records lazily, mid-run)."""
+    keys: Optional[tuple[str, ...]] = None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
+            where = f"{path}, line {number}"
             if not line.strip():
-                continue
+                raise ConfigError(f"{where}: empty line (every line must be one JSON object)")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ConfigError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+                raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            try:
+                keys = keys or _format_keys(config, record)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            missing = [k for k in keys if k not in record]
+            if missing:
+                raise ConfigError(f"{where}: missing {missing} (line 1 set the format to keys {list(keys)})")
 
 
 def load_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
@@ -120,12 +158,15 @@ def load_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
                 raise ConfigError(f"config key 'data': {data / 'train.jsonl'} does not exist")
             for name in ("train", "valid", "test"):
                 if (data / f"{name}.jsonl").is_file():
-                    _check_jsonl(data / f"{name}.jsonl")
+                    _check_jsonl(data / f"{name}.jsonl", config)
     args = config.mlx_lm_args()
     args.data = str(data) if data.exists() else config.data
     try:
         train_set, valid_set, test_set = load_dataset(args, tokenizer)
-    except ValueError as e:
+    except ImportError as e:
+        raise ConfigError(f"config key 'data': {config.data!r} is not a local folder, and loading a Hugging "
+                          f"Face dataset needs the `datasets` package ({e})") from None
+    except (ValueError, KeyError) as e:
         raise ConfigError(f"config key 'data' ({config.data}): {e}") from None
     if len(train_set) < config.batch_size:
         raise ConfigError(
@@ -136,7 +177,10 @@ def load_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
 
 def build_optimizer(config: TrainConfig) -> AdamW:
     """The run's :class:`~adamw_lm.AdamW`; schedules are rebuilt from the config, never pickled."""
-    lr = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
+    try:
+        lr = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"config key 'lr_schedule' {config.lr_schedule}: {e}") from None
     o = config.optimizer
     try:
         return AdamW(
@@ -228,52 +272,89 @@ def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(run_dir: Path, iteration: int) -> None:
-    """Drop records written after the checkpoint we resume from, so the log reads as one run."""
+    """Drop records written after the checkpoint we resume from, so the log reads as one run.
+
+    A line torn by a crash is dropped too."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+def _absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute, so that the saved config resumes from any working directory."""
+    data = config.to_dict()
+    for key in ("model", "data", "resume_adapter_file"):
+        if data[key] and Path(data[key]).expanduser().exists():
+            data[key] = str(Path(data[key]).expanduser().resolve())
+    data["checkpoint"]["dir"] = str(config.run_dir.expanduser().resolve())
+    return from_dict(data)
 
-    return {name: version(name) for name in ("adamw_lm", "mlx", "mlx-lm")}
+
+def _reporting_callback(config: TrainConfig) -> Optional[TrainingCallback]:
+    """mlx-lm's own ``report_to`` callbacks (wandb, swanlab), fed the same records as in mlx-lm."""
+    if not config.report_to:
+        return None
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    try:
+        return get_reporting_callbacks(config.report_to, project_name=config.project_name,
+                                       log_dir=str(config.run_dir), config=config.to_dict())
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"config key 'report_to' ({config.report_to!r}): {e}") from None
 
 
 def run(
     config: TrainConfig,
     *,
-    resume: bool = False,
+    resume_from: Optional[Path] = None,
     convert_precision: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
-    callback: Optional[Callable[[dict[str, Any]], None]] = None,
+    callback: Optional[TrainingCallback] = None,
 ) -> RunResult:
-    """Train ``config`` (from its last checkpoint when ``resume``), checkpointing as configured."""
+    """Train ``config``, checkpointing as configured; continue from the checkpoint ``resume_from``.
+
+    A new run refuses a run folder that already holds checkpoints unless ``overwrite`` (which then
+    removes them and the metrics log). ``callback`` is an mlx-lm ``TrainingCallback``.
+    """
+    if mx.distributed.init().size() > 1:
+        raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
+    config = _absolute_paths(config)
     run_dir = config.run_dir
+    if resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
+                "or start over with --overwrite"
+            )
+        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
     np.random.seed(config.seed)
     mx.random.seed(config.seed)
     model, tokenizer = load_model(config)
-    train_set, valid_set, _ = load_data(config, tokenizer)
+    train_set, valid_set, test_set = load_data(config, tokenizer)
     setup_trainable(model, config)
     optimizer = build_optimizer(config)
+    reporter = _reporting_callback(config)
+    callbacks = [c for c in (callback, reporter) if c is not None]
 
     state: dict[str, Any] = {"iteration": 0, "epoch": 0, "offset": 0, "losses": [], "val_losses": []}
-    if resume:
-        found = checkpoint.load_latest(run_dir, model, optimizer, convert_precision=convert_precision)
-        if found is None:
-            raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-        _, saved = found
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, model, optimizer, convert_precision=convert_precision)
         state.update({k: saved[k] for k in state})
         _truncate_metrics(run_dir, state["iteration"])
     elif config.resume_adapter_file:
-        try:
-            model.load_weights(config.resume_adapter_file, strict=False)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"config key 'resume_adapter_file': {e}") from None
+        checkpoint.load_adapters_only(config.resume_adapter_file, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
@@ -290,24 +371,27 @@ def run(
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            grad = average_gradients(grad)
             if accum > 1:
                 grad = tree_map(lambda g: g / accum, grad)
             optimizer.update(model, grad)
             grad = None
         return loss, toks, grad
 
-    def save(iteration: int, val_loss: Optional[float]) -> Path:
+    def save(iteration: int) -> Path:
+        last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {
             **state, "iteration": iteration, **batches.position(), "seed": config.seed,
-            "config": config.to_dict(), "versions": _versions(),
+            "config": config.to_dict(),
         }
         return checkpoint.save(
             run_dir, iteration, model, optimizer, trainer_state, adapter_config(config),
-            keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best, val_loss=val_loss,
+            keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
+            # keep_best ranks by a validation loss of exactly these weights, or not at all.
+            val_loss=last[1] if last and last[0] == iteration else None,
         )
 
-    def validate(iteration: int) -> float:
+    def validate(iteration: int) -> None:
+        tic = time.perf_counter()
         val_loss = evaluate(
             model, valid_set, config.batch_size, config.val_batches, config.max_seq_length,
             loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
@@ -315,26 +399,32 @@ def run(
         model.train()
         state["val_losses"].append([iteration, val_loss])
         _append_metrics(run_dir, {"iteration": iteration, "val_loss": val_loss})
-        return val_loss
+        info = {"iteration": iteration, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
+        for c in callbacks:
+            c.on_val_loss_report(info)
 
     from tqdm import tqdm
 
+    validating = len(valid_set) > 0 and config.val_batches != 0
     model.train()
     grad = None
     last_saved: Optional[Path] = None
-    last_val: Optional[float] = state["val_losses"][-1][1] if state["val_losses"] else None
     start = state["iteration"]
-    window_tokens, window_time = 0, 0.0
+    window_tokens, window_time, window_start = 0, 0.0, start
+    trained_tokens = 0
+    save_due = False
     bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True)
     with _StopRequest() as stop, bar:
+        if validating and start == 0:
+            validate(0)  # the base model, as mlx-lm reports before its first step
         for it in range(start + 1, config.iters + 1):
-            if len(valid_set) and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
-                last_val = validate(it)
             tic = time.perf_counter()
             mx.random.seed(iteration_seed(config.seed, it))
             batch, lengths = next(batches)
             loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
             mx.eval(compiled_state, loss, toks, grad)
+            if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
+                mx.clear_cache()
             window_time += time.perf_counter() - tic
             window_tokens += toks.item()
             state["losses"].append(loss.item())
@@ -342,9 +432,10 @@ def run(
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:
+                trained_tokens += window_tokens
                 record = {
                     "iteration": it,
-                    "train_loss": float(np.mean(state["losses"][-config.steps_per_report:])),
+                    "train_loss": float(np.mean(state["losses"][-(it - window_start):])),
                     "learning_rate": optimizer.learning_rate.item(),
                     "tokens_per_second": window_tokens / max(window_time, 1e-9),
                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -354,25 +445,48 @@ def run(
                     loss=f"{record['train_loss']:.3f}", lr=f"{record['learning_rate']:.2e}",
                     tok_s=f"{record['tokens_per_second']:.0f}", peak=f"{record['peak_memory_gb']:.2f}GB",
                 )
-                if callback is not None:
-                    callback(record)
-                window_tokens, window_time = 0, 0.0
+                info = {
+                    "iteration": it, "train_loss": record["train_loss"],
+                    "learning_rate": record["learning_rate"],
+                    "iterations_per_second": (it - window_start) / max(window_time, 1e-9),
+                    "tokens_per_second": record["tokens_per_second"], "trained_tokens": trained_tokens,
+                    "peak_memory": record["peak_memory_gb"],
+                }
+                for c in callbacks:
+                    c.on_train_loss_report(info)
+                window_tokens, window_time, window_start = 0, 0.0, it
 
-            at_boundary = it % accum == 0
-            if at_boundary and (it % config.checkpoint_every == 0 or it == config.iters or stop.signal):
-                last_saved = save(it, last_val)
-            if stop.signal is not None and at_boundary:
+            if validating and (it % config.steps_per_eval == 0 or it == config.iters):
+                validate(it)
+            save_due = save_due or it % config.checkpoint_every == 0
+            # Checkpoints fall on optimizer updates: an accumulated gradient is never saved.
+            if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
+                last_saved = save(it)
+                save_due = False
+            if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
                 print(
                     f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
                     f"Resume with: adamw-lm resume {run_dir}",
                     file=sys.stderr,
                 )
-                return RunResult(run_dir, it, last_saved, True, state["losses"])
+                return RunResult(run_dir, it, last_saved, stop.signal, state["losses"])
 
     _write_final_adapters(run_dir, model, config)
+    if config.test:
+        _test(model, test_set, config, run_dir, state["iteration"])
     _plot(run_dir)
-    return RunResult(run_dir, state["iteration"], last_saved, False, state["losses"])
+    return RunResult(run_dir, state["iteration"], last_saved, None, state["losses"])
+
+
+def _test(model: nn.Module, test_set: Any, config: TrainConfig, run_dir: Path, iteration: int) -> float:
+    """mlx_lm lora's ``test: true``: loss and perplexity on the test set after training."""
+    model.eval()
+    loss = evaluate(model, test_set, config.batch_size, config.test_batches, config.max_seq_length,
+                    iterate_batches=partial(iterate_batches, seed=config.seed))
+    _append_metrics(run_dir, {"iteration": iteration, "test_loss": loss})
+    print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
+    return loss
 
 
 def _write_final_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None:
@@ -412,20 +526,45 @@ def _plot(run_dir: Path) -> Optional[Path]:
     return out
 
 
+#: What `resume` may change: where things are, how long to go on, how often to report and save.
+#: Anything else (batch size, data order, seed, schedule, LoRA shape...) would make it another run.
+RESUMABLE_OVERRIDES = (
+    "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
+    "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
+    "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
+    "optimizer.memory_budget",
+)
+
+
 def resume(run_dir: str | Path, *, convert_precision: bool = False, overrides: Optional[dict[str, Any]] = None,
-           progress: bool = True) -> RunResult:
-    """Continue the run in ``run_dir`` from its latest complete checkpoint, with its saved config."""
+           progress: bool = True, callback: Optional[TrainingCallback] = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its latest complete checkpoint, with its saved config.
+
+    ``overrides`` may change only :data:`RESUMABLE_OVERRIDES` (a new precision also needs
+    ``convert_precision``); the folder may have been moved since the run started.
+    """
     run_dir = Path(run_dir)
     found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
         raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-    saved = json.loads((found / "trainer_state.json").read_text())
+    saved = json.loads((found / checkpoint.TRAINER_STATE).read_text())
+    if "config" not in saved:
+        raise ConfigError(
+            f"{found} holds no run config (it was written by CheckpointCallback inside mlx-lm's own "
+            "trainer): restore it with adamw_lm.checkpoint.load before calling that trainer again"
+        )
     data = saved["config"]
-    data["checkpoint"]["dir"] = str(run_dir)
     for key, value in (overrides or {}).items():
+        if not key.startswith(RESUMABLE_OVERRIDES) or key == "checkpoint.dir":
+            raise ConfigError(
+                f"--{key} cannot change on resume: the run would no longer be the same run "
+                f"(resume may change: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE_OVERRIDES)})"
+            )
         set_dotted(data, key, value)
+    data["checkpoint"]["dir"] = str(run_dir)
     config = from_dict(data)
-    return run(config, resume=True, convert_precision=convert_precision, progress=progress)
+    return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
+               callback=callback)
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:

@@ -3,14 +3,7 @@
 # 8-bit-state AdamW, interrupt the run half way (as Ctrl-C would), resume it in a new process, and
 # check that the result is bit-for-bit the run that was never interrupted.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[plot]"
-export PATH="$PWD/.venv/bin:$PATH"
+source "$(dirname "$0")/venv.sh" plot
 
 RUN=runs/tiny-lora
 REF=runs/tiny-lora-uninterrupted

@@ -227,3 +227,107 @@ def test_resume_with_other_precision_needs_the_flag(tmp_path, tiny_model_path, d
     assert latest.name == "step-0000004"
     state = mx.load(str(latest / "optimizer.safetensors"))
     assert any(k.endswith(".m.codes") or ".m." in k for k in state) and state["step"].item() == 4
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, tiny_model_path, data_dir):
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run", iters=2))
+    assert cli("train", "--config", str(cfg), "--no-progress").returncode == 0  # mlx_lm lora's --config
+    done = cli("train", str(cfg), "--no-progress")
+    assert done.returncode == 2 and "already holds checkpoints" in done.stderr and "resume" in done.stderr
+    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000002"
+    done = cli("train", str(cfg), "--no-progress", "--overwrite", "--iters", "1")
+    assert done.returncode == 0, done.stderr
+    names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert names == ["step-0000001"]
+    done = cli("train", str(cfg), "--config", str(cfg))
+    assert done.returncode == 2 and "two config files" in done.stderr
+
+
+def test_test_set_evaluation_and_seeding_from_mlx_lm_adapters(tmp_path, tiny_model_path, data_dir):
+    first = trainer.run(from_dict(base(tiny_model_path, data_dir, tmp_path / "a", iters=2)), progress=False)
+    # An mlx_lm lora adapters file seeds a new run: its weights are where the new run starts.
+    seeded = base(tiny_model_path, data_dir, tmp_path / "b", iters=1, test=True, test_batches=2,
+                  resume_adapter_file=str(tmp_path / "a" / "adapters.safetensors"),
+                  optimizer={"state_precision": "fp32", "weight_decay": 0.0}, learning_rate=0.0)
+    done = cli("train", str(write_yaml(tmp_path / "b.yaml", seeded)), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "Test loss" in done.stdout and "Test ppl" in done.stdout
+    a = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)  # learning rate 0: unchanged
+    assert first.iteration == 2
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert any("test_loss" in r for r in records)
+
+    wrong = base(tiny_model_path, data_dir, tmp_path / "c", iters=1,
+                 lora_parameters={"rank": 2, "scale": 10.0, "dropout": 0.0},
+                 resume_adapter_file=str(tmp_path / "a" / "adapters.safetensors"))
+    done = cli("train", str(write_yaml(tmp_path / "c.yaml", wrong)), "--no-progress")
+    assert done.returncode == 2 and "adapters.safetensors" in done.stderr and "expected" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "a b c"}', "", '{"text": "d"}'], "line 2: empty line"),
+        (['{"text": "a b c"}', '{"txt": "d"}'], "line 2: missing ['text']"),
+        (['{"foo": 1}'], "line 1: no known data format"),
+        (['["text"]'], "line 1: expected a JSON object"),
+    ],
+)
+def test_data_errors_name_file_and_line(lines, message, tmp_path, tiny_model_path, data_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    done = bad(tmp_path, tiny_model_path, data_dir, data=str(data))
+    assert f"{data / 'train.jsonl'}, {message}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ({"name": "cosine_decay"}, "lr_schedule.arguments"),
+        ({"name": "no_such_decay", "arguments": [1]}, "lr_schedule.name"),
+        ({"name": "cosine_decay", "arguments": [1e-3]}, "lr_schedule"),
+        ({"name": "cosine_decay", "arguments": [1e-3, 10], "warmpu": 3}, "lr_schedule.warmpu"),
+    ],
+)
+def test_bad_schedule(schedule, message, tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, lr_schedule=schedule)
+    assert message in done.stderr
+
+
+def test_defaults_follow_mlx_lm(tmp_path, tiny_model_path, data_dir):
+    from adamw_lm.config import load_config
+
+    path = write_yaml(tmp_path / "c.yaml", {"model": "m", "data": "d"})
+    config = load_config(path, {"lora_parameters.rank": 16})
+    assert trainer.build_optimizer(config).weight_decay == 0.0  # mlx_lm lora's default is Adam
+    assert config.lora_parameters == {"rank": 16, "dropout": 0.0, "scale": 20.0}
+
+
+def test_mask_prompt_masks(tmp_path, tiny_model_path, data_dir):
+    losses = {}
+    for mask in (False, True):
+        cfg = base(tiny_model_path, data_dir / "completions", tmp_path / f"run{mask}", iters=2,
+                   mask_prompt=mask, val_batches=0)
+        losses[mask] = trainer.run(from_dict(cfg), progress=False).losses
+    assert losses[True][0] != losses[False][0]  # same batch, fewer tokens in the loss
+
+
+def test_checkpoints_fall_on_updates_and_keep_best_uses_matching_val_loss(tmp_path, tiny_model_path,
+                                                                          data_dir):
+    cfg = base(tiny_model_path, data_dir, tmp_path / "run", iters=7, grad_accumulation_steps=2,
+               steps_per_eval=4, checkpoint={"every": 3, "keep_last": 10})
+    result = trainer.run(from_dict(cfg), progress=False)
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    # due at 3 -> first update at 4; due at 6 -> 6; the end -> 7
+    assert folders == ["step-0000004", "step-0000006", "step-0000007"]
+    manifests = {n: json.loads((tmp_path / "run" / "checkpoints" / n / "manifest.json").read_text())
+                 for n in folders}
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    val = dict((i, v) for i, v in state["val_losses"])
+    assert sorted(val) == [0, 4, 7]
+    assert manifests["step-0000004"]["val_loss"] == val[4]
+    assert manifests["step-0000006"]["val_loss"] is None
+    assert manifests["step-0000007"]["val_loss"] == val[7]

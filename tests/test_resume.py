@@ -61,16 +61,16 @@ def logged_iteration(run_dir: Path) -> int:
     return max((r["iteration"] for r in lines), default=0)
 
 
-def train_interrupted(config: Path, run_dir: Path, after: int) -> None:
-    """Start `adamw-lm train` in a subprocess and Ctrl-C it once it has logged `after` iterations."""
+def train_interrupted(config: Path, run_dir: Path, after: int, sig: int = signal.SIGINT) -> None:
+    """Start `adamw-lm train` in a subprocess and signal it once it has logged `after` iterations."""
     proc = subprocess.Popen(cli("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while logged_iteration(run_dir) < after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert proc.returncode == 128 + sig, (proc.returncode, out, err)
     assert f"adamw-lm resume {run_dir}" in err
     assert "Traceback" not in err
 
@@ -80,17 +80,22 @@ def stopped_at(run_dir: Path) -> int:
                        / "trainer_state.json").read_text())["iteration"]
 
 
-def check_resume_matches(tmp_path, tiny_model_path, data_dir, **extra):
+def check_resume_matches(tmp_path, tiny_model_path, data_dir, sig=signal.SIGINT, move=False, **extra):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
     reference = trainer.run(load_config(make_config(tmp_path, tiny_model_path, data_dir, ref_dir, **extra)),
                             progress=False)
     assert not reference.interrupted and len(reference.losses) == ITERS
 
-    train_interrupted(make_config(tmp_path, tiny_model_path, data_dir, run_dir, **extra), run_dir, after=8)
+    train_interrupted(make_config(tmp_path, tiny_model_path, data_dir, run_dir, **extra), run_dir, 8, sig)
     stop = stopped_at(run_dir)
     assert 8 <= stop < ITERS
+    elsewhere = tmp_path
+    if move:  # stopped, moved, resumed from another working folder
+        elsewhere = tmp_path / "moved"
+        elsewhere.mkdir()
+        run_dir = run_dir.rename(elsewhere / "run")
     done = subprocess.run(cli("resume", str(run_dir), "--no-progress"), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
 
     message = trainer.compare_runs(run_dir, ref_dir)  # raises on the first differing tensor or loss
@@ -113,6 +118,25 @@ def test_lora_resume_is_bit_exact(precision, tmp_path, tiny_model_path, data_dir
 def test_full_fine_tune_resume_is_bit_exact(precision, tmp_path, tiny_model_path, data_dir):
     check_resume_matches(tmp_path, tiny_model_path, data_dir, fine_tune_type="full", learning_rate=1e-3,
                          **{"optimizer.state_precision": precision})
+
+
+def test_resume_after_sigterm_and_move_with_accumulation_and_grad_checkpoint(tmp_path, tiny_model_path,
+                                                                              data_dir):
+    check_resume_matches(tmp_path, tiny_model_path, data_dir, sig=signal.SIGTERM, move=True,
+                         grad_accumulation_steps=2, grad_checkpoint=True, fine_tune_type="dora",
+                         **{"optimizer.state_precision": "bf16"})
+
+
+def test_resume_refuses_overrides_that_change_the_run(tmp_path, tiny_model_path, data_dir):
+    run_dir = tmp_path / "run"
+    config = load_config(make_config(tmp_path, tiny_model_path, data_dir, run_dir), {"iters": 6})
+    trainer.run(config, progress=False)
+    done = subprocess.run(cli("resume", str(run_dir), "--batch-size", "8"), capture_output=True, text=True)
+    assert done.returncode == 2 and "--batch_size cannot change on resume" in done.stderr
+    done = subprocess.run(cli("resume", str(run_dir), "--iters", "9", "--no-progress"), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert stopped_at(run_dir) == 9
 
 
 def test_resume_on_folder_without_checkpoint_is_a_clear_error(tmp_path):
