@@ -13,8 +13,8 @@ adamw-lm tiny-model runs/tiny-model
 echo "== 1. train, interrupted with SIGINT half way =="
 adamw-lm train recipes/tiny-lora.yaml --no-progress &
 PID=$!
-# Interrupt once the run has logged iteration 100 (metrics.jsonl is written as it goes).
-until [ -f "$RUN/metrics.jsonl" ] && grep -q '"iteration": 100,' "$RUN/metrics.jsonl"; do
+# Interrupt once the run has logged iteration 70 (metrics.jsonl is written as it goes).
+until [ -f "$RUN/metrics.jsonl" ] && grep -q '"iteration": 70,' "$RUN/metrics.jsonl"; do
     kill -0 "$PID" 2>/dev/null || break
     sleep 0.05
 done
