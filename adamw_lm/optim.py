@@ -238,14 +238,21 @@ class AdamW(optim.AdamW):
             self.state["key"] = split[0]
             keys = {path: split[i + 1] for i, path in enumerate(stochastic)}
 
+        # Each low-precision update waits for the previous one: evaluated in sequence, one
+        # parameter's decoded moments and temporaries are freed before the next one's exist.
+        previous: list[mx.array] = []
+
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
             if precision is None:
                 return super(AdamW, self).apply_single(g, p, s)
             update = self._update_fn(PRECISIONS[precision])
+            if previous:
+                g = mx.depends(g, previous)
             new_p, s["m"], s["v"] = update(
                 g, p, s["m"], s["v"], self.learning_rate, self.step, finite, keys.get(path)
             )
+            previous[:] = [new_p, *(a for _, a in tree_flatten([s["m"], s["v"]]))]
             return new_p
 
         return tree_map_with_path(apply, gradients, parameters, self.state)

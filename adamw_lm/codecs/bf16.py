@@ -1,10 +1,10 @@
 """bfloat16 storage written with stochastic rounding.
 
-Rounding to nearest would make small AdamW increments vanish (``β2·v`` and ``v`` are often the same
-bfloat16); rounding up with probability equal to the dropped fraction keeps the stored moment
-unbiased. The random bits come from a counter-based hash of each element's position and the key, so
-they are reproducible from the key alone and cost a few integer operations that fuse into the
-update (``mx.random`` draws take longer than the whole AdamW step on a CPU).
+Rounding to nearest would make small AdamW increments vanish (``β2·v`` and ``v`` are often the
+same bfloat16); rounding away from zero with probability equal to the dropped fraction keeps the
+stored moment unbiased. The random bits are a counter-based hash of each element's position and
+the key: reproducible from the key alone, and a few integer operations per element, where an
+``mx.random`` draw of the same size takes longer than a whole AdamW step on a CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _HIGH_HALF = 0xFFFF0000
 
 
 def _fmix32(h: mx.array) -> mx.array:
-    """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit into every output bit."""
+    """MurmurHash3's 32-bit finalizer: a bijection mixing every input bit into every output bit."""
     h = h ^ (h >> 16)
     h = h * mx.array(0x85EBCA6B, dtype=mx.uint32)
     h = h ^ (h >> 13)
@@ -38,7 +38,7 @@ def random_bits(shape: tuple[int, ...], key: mx.array) -> mx.array:
 
 
 def round_stochastic(x: mx.array, key: mx.array) -> mx.array:
-    """``x`` (float32) to bfloat16, rounding away from zero with probability = the dropped fraction."""
+    """``x`` (float32) to bfloat16, away from zero with probability = the dropped fraction."""
     bits = mx.view(x.astype(mx.float32), mx.uint32)
     noise = random_bits(x.shape, key) >> 16
     # A carry out of the low half is the round-up; bfloat16 is the float32's high half.

@@ -1,16 +1,17 @@
 """Block-wise quantization of a moment on a non-linear code map (shared by "int8" and "int4").
 
-A moment is cut into blocks of ``block`` consecutive elements (flattened, the last block zero-padded);
-each block keeps one float32 scale and one ``bits``-bit code per element: the index of the map value
-nearest to ``x / scale``. 4-bit codes are packed two per byte, element ``2k`` in the low nibble.
+A moment is cut into blocks of ``block`` consecutive elements (flattened, the last block
+zero-padded); each block keeps one float32 scale and one ``bits``-bit code per element: the index of
+the map value nearest to ``x / scale``. 4-bit codes are packed two per byte, element ``2k`` in the
+low nibble.
 
 The scale is the block's largest-magnitude element *with its sign*. The maps hold ``+1`` but not
 ``-1``, so that element is stored exactly, and ``encode(decode(s)) == s`` bit for bit, which the
 optimizer relies on to leave a skipped step's state untouched.
 
-Maps encode and decode with integer and float arithmetic only: no table gathers (on a CPU one gather
-costs more than a whole AdamW step) and no selects (they compile to unpredictable branches), so that
-``mx.compile`` fuses them into a few vectorized kernels.
+Maps encode and decode with element-wise integer and float arithmetic only: no table gathers (on a
+CPU one gather costs more than a whole AdamW step) and no selects (compiled CPU kernels turn them
+into unpredictable branches), so ``mx.compile`` fuses them into a few kernels.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _power(base: int, exponent_bits: list[mx.array]) -> mx.array:
 
 class LinearMap:
     """The unsigned linear map without zero, ``(k + 1) / 2^bits``: Li et al.'s (2023) fix for the
-    second moment, whose small values a map with a zero code rounds to 0 (and ``1/sqrt(v)`` blows up).
+    second moment, whose small values a map with a zero code rounds to 0, and ``1/sqrt(v)`` with
+    them.
     """
 
     signed = False
@@ -165,7 +167,7 @@ CodeMap = DynamicMap | LinearMap
 
 
 class Blockwise:
-    """A moment stored as ``{"codes": uint8 (blocks, block * bits / 8), "scales": float32 (blocks,)}``.
+    """A moment stored as ``{"codes": uint8 (blocks, block*bits/8), "scales": float32 (blocks,)}``.
 
     Args:
         code_map: a :class:`DynamicMap` or :class:`LinearMap` of 8 or 4 bits.

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Optimizer state size, step time and step memory of each state precision on one parameter tree.
+
+Builds a stack of Llama-like layers (attention and MLP matrices plus a norm vector each, ~51M
+parameters by default), a fixed gradient, and times one ``apply_gradients`` + ``mx.eval`` per
+optimizer, interleaving the optimizers step by step so machine noise hits them alike; the ratio is
+to ``mlx.optimizers.AdamW`` measured in the same run. Memory is then measured for one optimizer at
+a time: the peak of a step (``mx.get_peak_memory``) against what it holds (weights + gradients +
+state) and the size of the largest tensor in float32.
+
+Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI).
+
+Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+from typing import Callable
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from adamw_lm import AdamW
+from adamw_lm.codecs import PRECISIONS
+
+MB = 2**20
+
+
+def llama_like_tree(hidden: int, layers: int, seed: int = 0) -> dict:
+    """``layers`` blocks of q/k/v/o (hidden²), gate/up/down (hidden × 2.75·hidden) and a norm."""
+    inter = int(2.75 * hidden)
+    shapes = {
+        "q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
+        "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "norm": (hidden,),
+    }  # fmt: skip
+    keys = iter(mx.random.split(mx.random.key(seed), layers * len(shapes)))
+    tree = {
+        "layers": [
+            {name: 0.02 * mx.random.normal(shape, key=next(keys)) for name, shape in shapes.items()}
+            for _ in range(layers)
+        ]
+    }
+    mx.eval(tree)
+    return tree
+
+
+def gradient_like(tree: dict, seed: int = 1) -> dict:
+    flat = tree_flatten(tree)
+    keys = iter(mx.random.split(mx.random.key(seed), len(flat)))
+    grads = tree_map(lambda p: 1e-3 * mx.random.normal(p.shape, key=next(keys)), tree)
+    mx.eval(grads)
+    return grads
+
+
+def nbytes(tree) -> int:
+    return sum(a.nbytes for _, a in tree_flatten(tree))
+
+
+def make_optimizers() -> dict[str, Callable[[], optim.Optimizer]]:
+    lr = 1e-3
+    makers: dict[str, Callable[[], optim.Optimizer]] = {
+        "mlx.optimizers.AdamW": lambda: optim.AdamW(lr),
+        "None (bit-exact mlx)": lambda: AdamW(lr),
+    }
+    for name in PRECISIONS:
+        makers[name] = lambda name=name: AdamW(lr, state_precision=name)
+    return makers
+
+
+class Runner:
+    """One optimizer with its own copy of the weights."""
+
+    def __init__(self, make: Callable[[], optim.Optimizer], weights: dict, grads: dict):
+        self.opt = make()
+        self.params = tree_map(lambda p: mx.array(p), weights)
+        self.grads = grads
+        self.opt.init(self.params)
+        mx.eval(self.params, self.opt.state)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.params = self.opt.apply_gradients(self.grads, self.params)
+        mx.eval(self.params, self.opt.state)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of each layer")
+    parser.add_argument("--layers", type=int, default=4, help="number of layers")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles)")
+    args = parser.parse_args()
+    if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--hidden, --layers and --steps must be >= 1, --warmup >= 0")
+
+    weights = llama_like_tree(args.hidden, args.layers)
+    grads = gradient_like(weights)
+    n_params = sum(p.size for _, p in tree_flatten(weights))
+    largest = max(p.size for _, p in tree_flatten(weights)) * 4
+    makers = make_optimizers()
+
+    runners = {name: Runner(make, weights, grads) for name, make in makers.items()}
+    state_bytes = {
+        name: nbytes({k: v for k, v in r.opt.state.items() if k not in ("step", "learning_rate")})
+        for name, r in runners.items()
+    }
+    for _ in range(args.warmup):
+        for r in runners.values():
+            r.step()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.steps):
+        for name, r in runners.items():
+            times[name].append(r.step())
+    median = {name: statistics.median(t) for name, t in times.items()}
+    del runners
+    gc.collect()
+
+    memory = {}
+    for name, make in makers.items():
+        r = Runner(make, weights, grads)
+        r.step()
+        held = nbytes(r.params) + nbytes(r.grads) + nbytes(r.opt.state)
+        mx.reset_peak_memory()
+        r.step()
+        memory[name] = (mx.get_peak_memory(), held)
+        del r
+        gc.collect()
+
+    base = median["mlx.optimizers.AdamW"]
+    print(
+        f"{n_params / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}), "
+        f"largest tensor {largest / MB:.0f} MB in float32; median of {args.steps} steps after "
+        f"{args.warmup} warm-up; mlx {mx.__version__}, {mx.default_device()}, "
+        f"{platform.machine()}.\n"
+    )
+    print(
+        "| precision | state bytes/param | step time ÷ mlx AdamW | step (ms) "
+        "| peak memory of the step (MB) | weights + grads + state (MB) "
+        "| peak − held, in largest tensors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in makers:
+        peak, held = memory[name]
+        print(
+            f"| {name} | {state_bytes[name] / n_params:.4f} | {median[name] / base:.2f} "
+            f"| {median[name] * 1e3:.0f} | {peak / MB:.0f} | {held / MB:.0f} "
+            f"| {(peak - held) / largest:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

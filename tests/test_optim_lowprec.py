@@ -1,0 +1,223 @@
+"""AdamW with bf16 / int8 / int4 moments: training close to fp32, state size, skipped non-finite
+steps, resuming from a copied state, and the int4 second-moment zero-point trap."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from adamw_lm import AdamW
+from adamw_lm.codecs import PRECISIONS, Precision
+from adamw_lm.codecs.blockwise import Blockwise, DynamicMap
+from adamw_lm.codecs.int4 import INT4_M
+
+LOW = ["bf16", "int8", "int4"]
+ALL = [None, "fp32", *LOW]
+
+
+def regression_problem(seed: int = 0):
+    """A two-layer regression trained on mini-batches; its first weight (64 x 96) is big enough to
+    be quantized, the others stay float32. Returns the parameters, ``loss_and_grad(params, step)``
+    on the batch of that step, and the loss on the whole data set."""
+    k = iter(mx.random.split(mx.random.key(seed), 6))
+    x = mx.random.normal((1024, 96), key=next(k))
+    teacher = mx.random.normal((96, 8), key=next(k)) / math.sqrt(96)
+    # Label noise: the loss levels off instead of vanishing, so relative gaps mean something.
+    y = mx.tanh(x @ teacher) * 3 + 0.5 * mx.random.normal((1024, 8), key=next(k))
+    params = {
+        "w1": mx.random.normal((64, 96), key=next(k)) / math.sqrt(96),
+        "b1": mx.zeros((64,)),
+        "w2": mx.random.normal((8, 64), key=next(k)) / math.sqrt(64),
+    }
+
+    def loss(p, xb, yb):
+        h = nn.gelu(xb @ p["w1"].T + p["b1"])
+        return mx.mean(mx.square(h @ p["w2"].T - yb))
+
+    value_and_grad = mx.value_and_grad(loss)
+
+    def loss_and_grad(p, step: int):
+        rng = np.random.default_rng(seed * 10_000 + step)
+        batch = mx.array(rng.choice(1024, 64, replace=False))
+        return value_and_grad(p, x[batch], y[batch])
+
+    return params, loss_and_grad, lambda p: loss(p, x, y).item()
+
+
+def train(precision, steps: int, seed: int = 0, opt=None, params=None, **kwargs):
+    """Steps of AdamW; the batch of each step is fixed by the optimizer's step count, so a resumed
+    run sees the batches an uninterrupted one would."""
+    start, loss_and_grad, _ = regression_problem(seed)
+    params = params if params is not None else start
+    opt = opt or AdamW(3e-3, state_precision=precision, seed=seed, **kwargs)
+    losses = []
+    for _ in range(steps):
+        step = 0 if "step" not in opt.state else opt.step.item()
+        loss, grads = loss_and_grad(params, step)
+        params = opt.apply_gradients(grads, params)
+        mx.eval(params, opt.state)
+        losses.append(loss.item())
+    return params, opt, losses
+
+
+def assert_trees_equal(a, b):
+    fa, fb = tree_flatten(a), tree_flatten(b)
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (k, x), (_, y) in zip(fa, fb):
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert mx.array_equal(x, y, equal_nan=True).item(), f"{k} differs"
+
+
+def test_plan_quantizes_big_tensors_only():
+    params, _, _ = regression_problem()
+    opt = AdamW(1e-3, state_precision="int4")
+    opt.init(params)
+    assert opt.precision_plan == {"w1": "int4", "b1": "fp32", "w2": "fp32"}
+    assert set(opt.state["w1"]["m"]) == {"codes", "scales"}
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_low_precision_tracks_fp32(precision):
+    _, _, full_loss = regression_problem()
+    reference, _, _ = train("fp32", 300)
+    params, _, losses = train(precision, 300)
+    assert all(math.isfinite(v) for v in losses)
+    ours, theirs = full_loss(params), full_loss(reference)
+    assert ours < 0.2 * losses[0]  # it trains
+    assert abs(ours - theirs) <= {"bf16": 0.005, "int8": 0.01, "int4": 0.03}[precision] * theirs
+
+
+def expected_state_bytes(precision, params, min_quantize_size=4096) -> int:
+    total = 8 + 4  # step (uint64), learning_rate (float32)
+    if precision is None:
+        return total + sum(2 * p.nbytes for _, p in tree_flatten(params))
+    total += 4  # skipped_steps (uint32)
+    if precision == "bf16":
+        total += 8  # the random key (2 x uint32)
+    for _, p in tree_flatten(params):
+        if p.size < min_quantize_size or precision == "fp32":
+            total += 2 * 4 * p.size
+        elif precision == "bf16":
+            total += 2 * 2 * p.size
+        else:
+            block = {"int8": 256, "int4": 128}[precision]
+            blocks = math.ceil(p.size / block)
+            code_bytes = blocks * block * (1 if precision == "int8" else 0.5)
+            total += 2 * (int(code_bytes) + 4 * blocks)
+    return total
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_state_nbytes(precision):
+    params = {
+        "a": mx.zeros((1000, 300)),
+        "odd": mx.zeros((4099,)),  # not a multiple of either block
+        "small": mx.zeros((10, 10)),
+    }
+    opt = AdamW(1e-3, state_precision=precision)
+    opt.init(params)
+    mx.eval(opt.state)
+    assert opt.state_nbytes() == expected_state_bytes(precision, params)
+    per_param = {None: 8, "fp32": 8, "bf16": 4, "int8": 2 + 8 / 256, "int4": 1 + 8 / 128}[precision]
+    big = {"a": mx.zeros((1024, 768))}  # a whole number of blocks
+    opt = AdamW(1e-3, state_precision=precision)
+    opt.init(big)
+    bookkeeping = expected_state_bytes(precision, {})
+    assert (opt.state_nbytes() - bookkeeping) / big["a"].size == pytest.approx(per_param)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("precision", ["fp32", *LOW])
+def test_non_finite_gradient_skips_the_step(precision, bad):
+    params, opt, _ = train(precision, 5)
+    before_params = tree_map(mx.array, params)
+    before = tree_map(mx.array, {k: v for k, v in opt.state.items() if k not in ("step", "key")})
+    _, loss_and_grad, _ = regression_problem()
+    _, grads = loss_and_grad(params, opt.step.item())
+    grads["w2"] = grads["w2"].at[0, 0].add(bad)  # one bad value, in a tensor other than w1's
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    assert_trees_equal(params, before_params)
+    after = {k: v for k, v in opt.state.items() if k not in ("step", "key")}
+    before["skipped_steps"] = before["skipped_steps"] + 1
+    assert_trees_equal(after, before)
+    assert opt.state["skipped_steps"].item() == 1 and opt.step.item() == 6
+    _, _, losses = train(precision, 20, opt=opt, params=params)  # and training goes on
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_resume_from_copied_state_is_exact(precision):
+    params, opt, _ = train(precision, 6)
+    saved_params = tree_map(mx.array, params)
+    saved_state = tree_map(mx.array, opt.state)
+    cont_params, _, cont_losses = train(precision, 6, opt=opt, params=params)
+    # Another seed: the random key comes with the state.
+    fresh = AdamW(3e-3, state_precision=precision, seed=123)
+    fresh.state = saved_state
+    res_params, res_opt, res_losses = train(precision, 6, opt=fresh, params=saved_params)
+    assert res_losses == cont_losses
+    assert_trees_equal(res_params, cont_params)
+    assert_trees_equal(res_opt.state, opt.state)
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_compiled_training_step(precision):
+    """As mlx-lm's trainer does it: optimizer.update inside mx.compile with the state captured."""
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 4))
+    initial = tree_map(mx.array, model.parameters())
+    x = mx.random.normal((32, 128), key=mx.random.key(1))
+    y = mx.random.normal((32, 4), key=mx.random.key(2))
+    loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), y))
+
+    def run(compiled: bool):
+        model.update(tree_map(mx.array, initial))
+        opt = AdamW(3e-3, state_precision=precision, min_quantize_size=1024)
+        state = [model.state, opt.state]
+
+        def step():
+            loss, grads = loss_and_grad(model)
+            opt.update(model, grads)
+            return loss
+
+        fn = mx.compile(step, inputs=state, outputs=state) if compiled else step
+        losses = []
+        for _ in range(10):
+            losses.append(fn())
+            mx.eval(state, losses[-1])
+        return [v.item() for v in losses], opt.precision_plan
+
+    eager, plan = run(False)
+    compiled, _ = run(True)
+    assert plan["layers.0.weight"] == precision
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5)
+    assert compiled[-1] < compiled[0]
+
+
+def test_int4_second_moment_has_no_zero_point(monkeypatch):
+    """Li et al.'s zero-point problem: after one step of moderate gradients that then stop, their
+    second moment is tiny next to the block's largest; on a map with a zero code (their B128/DE)
+    it rounds to 0 while the first moment does not, and m / (sqrt(v) + eps) explodes. Without a
+    zero code the steps stay those of float32 AdamW (at most ~6.5 lr here)."""
+    with_zero = Blockwise(DynamicMap(bits=4, signed=False), 128)
+    zero_point = Precision("int4 with zero", INT4_M, with_zero)
+    monkeypatch.setitem(PRECISIONS, "int4 with zero", zero_point)
+    steady = mx.zeros((64, 128)).at[:, 0].add(10.0)
+    first = steady + mx.zeros((64, 128)).at[:, 1:].add(0.3)
+    largest = {}
+    for precision in ("fp32", "int4", "int4 with zero"):
+        opt = AdamW(1e-3, state_precision=precision, weight_decay=0.0)
+        params = {"w": mx.zeros((64, 128))}
+        worst = 0.0
+        for t in range(10):
+            new = opt.apply_gradients({"w": first if t == 0 else steady}, params)
+            mx.eval(new, opt.state)
+            worst = max(worst, mx.abs(new["w"] - params["w"]).max().item())
+            params = new
+        largest[precision] = worst
+    assert largest["int4"] <= largest["fp32"] * 1.01
+    assert largest["int4 with zero"] > 1000 * largest["fp32"]
