@@ -331,14 +331,12 @@ def run(
         raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
     config = _absolute_paths(config)
     run_dir = config.run_dir
-    if resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists():
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
-                "or start over with --overwrite"
-            )
-        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    replace_old_run = resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists()
+    if replace_old_run and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
+            "or start over with --overwrite"
+        )
     np.random.seed(config.seed)
     mx.random.seed(config.seed)
     model, tokenizer = load_model(config)
@@ -355,6 +353,9 @@ def run(
         _truncate_metrics(run_dir, state["iteration"])
     elif config.resume_adapter_file:
         checkpoint.load_adapters_only(config.resume_adapter_file, model)
+    if replace_old_run:  # only now that model, data and optimizer have all been set up without error
+        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:

@@ -235,6 +235,9 @@ def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, tiny_model_path
     done = cli("train", str(cfg), "--no-progress")
     assert done.returncode == 2 and "already holds checkpoints" in done.stderr and "resume" in done.stderr
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000002"
+    # A bad input with --overwrite fails before anything of the old run is deleted.
+    done = cli("train", str(cfg), "--overwrite", "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 2 and checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000002"
     done = cli("train", str(cfg), "--no-progress", "--overwrite", "--iters", "1")
     assert done.returncode == 0, done.stderr
     names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-")]
