@@ -11,6 +11,7 @@ state) and the size of the largest tensor in float32.
 Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI).
 
 Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
+                                        [--breakdown]
 """
 
 from __future__ import annotations
@@ -90,12 +91,53 @@ class Runner:
         return time.perf_counter() - start
 
 
+def breakdown(tree: dict, steps: int) -> list[tuple[str, float]]:
+    """Medians (s) over the tensors of ``tree`` (all evaluated together, as in a step) of each
+    codec's encode and decode, compiled, next to the element-wise and table-lookup costs they are
+    built from."""
+    moments = [1e-3 * p for _, p in tree_flatten(tree)]
+    squares = [mx.square(m) for m in moments]
+    key = mx.random.key(4)
+    table = mx.random.normal((256,))
+    codes = [mx.random.randint(0, 256, m.shape, key=key).astype(mx.uint8) for m in moments]
+    mx.eval(moments, squares, codes)
+    twice, draw = mx.compile(lambda a: a * 2), lambda a: mx.random.uniform(shape=a.shape, key=key)
+    cases: dict[str, Callable[[], list]] = {
+        "reference: x * 2 (one element-wise pass)": lambda: [twice(m) for m in moments],
+        "reference: mx.take from a 256-entry table": lambda: [mx.take(table, c) for c in codes],
+        "reference: mx.random.uniform": lambda: [draw(m) for m in moments],
+    }
+    for name in ("bf16", "int8", "int4"):
+        for moment, data in (("m", moments), ("v", squares)):
+            codec = getattr(PRECISIONS[name], moment)
+            k = key if codec.stochastic else None
+            encode = mx.compile(lambda a, c=codec, k=k: c.encode(a, k))
+            stored = [encode(a) for a in data]
+            mx.eval(stored)
+            decode = mx.compile(lambda s, a, c=codec: c.decode(s, a.shape))
+            cases[f"{name} {moment}: encode"] = lambda e=encode, d=data: [e(a) for a in d]
+            cases[f"{name} {moment}: decode"] = lambda f=decode, s=stored, d=data: [
+                f(x, a) for x, a in zip(s, d)
+            ]
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(steps + 1):  # the first round compiles
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            mx.eval(fn())
+            times[name].append(time.perf_counter() - start)
+    return [(name, statistics.median(t[1:])) for name, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of each layer")
     parser.add_argument("--layers", type=int, default=4, help="number of layers")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles)")
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="also time each codec's encode and decode alone, on every tensor of the tree",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--hidden, --layers and --steps must be >= 1, --warmup >= 0")
@@ -153,6 +195,10 @@ def main() -> None:
             f"| {median[name] * 1e3:.0f} | {peak / MB:.0f} | {held / MB:.0f} "
             f"| {(peak - held) / largest:.2f} |"
         )
+    if args.breakdown:
+        print(f"\n| operation, on every tensor of the tree | ms |\n|---|---:|")
+        for name, seconds in breakdown(weights, args.steps):
+            print(f"| {name} | {seconds * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from adamw_lm import AdamW
 from adamw_lm.tiny import TINY_SIZES, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = [None, "fp32", "bf16", "int8", "int4"]
+COMPARED = [None, "fp32", "bf16", "int8", "int4"]
 LABEL = {
     None: "None (mlx AdamW)",
     "fp32": "fp32 (control)",
@@ -57,7 +57,10 @@ class Recorder(TrainingCallback):
         self.train.append((info["iteration"], info["train_loss"]))
 
 
-def run(args, model_path: Path, mode: str, precision: str | None, adapter_dir: Path) -> dict:
+def run(
+    args: argparse.Namespace, model_path: Path, mode: str, precision: str | None, workdir: Path
+) -> dict:
+    """One fine-tune; its final losses on the whole training and validation sets, and its curve."""
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     model, tokenizer = load(str(model_path))
@@ -84,7 +87,7 @@ def run(args, model_path: Path, mode: str, precision: str | None, adapter_dir: P
         steps_per_eval=args.steps + 1,
         steps_per_save=args.steps + 1,
         max_seq_length=args.max_seq_length,
-        adapter_file=str(adapter_dir / "adapters.safetensors"),
+        adapter_file=str(workdir / "adapters.safetensors"),
     )
     recorder = Recorder()
     start = time.perf_counter()
@@ -138,7 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="full fine-tune learning rate")
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--lora-lr", type=float, default=3e-4, help="LoRA learning rate")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument(
         "--min-quantize-size", type=int, default=512,
@@ -146,8 +149,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument(
-        "--precisions", nargs="+", default=["None", *PRECISIONS[1:]],
-        choices=["None", *PRECISIONS[1:]], help="None, the baseline, is always run",
+        "--precisions", nargs="+", default=["None", *COMPARED[1:]],
+        choices=["None", *COMPARED[1:]], help="None, the baseline, is always run",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=REPO / "recipes" / "data")
@@ -163,7 +166,7 @@ def main() -> None:
         model_path = build_tiny_model(Path(tmp) / "model", size=args.size, seed=args.seed)
         for mode in args.modes:
             results[mode] = {}
-            for precision in [None] + [p for p in PRECISIONS[1:] if p in args.precisions]:
+            for precision in [None] + [p for p in COMPARED[1:] if p in args.precisions]:
                 results[mode][precision] = run(args, model_path, mode, precision, Path(tmp))
 
     setup = (
@@ -188,7 +191,7 @@ def main() -> None:
                 f"| {rel['valid']:+.2f}% | {r['seconds']:.0f} |"
             )
     if args.plot:
-        plot(results, args.plot, setup.split(";")[0])
+        plot(results, args.plot, f"tiny Llama {args.size}: training loss per state precision")
         print(f"\nloss curves: {args.plot}")
 
 
