@@ -55,13 +55,17 @@ class RunResult:
 # -- set-up -------------------------------------------------------------------------------------
 
 
+def _is_local(spec: str) -> bool:
+    """Whether a ``model`` / ``data`` value names a local path rather than a Hub id (``org/name``)."""
+    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
 def load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     """``mlx_lm.load`` with a clear error for a model path that does not exist."""
     from mlx_lm import load
 
     path = Path(config.model).expanduser()
-    looks_local = path.exists() or config.model.startswith((".", "/", "~")) or config.model.count("/") != 1
-    if looks_local and not path.exists():
+    if _is_local(config.model) and not path.exists():
         raise ConfigError(f"config key 'model': {config.model} does not exist (expected a model folder with config.json)")
     if path.exists() and not (path / "config.json").is_file():
         raise ConfigError(f"config key 'model': {config.model} has no config.json (expected an mlx-lm model folder)")
@@ -150,8 +154,7 @@ def load_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
     """Train/valid/test sets through mlx-lm's ``load_dataset``, after checking local files line by line."""
     data = Path(config.data).expanduser()
     if config.hf_dataset is None:
-        looks_local = data.exists() or config.data.startswith((".", "/", "~")) or config.data.count("/") != 1
-        if looks_local:
+        if _is_local(config.data):
             if not data.is_dir():
                 raise ConfigError(f"config key 'data': folder {config.data} does not exist (expected train.jsonl, valid.jsonl)")
             if not (data / "train.jsonl").is_file():
