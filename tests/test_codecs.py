@@ -315,6 +315,9 @@ def test_random_bits_match_numpy():
         np.testing.assert_array_equal(
             np.array(random_bits(shape, key)), np_random_bits(shape, np.array(key))
         )
+    # A slice starting at element k draws the bits of the whole tensor's elements k, k+1, ...
+    whole = np.array(random_bits((5, 700), key)).reshape(-1)
+    np.testing.assert_array_equal(np.array(random_bits((1000,), key, 1234)), whole[1234:2234])
     bits = np.array(random_bits((1000, 1000), key)) >> 16
     assert abs(bits.mean() / 65536 - 0.5) < 1e-3  # the 16 bits used are uniform
     assert np.unique(bits).size == 65536

@@ -164,6 +164,57 @@ def test_resume_from_copied_state_is_exact(precision):
     assert_trees_equal(res_opt.state, opt.state)
 
 
+@pytest.mark.parametrize("precision", ["fp32", *LOW])
+def test_chunked_update_is_the_whole_tensor_update(precision):
+    """Updating in slices changes nothing: same parameters and same stored bits, whatever the
+    slice size, for sizes that are not multiples of a slice or of a block."""
+    shapes = {"a": (97, 131), "b": (3, 2560), "c": (300,)}
+    keys = iter(mx.random.split(mx.random.key(7), 2 * len(shapes)))
+    params = {n: mx.random.normal(shape, key=next(keys)) for n, shape in shapes.items()}
+    grads = [{n: mx.random.normal(shape, key=next(keys)) * 1e-2 for n, shape in shapes.items()}]
+    grads.append({n: g * -0.5 for n, g in grads[0].items()})
+
+    def run(chunk_size):
+        opt = AdamW(1e-2, state_precision=precision, min_quantize_size=0, chunk_size=chunk_size)
+        p = params
+        for g in grads * 2:
+            p = opt.apply_gradients(g, p)
+            mx.eval(p, opt.state)
+        return p, opt.state
+
+    whole = run(1 << 20)
+    for chunk_size in (256, 2560):
+        assert_trees_equal(run(chunk_size), whole)
+
+
+@pytest.mark.parametrize("precision", ["fp32", *LOW])
+def test_step_peak_memory_is_a_few_tensors(precision):
+    """A step's peak stays within what is held (weights, gradients, state) plus a few times the
+    largest tensor in float32: slices bound the temporaries, and only the new parameter and
+    moments, made of the slices, take room beside the old ones."""
+    keys = iter(mx.random.split(mx.random.key(3), 16))
+    params = {"layers": [mx.random.normal((1024, 1024), key=next(keys)) for _ in range(8)]}
+    grads = tree_map(lambda p: 1e-3 * mx.random.normal(p.shape, key=next(keys)), params)
+    opt = AdamW(1e-3, state_precision=precision, chunk_size=1 << 14)
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, grads, opt.state)
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    largest = 1024 * 1024 * 4
+    # The new parameter and the new float32 moments each exist as slices and as their join.
+    one_state = sum(a.nbytes for _, a in tree_flatten(opt.state["layers"][0]))
+    joined = 2 * (largest + one_state) / largest
+    assert (mx.get_peak_memory() - before) / largest < joined + 1
+
+
+def test_chunk_size_must_hold_whole_blocks():
+    for bad in (0, 100, 1000):
+        with pytest.raises(ValueError, match="chunk_size"):
+            AdamW(1e-3, state_precision="int8", chunk_size=bad)
+
+
 @pytest.mark.parametrize("precision", LOW)
 def test_compiled_training_step(precision):
     """As mlx-lm's trainer does it: optimizer.update inside mx.compile with the state captured."""

@@ -18,7 +18,8 @@ from .fp32 import FP32
 from .int4 import INT4_M, INT4_V
 from .int8 import INT8_M, INT8_V
 
-#: A stored moment: one array, or a small dict of arrays (codes + scales) for quantized formats.
+#: A stored moment: one array of the moment's shape, or, for block-wise formats, a small dict of
+#: arrays (codes + scales) whose first axis counts blocks of ``codec.block`` elements.
 Stored = Union[mx.array, dict[str, mx.array]]
 
 
@@ -31,13 +32,17 @@ class MomentCodec(Protocol):
 
     #: Whether ``encode`` consumes a random key (stochastic rounding).
     stochastic: bool
+    #: Elements per stored row: the optimizer updates a tensor in slices of whole blocks.
+    block: int
 
     def zeros(self, shape: tuple[int, ...]) -> Stored:
         """The stored form of an all-zero moment of ``shape``."""
         ...
 
-    def encode(self, x: mx.array, key: mx.array | None) -> Stored:
-        """Store the float32 moment ``x``."""
+    def encode(self, x: mx.array, key: mx.array | None, offset: mx.array | int = 0) -> Stored:
+        """Store the float32 moment ``x``; a stochastic codec draws its rounding from ``key`` and
+        each element's flat position + ``offset`` (so a slice of a tensor, given the slice's start,
+        is stored exactly as within the whole tensor)."""
         ...
 
     def decode(self, stored: Stored, shape: tuple[int, ...]) -> mx.array:

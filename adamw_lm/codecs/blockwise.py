@@ -198,8 +198,11 @@ class Blockwise:
             "scales": mx.zeros((nb,), dtype=_F32),
         }
 
-    def encode(self, x: mx.array, key: mx.array | None = None) -> dict[str, mx.array]:
-        """Quantize the float32 moment ``x`` (``key`` is unused: rounding is to nearest)."""
+    def encode(
+        self, x: mx.array, key: mx.array | None = None, offset: mx.array | int = 0
+    ) -> dict[str, mx.array]:
+        """Quantize the float32 moment ``x`` (``key`` and ``offset`` are unused: rounding is to
+        nearest)."""
         nb = self.blocks(x.shape)
         flat = x.astype(_F32).reshape(-1)
         if nb * self.block != flat.size:

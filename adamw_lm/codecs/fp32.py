@@ -7,11 +7,12 @@ import mlx.core as mx
 
 class _FP32:
     stochastic = False
+    block = 1
 
     def zeros(self, shape: tuple[int, ...]) -> mx.array:
         return mx.zeros(shape, dtype=mx.float32)
 
-    def encode(self, x: mx.array, key: mx.array | None) -> mx.array:
+    def encode(self, x: mx.array, key: mx.array | None, offset: mx.array | int = 0) -> mx.array:
         return x.astype(mx.float32)
 
     def decode(self, stored: mx.array, shape: tuple[int, ...]) -> mx.array:
