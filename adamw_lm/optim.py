@@ -8,8 +8,10 @@ function per parameter, so a full-model float32 copy of the moments never exists
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable, Mapping, Sequence, Union
+import threading
+from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -57,6 +59,8 @@ class AdamW(optim.AdamW):
             many elements (a multiple of 256, so that slices hold whole blocks): the step's
             temporaries are then a few slices, not a few copies of each tensor. Results do not
             depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
+        streams: how many mlx streams the slices are spread over, in turn; results do not
+            depend on it. ``None``: :func:`default_streams`.
 
     Under a precision other than ``None``, a step whose gradients hold a NaN or an infinity leaves
     parameters and moments unchanged and is counted in ``state["skipped_steps"]``; ``None`` keeps
@@ -77,6 +81,7 @@ class AdamW(optim.AdamW):
         seed: int = 0,
         memory_budget: int | None = None,
         chunk_size: int | None = None,
+        streams: int | None = None,
     ):
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
@@ -112,6 +117,8 @@ class AdamW(optim.AdamW):
                 raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
         if chunk_size is not None and (chunk_size < 1 or chunk_size % 256):
             raise ValueError(f"chunk_size must be a positive multiple of 256; got {chunk_size}")
+        if streams is not None and (isinstance(streams, bool) or streams < 1):
+            raise ValueError(f"streams must be an int >= 1 (or None); got {streams!r}")
         if min_quantize_size < 0:
             raise ValueError(f"min_quantize_size must be >= 0; got {min_quantize_size}")
 
@@ -127,6 +134,7 @@ class AdamW(optim.AdamW):
         self.seed = seed
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
+        self.streams = streams
         self._plan: dict[str, str | None] = {}
         self._compiled: dict[tuple, Callable] = {}
 
@@ -239,6 +247,7 @@ class AdamW(optim.AdamW):
         if low:
             finite = mx.isfinite(sum(_sum_wide(g) for _, g in flat))
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
+            coefficients = self._coefficients(finite)
         keys = {}
         if "key" in self.state:
             stochastic = [p for p, _ in low if PRECISIONS[self._plan[p]].stochastic]
@@ -246,9 +255,10 @@ class AdamW(optim.AdamW):
             self.state["key"] = split[0]
             keys = {path: split[i + 1] for i, path in enumerate(stochastic)}
 
-        # Each low-precision update waits for the previous one: evaluated in sequence, one
-        # chunk's decoded moments and temporaries are freed before the next one's exist.
-        previous: list[mx.array] = []
+        # Each slice's update waits for the previous one in its lane: evaluated in sequence, one
+        # slice's decoded moments and temporaries are freed before the next one's exist.
+        lanes = _lanes(self.streams)
+        chains: list[list[mx.array]] = [[] for _ in lanes]
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
@@ -261,20 +271,21 @@ class AdamW(optim.AdamW):
             parts = []
             for start in range(0, g.size, chunk):
                 stop = min(start + chunk, g.size)
-                if stop - start == g.size:
-                    args = (g, p, s["m"], s["v"])
-                else:
-                    args = (
-                        g.reshape(-1)[start:stop],
-                        p.reshape(-1)[start:stop],
-                        _slice_stored(codecs.m, s["m"], start, stop),
-                        _slice_stored(codecs.v, s["v"], start, stop),
-                    )
-                g_part = mx.depends(args[0], previous) if previous else args[0]
-                out = update(
-                    g_part, *args[1:], self.learning_rate, self.step, finite, key,
-                    mx.array(start, dtype=mx.uint32),
-                )  # fmt: skip
+                lane = len(parts) % len(lanes)
+                previous = chains[lane]
+                # Slicing too happens in the lane: a view made on another stream would wait there.
+                with mx.stream(lanes[lane]):
+                    if stop - start == g.size:
+                        args = (g, p, s["m"], s["v"])
+                    else:
+                        args = (
+                            g.reshape(-1)[start:stop],
+                            p.reshape(-1)[start:stop],
+                            _slice_stored(codecs.m, s["m"], start, stop),
+                            _slice_stored(codecs.v, s["v"], start, stop),
+                        )
+                    g_part = mx.depends(args[0], previous) if previous else args[0]
+                    out = update(g_part, *args[1:], coefficients, key, mx.array(start, mx.uint32))
                 previous[:] = [a for _, a in tree_flatten(out)]
                 parts.append(out)
             if len(parts) == 1:
@@ -283,18 +294,39 @@ class AdamW(optim.AdamW):
             s["m"] = _join_stored([m for _, m, _ in parts], p.shape)
             s["v"] = _join_stored([v for _, _, v in parts], p.shape)
             new_p = mx.concatenate([q for q, _, _ in parts]).reshape(p.shape)
-            # The joins join the chain too, or they would all run last, with every chunk alive.
-            previous[:] = [new_p, *(a for _, a in tree_flatten([s["m"], s["v"]]))]
+            # The joins join the chains too, or they would all run last, with every slice alive.
+            joined = [new_p, *(a for _, a in tree_flatten([s["m"], s["v"]]))]
+            for chain in chains:
+                chain[:] = joined
             return new_p
 
         return tree_map_with_path(apply, gradients, parameters, self.state)
 
     def _update_fn(self, precision: Precision) -> Callable:
-        b1, b2 = self.betas
-        config = (precision.name, b1, b2, self.eps, self.weight_decay, self.bias_correction)
+        config = (precision.name, self.eps)
         if config not in self._compiled:
-            self._compiled[config] = mx.compile(_fused_update(precision, *config[1:]))
+            self._compiled[config] = mx.compile(_fused_update(precision, self.eps))
         return self._compiled[config]
+
+    def _coefficients(self, finite: mx.array) -> _Coefficients:
+        """This step's scalars; a step with non-finite gradients gets the ones that skip it."""
+        b1, b2 = self.betas
+        lr = mx.where(finite, self.learning_rate.astype(mx.float32), 0.0)
+        step_size, root_scale = lr, mx.array(1.0)
+        if self.bias_correction:
+            t = self.step.astype(mx.float32)
+            step_size = lr / (1 - b1**t)
+            root_scale = mx.rsqrt(1 - b2**t)
+        return _Coefficients(
+            finite=finite,
+            beta1=mx.where(finite, b1, 1.0),
+            one_minus_beta1=mx.where(finite, 1 - b1, 0.0),
+            beta2=mx.where(finite, b2, 1.0),
+            one_minus_beta2=mx.where(finite, 1 - b2, 0.0),
+            decay=1 - lr * self.weight_decay,
+            step_size=step_size,
+            root_scale=root_scale,
+        )
 
     # -- accounting -------------------------------------------------------------------------------
 
@@ -310,6 +342,27 @@ def _sum_wide(g: mx.array) -> mx.array:
     ~1e28 overflow it, and their squares would overflow the second moment anyway.
     """
     return mx.sum(g.astype(mx.float32) if g.dtype == mx.float16 else g)
+
+
+_LANES: dict[tuple[int, str], list[mx.Stream]] = {}
+
+
+def default_streams() -> int:
+    """Streams an :class:`AdamW` with ``streams=None`` uses on the default device: 2 on a CPU with
+    two cores or more (mlx runs each CPU stream on its own thread, and an element-wise kernel on
+    one core), else 1."""
+    return min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+
+
+def _lanes(streams: int | None) -> list[mx.Stream]:
+    """The streams slices are spread over: the default one first, then extra ones, made once per
+    thread and device (mlx streams belong to the thread that makes them)."""
+    device = mx.default_device()
+    streams = streams or default_streams()
+    made = _LANES.setdefault((threading.get_ident(), str(device)), [])
+    while len(made) < streams - 1:
+        made.append(mx.new_stream(device))
+    return [mx.default_stream(device), *made[: streams - 1]]
 
 
 def _default_chunk_size() -> int:
@@ -331,37 +384,39 @@ def _join_stored(parts: list[Stored], shape: tuple[int, ...]) -> Stored:
     return mx.concatenate(parts).reshape(shape)
 
 
-def _fused_update(
-    precision: Precision, b1: float, b2: float, eps: float, weight_decay: float, bias_correction: bool
-) -> Callable:
-    """decode → AdamW in float32 → encode, for one parameter; compiled by the caller."""
+class _Coefficients(NamedTuple):
+    """A step's scalars, computed once per step, not once per element of every slice."""
 
-    def update(g, p, m_stored, v_stored, lr, step, finite, key, offset):
+    finite: mx.array  # bool: whether this step's gradients are finite (else it is skipped)
+    beta1: mx.array
+    one_minus_beta1: mx.array
+    beta2: mx.array
+    one_minus_beta2: mx.array
+    decay: mx.array  # 1 - lr * weight_decay
+    step_size: mx.array  # lr, over (1 - beta1^t) with bias correction
+    root_scale: mx.array  # 1, or rsqrt(1 - beta2^t) with bias correction
+
+
+def _fused_update(precision: Precision, eps: float) -> Callable:
+    """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller."""
+
+    def update(g, p, m_stored, v_stored, k: _Coefficients, key, offset):
         shape = g.shape
-        g32 = g.astype(mx.float32)
-        lr = lr.astype(mx.float32)
-        m_old = precision.m.decode(m_stored, shape)
-        v_old = precision.v.decode(v_stored, shape)
-        # A skipped step keeps the decoded moments, which every codec encodes back to the same
-        # bits. Selecting here, not on the stored outputs, keeps the update one fused kernel.
-        m = mx.where(finite, b1 * m_old + (1 - b1) * g32, m_old)
-        v = mx.where(finite, b2 * v_old + (1 - b2) * mx.square(g32), v_old)
-        w = p.astype(mx.float32) * (1 - lr * weight_decay)
-        if bias_correction:
-            t = step.astype(mx.float32)
-            c1 = lr / (1 - b1**t)
-            c2 = mx.rsqrt(1 - b2**t)
-            w = w - c1 * m / (mx.sqrt(v) * c2 + eps)
-        else:
-            w = w - lr * m / (mx.sqrt(v) + eps)
-        km, kv = (None, None) if key is None else mx.random.split(key)
+        # A skipped step zeroes the gradient and its coefficients keep everything as it is
+        # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
+        g32 = mx.where(k.finite, g.astype(mx.float32), 0.0)
+        m = k.beta1 * precision.m.decode(m_stored, shape) + k.one_minus_beta1 * g32
+        v = k.beta2 * precision.v.decode(v_stored, shape) + k.one_minus_beta2 * (g32 * g32)
+        w = p.astype(mx.float32) * k.decay - k.step_size * m / (mx.sqrt(v) * k.root_scale + eps)
+        # One key for both moments: a stochastic pair draws disjoint bits of one hash, which
+        # the compiler computes once.
         return (
-            mx.where(finite, w.astype(p.dtype), p),
-            precision.m.encode(m, km, offset),
-            precision.v.encode(v, kv, offset),
+            w.astype(p.dtype),
+            precision.m.encode(m, key, offset),
+            precision.v.encode(v, key, offset),
         )
 
     return update
 
 
-__all__ = ["AdamW", "LOW_PRECISIONS"]
+__all__ = ["AdamW", "LOW_PRECISIONS", "default_streams"]

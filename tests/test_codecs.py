@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adamw_lm.codecs import PRECISIONS
-from adamw_lm.codecs.bf16 import BF16, random_bits, round_stochastic
+from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits
 from adamw_lm.codecs.blockwise import Blockwise, DynamicMap, LinearMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
 from adamw_lm.codecs.int8 import INT8_M, INT8_V
@@ -323,21 +323,35 @@ def test_random_bits_match_numpy():
     assert np.unique(bits).size == 65536
 
 
-def test_stochastic_rounding_matches_numpy():
+@pytest.mark.parametrize("codec", [BF16_M, BF16_V], ids=["m: high bits", "v: low bits"])
+def test_stochastic_rounding_matches_numpy(codec):
     key = mx.random.key(11)
     x = (np.random.default_rng(4).standard_normal((7, 300)) * 1e-3).astype(np.float32)
-    noise = np_random_bits(x.shape, np.array(key)) >> np.uint32(16)
+    drawn = np_random_bits(x.shape, np.array(key))
+    noise = drawn >> np.uint32(16) if codec is BF16_M else drawn & np.uint32(0xFFFF)
     with np.errstate(over="ignore"):
         bits = (x.view(np.uint32) + noise) & np.uint32(0xFFFF0000)
-    ours = np.array(round_stochastic(mx.array(x), key).astype(mx.float32))
+    ours = np.array(codec.encode(mx.array(x), key).astype(mx.float32))
     np.testing.assert_array_equal(ours, bits.view(np.float32))
+    # Offsets as in a slice of a bigger tensor.
+    ours = np.array(codec.encode(mx.array(x[3:]).reshape(-1), key, 3 * 300).astype(mx.float32))
+    np.testing.assert_array_equal(ours, bits.view(np.float32)[3:].reshape(-1))
+
+
+def test_moments_round_with_independent_bits():
+    """One key serves both moments; the two halves of the draw must not move together."""
+    x = mx.full((200_000,), 1 + 2**-8, dtype=mx.float32)  # half-way: rounds up half the time
+    up_m = np.array(BF16_M.encode(x, mx.random.key(2)).astype(mx.float32)) > 1 + 2**-8
+    up_v = np.array(BF16_V.encode(x, mx.random.key(2)).astype(mx.float32)) > 1 + 2**-8
+    assert abs(up_m.mean() - 0.5) < 0.01 and abs(up_v.mean() - 0.5) < 0.01
+    assert abs((up_m & up_v).mean() - 0.25) < 0.01
 
 
 def test_stochastic_rounding_is_unbiased_and_reproducible():
     x = mx.array([1 + 2**-9, -3.3e-5, 123.456, 1e-30, 7.0], dtype=mx.float32)
     n = 4000
     keys = mx.random.split(mx.random.key(0), n)
-    rounded = mx.stack([BF16.encode(mx.broadcast_to(x, (50, 5)), k) for k in keys[: n // 50]])
+    rounded = mx.stack([BF16_M.encode(mx.broadcast_to(x, (50, 5)), k) for k in keys[: n // 50]])
     rounded = np.array(rounded.astype(mx.float32)).reshape(-1, 5)
     exact = np.array(x)
     for j in range(5):
@@ -348,11 +362,11 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
         assert abs(rounded[:, j].mean() - exact[j]) <= bound
     assert rounded[:, 4].tolist() == [7.0] * rounded.shape[0]  # representable: exact
     np.testing.assert_allclose(rounded.mean(0), exact, rtol=1e-3)
-    same = BF16.encode(mx.broadcast_to(x, (50, 5)), keys[0])
-    assert mx.array_equal(same, BF16.encode(mx.broadcast_to(x, (50, 5)), keys[0])).item()
-    assert not mx.array_equal(same, BF16.encode(mx.broadcast_to(x, (50, 5)), keys[1])).item()
+    same = BF16_M.encode(mx.broadcast_to(x, (50, 5)), keys[0])
+    assert mx.array_equal(same, BF16_M.encode(mx.broadcast_to(x, (50, 5)), keys[0])).item()
+    assert not mx.array_equal(same, BF16_M.encode(mx.broadcast_to(x, (50, 5)), keys[1])).item()
 
 
 def test_bf16_needs_a_key():
     with pytest.raises(ValueError, match="key"):
-        BF16.encode(mx.ones((3,)), None)
+        BF16_M.encode(mx.ones((3,)), None)

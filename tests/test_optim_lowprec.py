@@ -166,25 +166,29 @@ def test_resume_from_copied_state_is_exact(precision):
 
 @pytest.mark.parametrize("precision", ["fp32", *LOW])
 def test_chunked_update_is_the_whole_tensor_update(precision):
-    """Updating in slices changes nothing: same parameters and same stored bits, whatever the
-    slice size, for sizes that are not multiples of a slice or of a block."""
+    """Updating in slices, spread over streams, changes nothing: same parameters and same stored
+    bits whatever the slice size and the number of streams, for sizes that are not multiples of a
+    slice or of a block."""
     shapes = {"a": (97, 131), "b": (3, 2560), "c": (300,)}
     keys = iter(mx.random.split(mx.random.key(7), 2 * len(shapes)))
     params = {n: mx.random.normal(shape, key=next(keys)) for n, shape in shapes.items()}
     grads = [{n: mx.random.normal(shape, key=next(keys)) * 1e-2 for n, shape in shapes.items()}]
     grads.append({n: g * -0.5 for n, g in grads[0].items()})
 
-    def run(chunk_size):
-        opt = AdamW(1e-2, state_precision=precision, min_quantize_size=0, chunk_size=chunk_size)
+    def run(chunk_size, streams):
+        opt = AdamW(
+            1e-2, state_precision=precision, min_quantize_size=0, chunk_size=chunk_size,
+            streams=streams,
+        )  # fmt: skip
         p = params
         for g in grads * 2:
             p = opt.apply_gradients(g, p)
             mx.eval(p, opt.state)
         return p, opt.state
 
-    whole = run(1 << 20)
-    for chunk_size in (256, 2560):
-        assert_trees_equal(run(chunk_size), whole)
+    whole = run(1 << 20, 1)
+    for chunk_size, streams in [(256, 1), (256, 3), (2560, 2)]:
+        assert_trees_equal(run(chunk_size, streams), whole)
 
 
 @pytest.mark.parametrize("precision", ["fp32", *LOW])
@@ -209,10 +213,13 @@ def test_step_peak_memory_is_a_few_tensors(precision):
     assert (mx.get_peak_memory() - before) / largest < joined + 1
 
 
-def test_chunk_size_must_hold_whole_blocks():
+def test_chunk_size_and_streams_are_checked():
     for bad in (0, 100, 1000):
         with pytest.raises(ValueError, match="chunk_size"):
             AdamW(1e-3, state_precision="int8", chunk_size=bad)
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="streams"):
+            AdamW(1e-3, state_precision="int8", streams=bad)
 
 
 @pytest.mark.parametrize("precision", LOW)

@@ -13,7 +13,7 @@ from typing import Protocol, Union
 
 import mlx.core as mx
 
-from .bf16 import BF16
+from .bf16 import BF16_M, BF16_V
 from .fp32 import FP32
 from .int4 import INT4_M, INT4_V
 from .int8 import INT8_M, INT8_V
@@ -52,7 +52,8 @@ class MomentCodec(Protocol):
 
 @dataclass(frozen=True)
 class Precision:
-    """A storage choice for both moments of one parameter."""
+    """A storage choice for both moments of one parameter. The optimizer passes one key to both
+    codecs, so a stochastic pair must draw disjoint random bits from it."""
 
     name: str
     m: MomentCodec
@@ -65,7 +66,7 @@ class Precision:
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", FP32, FP32),
-    "bf16": Precision("bf16", BF16, BF16),
+    "bf16": Precision("bf16", BF16_M, BF16_V),
     "int8": Precision("int8", INT8_M, INT8_V),
     "int4": Precision("int4", INT4_M, INT4_V),
 }

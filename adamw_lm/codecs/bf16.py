@@ -41,19 +41,31 @@ def random_bits(
     return _fmix32(h ^ key[1]).reshape(shape)
 
 
-def round_stochastic(x: mx.array, key: mx.array, offset: mx.array | int = 0) -> mx.array:
-    """``x`` (float32) to bfloat16, away from zero with probability = the dropped fraction;
-    ``offset`` as in :func:`random_bits`."""
+def round_stochastic(
+    x: mx.array, key: mx.array, offset: mx.array | int = 0, half: int = 1
+) -> mx.array:
+    """``x`` (float32) to bfloat16, away from zero with probability = the dropped fraction.
+
+    The noise is the high (``half=1``) or low (``half=0``) 16 bits of :func:`random_bits`
+    (``offset`` as there): two roundings with the same key and different halves are independent,
+    and, compiled together, share one hash.
+    """
     bits = mx.view(x.astype(mx.float32), mx.uint32)
-    noise = random_bits(x.shape, key, offset) >> 16
+    drawn = random_bits(x.shape, key, offset)
+    noise = drawn >> 16 if half else drawn & mx.array(0xFFFF, dtype=mx.uint32)
     # A carry out of the low half is the round-up; bfloat16 is the float32's high half.
     rounded = (bits + noise) & mx.array(_HIGH_HALF, dtype=mx.uint32)
     return mx.view(rounded, mx.float32).astype(mx.bfloat16)
 
 
 class _BF16:
+    """bfloat16 storage; ``half`` picks the 16 random bits (see :func:`round_stochastic`)."""
+
     stochastic = True
     block = 1
+
+    def __init__(self, half: int):
+        self.half = half
 
     def zeros(self, shape: tuple[int, ...]) -> mx.array:
         return mx.zeros(shape, dtype=mx.bfloat16)
@@ -61,11 +73,14 @@ class _BF16:
     def encode(self, x: mx.array, key: mx.array | None, offset: mx.array | int = 0) -> mx.array:
         if key is None:
             raise ValueError("the bf16 codec rounds stochastically: encode needs a random key")
-        return round_stochastic(x, key, offset)
+        return round_stochastic(x, key, offset, self.half)
 
     def decode(self, stored: mx.array, shape: tuple[int, ...]) -> mx.array:
         return stored.astype(mx.float32)
 
 
-BF16 = _BF16()
-"""Both moments in bfloat16 (2 bytes per element), stochastically rounded."""
+BF16_M = _BF16(half=1)
+"""First moment in bfloat16 (2 bytes per element), stochastically rounded."""
+
+BF16_V = _BF16(half=0)
+"""Second moment in bfloat16, rounded with the other 16 bits of the same draw as the first."""
