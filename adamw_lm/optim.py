@@ -8,6 +8,7 @@ function per parameter, so a full-model float32 copy of the moments never exists
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -243,7 +244,7 @@ class AdamW(optim.AdamW):
 
         flat = tree_flatten(gradients)
         low = [(path, g) for path, g in flat if self._plan.get(path) is not None]
-        finite = None
+        finite = coefficients = None
         if low:
             finite = mx.isfinite(sum(_sum_wide(g) for _, g in flat))
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
@@ -259,6 +260,7 @@ class AdamW(optim.AdamW):
         # slice's decoded moments and temporaries are freed before the next one's exist.
         lanes = _lanes(self.streams)
         chains: list[list[mx.array]] = [[] for _ in lanes]
+        turns = itertools.count()  # slices take the lanes in turn, across parameters too
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
@@ -271,7 +273,7 @@ class AdamW(optim.AdamW):
             parts = []
             for start in range(0, g.size, chunk):
                 stop = min(start + chunk, g.size)
-                lane = len(parts) % len(lanes)
+                lane = next(turns) % len(lanes)
                 previous = chains[lane]
                 # Slicing too happens in the lane: a view made on another stream would wait there.
                 with mx.stream(lanes[lane]):
