@@ -20,7 +20,7 @@ Prints a markdown table; ``--plot`` writes the training-loss curves (of the firs
 matplotlib, the ``plot`` extra).
 
 Usage: python scripts/bench_quality.py [--size medium] [--steps 300] [--seeds 1]
-       [--modes full,lora] [--precisions None,fp32,bf16,int8,int4] [--plot docs/quality_loss.png]
+       [--modes full,lora] [--precisions None,fp32,bf16,int8,int4] [--plot loss.png]
 """
 
 from __future__ import annotations
