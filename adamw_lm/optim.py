@@ -3,7 +3,8 @@
 With ``state_precision=None`` every parameter is updated by ``mlx.optimizers.AdamW``'s own
 ``apply_single``, so results are bit-for-bit those of mlx. Any other precision keeps the moments in a
 storage format from :mod:`adamw_lm.codecs` and runs decode → AdamW (in float32) → encode as one compiled
-function per parameter, so a full-model float32 copy of the moments never exists.
+function per slice of ``chunk_size`` elements, so neither a full-model nor a full-tensor float32 copy
+of the moments ever exists.
 """
 
 from __future__ import annotations
