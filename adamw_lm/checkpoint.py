@@ -20,6 +20,7 @@ checkpoint can execute code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -153,11 +154,10 @@ class _HashingFile(io.RawIOBase):
 def _fsync(fd: int) -> None:
     # On macOS fsync leaves data in the drive's cache; F_FULLFSYNC is the durable flush there.
     if fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
-        try:
+        # File systems without F_FULLFSYNC raise OSError: fall back to fsync below.
+        with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
             return
-        except OSError:
-            pass  # file systems without F_FULLFSYNC
     os.fsync(fd)
 
 

@@ -8,6 +8,7 @@ state, position — goes into an atomic checkpoint (:mod:`adamw_lm.checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -253,10 +254,9 @@ class _StopRequest:
 
     def __enter__(self) -> "_StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # ValueError off the main thread: signals stay with whoever owns them.
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with whoever owns them
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -37,17 +37,14 @@ class MomentCodec(Protocol):
 
     def zeros(self, shape: tuple[int, ...]) -> Stored:
         """The stored form of an all-zero moment of ``shape``."""
-        ...
 
     def encode(self, x: mx.array, key: mx.array | None, offset: mx.array | int = 0) -> Stored:
         """Store the float32 moment ``x``; a stochastic codec draws its rounding from ``key`` and
         each element's flat position + ``offset`` (so a slice of a tensor, given the slice's start,
         is stored exactly as within the whole tensor)."""
-        ...
 
     def decode(self, stored: Stored, shape: tuple[int, ...]) -> mx.array:
         """The float32 moment of ``shape`` that ``stored`` holds."""
-        ...
 
 
 @dataclass(frozen=True)
