@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
 from .memory import STATE_LADDER, choose_precisions, stored_precision
 
@@ -63,6 +64,14 @@ class AdamW(optim.AdamW):
             depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
         streams: how many mlx streams the slices are spread over, in turn; results do not
             depend on it. ``None``: :func:`default_streams`.
+        weight_update: how a new weight is written into a bfloat16 / float16 parameter whose
+            precision is not ``None`` (see :mod:`adamw_lm.weight_update`): ``"nearest"`` (mlx's
+            rounding; steps much smaller than the weight are lost), ``"stochastic"`` (unbiased
+            rounding, no extra memory) or ``"exact"`` (a 2-byte buffer per element in the state:
+            16+16 float32 master weights for bfloat16, Kahan compensation for float16).
+            ``None``: ``"nearest"`` under ``state_precision=None`` (the only mode it allows: it is
+            mlx's own update), else :data:`adamw_lm.weight_update.DEFAULT_WEIGHT_UPDATE`.
+            Parameters a precision override pins to ``None`` and float32 parameters are unaffected.
 
     Under a precision other than ``None``, a step whose gradients hold a NaN or an infinity leaves
     parameters and moments unchanged and is counted in ``state["skipped_steps"]``; ``None`` keeps
@@ -84,6 +93,7 @@ class AdamW(optim.AdamW):
         memory_budget: int | None = None,
         chunk_size: int | None = None,
         streams: int | None = None,
+        weight_update: str | None = None,
     ):
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
@@ -123,6 +133,12 @@ class AdamW(optim.AdamW):
             raise ValueError(f"streams must be an int >= 1 (or None); got {streams!r}")
         if min_quantize_size < 0:
             raise ValueError(f"min_quantize_size must be >= 0; got {min_quantize_size}")
+        weights.check_weight_update(weight_update)
+        if state_precision is None and weight_update not in (None, "nearest"):
+            raise ValueError(
+                f"weight_update={weight_update!r} needs a state_precision other than None: None "
+                "is mlx's own update, which rounds the weight to nearest"
+            )
 
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction)
         if callable(learning_rate) and not self.state["learning_rate"].item() >= 0.0:
@@ -137,6 +153,9 @@ class AdamW(optim.AdamW):
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self.streams = streams
+        self.weight_update = weight_update or (
+            "nearest" if state_precision is None else weights.DEFAULT_WEIGHT_UPDATE
+        )
         self._plan: dict[str, str | None] = {}
         self._compiled: dict[tuple, Callable] = {}
 
@@ -194,6 +213,7 @@ class AdamW(optim.AdamW):
                 min_quantize_size=self.min_quantize_size,
                 ladder=[p for p in STATE_LADDER if p in PRECISIONS],
                 dtypes={path: p.dtype for path, p in flat},
+                weight_update=self.weight_update,
             )
         except ValueError as e:
             raise ValueError(
@@ -205,6 +225,13 @@ class AdamW(optim.AdamW):
     def precision_plan(self) -> dict[str, str | None]:
         """``{path: precision}`` of the parameters this optimizer holds state for (empty before init)."""
         return dict(self._plan)
+
+    def weight_update_for(self, precision: str | None, dtype: mx.Dtype) -> str | None:
+        """How a parameter of ``dtype`` at state ``precision`` is written: ``None`` when as computed
+        (float32), ``"nearest"`` under precision ``None`` (mlx's update), else ``weight_update``."""
+        if dtype not in weights.LOW_DTYPES:
+            return None
+        return "nearest" if precision is None else self.weight_update
 
     # -- mlx.optimizers.Optimizer interface ---------------------------------------------------------
 
@@ -218,7 +245,7 @@ class AdamW(optim.AdamW):
                 self._init_param(path, parameter, state)
 
         tree_map_with_path(fill, parameters, self._state)
-        if any(PRECISIONS[p].stochastic for p in self._plan.values() if p is not None):
+        if any(self._random(path, p.dtype) for path, p in tree_flatten(parameters)):
             self._state.setdefault("key", mx.random.key(self.seed))
         if any(p is not None for p in self._plan.values()):
             self._state.setdefault("skipped_steps", mx.array(0, mx.uint32))
@@ -233,6 +260,16 @@ class AdamW(optim.AdamW):
         else:
             codecs = PRECISIONS[precision]
             state.update(m=codecs.m.zeros(parameter.shape), v=codecs.v.zeros(parameter.shape))
+            state.update(weights.zeros(self.weight_update_for(precision, parameter.dtype), parameter))
+
+    def _random(self, path: str, dtype: mx.Dtype) -> bool:
+        """Whether the update of the parameter at ``path`` draws random bits."""
+        precision = self._plan.get(path)
+        if precision is None:
+            return False
+        return PRECISIONS[precision].stochastic or (
+            self.weight_update_for(precision, dtype) == "stochastic"
+        )
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # Same order as mlx's Optimizer.apply_gradients (schedule at the old step, then increment),
@@ -250,12 +287,20 @@ class AdamW(optim.AdamW):
             finite = mx.isfinite(sum(_sum_wide(g) for _, g in flat))
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)
-        keys = {}
+        keys, weight_keys = {}, {}
         if "key" in self.state:
-            stochastic = [p for p, _ in low if PRECISIONS[self._plan[p]].stochastic]
+            dtypes = {path: p.dtype for path, p in tree_flatten(parameters)}
+            stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
             split = mx.random.split(self.state["key"], len(stochastic) + 1)
             self.state["key"] = split[0]
             keys = {path: split[i + 1] for i, path in enumerate(stochastic)}
+            # The moments of a bf16 pair use both halves of their key's hash: the weight
+            # rounds with bits of a key drawn from it.
+            weight_keys = {
+                path: mx.random.split(keys[path], 1)[0]
+                for path in stochastic
+                if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
+            }
 
         # Each slice's update waits for the previous one in its lane: evaluated in sequence, one
         # slice's decoded moments and temporaries are freed before the next one's exist.
@@ -268,8 +313,10 @@ class AdamW(optim.AdamW):
             if precision is None:
                 return super(AdamW, self).apply_single(g, p, s)
             codecs = PRECISIONS[precision]
-            update = self._update_fn(codecs)
-            key = keys.get(path)
+            mode = self.weight_update_for(precision, p.dtype)
+            buffer = weights.buffer_name(mode, p.dtype)
+            update = self._update_fn(codecs, mode)
+            key, weight_key = keys.get(path), weight_keys.get(path)
             chunk = self.chunk_size or _default_chunk_size()
             parts = []
             for start in range(0, g.size, chunk):
@@ -279,36 +326,44 @@ class AdamW(optim.AdamW):
                 # Slicing too happens in the lane: a view made on another stream would wait there.
                 with mx.stream(lanes[lane]):
                     if stop - start == g.size:
-                        args = (g, p, s["m"], s["v"])
+                        args = (g, p, s.get(buffer), s["m"], s["v"])
                     else:
                         args = (
                             g.reshape(-1)[start:stop],
                             p.reshape(-1)[start:stop],
+                            s[buffer].reshape(-1)[start:stop] if buffer else None,
                             _slice_stored(codecs.m, s["m"], start, stop),
                             _slice_stored(codecs.v, s["v"], start, stop),
                         )
                     g_part = mx.depends(args[0], previous) if previous else args[0]
-                    out = update(g_part, *args[1:], coefficients, key, mx.array(start, mx.uint32))
+                    out = update(
+                        g_part, *args[1:], coefficients, key, weight_key,
+                        mx.array(start, mx.uint32),
+                    )  # fmt: skip
                 previous[:] = [a for _, a in tree_flatten(out)]
                 parts.append(out)
             if len(parts) == 1:
-                new_p, s["m"], s["v"] = parts[0]
-                return new_p
-            s["m"] = _join_stored([m for _, m, _ in parts], p.shape)
-            s["v"] = _join_stored([v for _, _, v in parts], p.shape)
-            new_p = mx.concatenate([q for q, _, _ in parts]).reshape(p.shape)
-            # The joins join the chains too, or they would all run last, with every slice alive.
-            joined = [new_p, *(a for _, a in tree_flatten([s["m"], s["v"]]))]
-            for chain in chains:
-                chain[:] = joined
+                new = parts[0]
+            else:
+                new = {
+                    name: _join_stored([part[name] for part in parts], p.shape)
+                    for name in parts[0]
+                }
+                # The joins join the chains too, or they would all run last, with every slice
+                # alive.
+                joined = [a for _, a in tree_flatten(new)]
+                for chain in chains:
+                    chain[:] = joined
+            new_p = new.pop("p")
+            s.update(new)
             return new_p
 
         return tree_map_with_path(apply, gradients, parameters, self.state)
 
-    def _update_fn(self, precision: Precision) -> Callable:
-        config = (precision.name, self.eps)
+    def _update_fn(self, precision: Precision, mode: str | None) -> Callable:
+        config = (precision.name, mode, self.eps)
         if config not in self._compiled:
-            self._compiled[config] = mx.compile(_fused_update(precision, self.eps))
+            self._compiled[config] = mx.compile(_fused_update(precision, mode, self.eps))
         return self._compiled[config]
 
     def _coefficients(self, finite: mx.array) -> _Coefficients:
@@ -400,24 +455,33 @@ class _Coefficients(NamedTuple):
     root_scale: mx.array  # 1, or rsqrt(1 - beta2^t) with bias correction
 
 
-def _fused_update(precision: Precision, eps: float) -> Callable:
-    """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller."""
+def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:
+    """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller.
 
-    def update(g, p, m_stored, v_stored, k: _Coefficients, key, offset):
+    Gives ``{"p": new parameter, "m": ..., "v": ...}`` plus the weight's buffer under ``mode``.
+    """
+
+    def update(g, p, buffer, m_stored, v_stored, k: _Coefficients, key, weight_key, offset):
         shape = g.shape
         # A skipped step zeroes the gradient and its coefficients keep everything as it is
         # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
         g32 = mx.where(k.finite, g.astype(mx.float32), 0.0)
         m = k.beta1 * precision.m.decode(m_stored, shape) + k.one_minus_beta1 * g32
         v = k.beta2 * precision.v.decode(v_stored, shape) + k.one_minus_beta2 * (g32 * g32)
-        w = p.astype(mx.float32) * k.decay - k.step_size * m / (mx.sqrt(v) * k.root_scale + eps)
+        w = weights.read(p, buffer) * k.decay - k.step_size * m / (
+            mx.sqrt(v) * k.root_scale + eps
+        )
+        new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # One key for both moments: a stochastic pair draws disjoint bits of one hash, which
         # the compiler computes once.
-        return (
-            w.astype(p.dtype),
-            precision.m.encode(m, key, offset),
-            precision.v.encode(v, key, offset),
-        )
+        new = {
+            "p": new_p,
+            "m": precision.m.encode(m, key, offset),
+            "v": precision.v.encode(v, key, offset),
+        }
+        if new_buffer is not None:
+            new[weights.buffer_name(mode, p.dtype)] = new_buffer
+        return new
 
     return update
 
