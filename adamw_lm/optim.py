@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import threading
 from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import regex
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import weight_update as weights
@@ -24,6 +24,9 @@ from .codecs import PRECISIONS, MomentCodec, Precision, Stored
 from .memory import STATE_LADDER, choose_precisions, stored_precision
 
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+#: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
+PATTERN_TIMEOUT_S = 0.1
 
 #: Precisions below float32; tensors smaller than ``min_quantize_size`` fall back to "fp32".
 LOW_PRECISIONS = tuple(name for name in PRECISIONS if name != "fp32")
@@ -52,8 +55,10 @@ class AdamW(optim.AdamW):
             whatever the parameter's dtype; lower precisions are listed in
             :data:`adamw_lm.codecs.PRECISIONS`; ``"auto"`` picks one per parameter so that the whole
             state fits ``memory_budget`` (see :func:`adamw_lm.memory.choose_precisions`).
-        precision_overrides: ``{regex: precision}``; the first pattern that ``re.search`` finds in a
-            parameter's path (e.g. ``"embed_tokens"``, ``"norm"``) decides that parameter's precision.
+        precision_overrides: ``{regex: precision}``; the first pattern found in a parameter's path
+            (e.g. ``"embed_tokens"``, ``"norm"``) decides that parameter's precision. Patterns may
+            come from a stranger's checkpoint: a search that takes longer than
+            :data:`PATTERN_TIMEOUT_S` (catastrophic backtracking) raises ``ValueError``.
         min_quantize_size: tensors with fewer elements keep float32 moments under a low precision.
         seed: seeds the random key (kept in the state) used for stochastic rounding.
         memory_budget: bytes the whole optimizer state may take (``state_nbytes()``); required by,
@@ -124,8 +129,8 @@ class AdamW(optim.AdamW):
         for pattern, precision in overrides.items():
             _check_precision(precision, f"precision_overrides[{pattern!r}]")
             try:
-                re.compile(pattern)
-            except re.error as e:
+                regex.compile(pattern)
+            except (regex.error, TypeError) as e:
                 raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
         if chunk_size is not None and (chunk_size < 1 or chunk_size % 256):
             raise ValueError(f"chunk_size must be a positive multiple of 256; got {chunk_size}")
@@ -163,7 +168,16 @@ class AdamW(optim.AdamW):
 
     def _override_pattern(self, path: str) -> str | None:
         """The first ``precision_overrides`` pattern found in ``path``, if any."""
-        return next((pat for pat in self.precision_overrides if re.search(pat, path)), None)
+        for pattern in self.precision_overrides:
+            try:
+                if regex.search(pattern, path, timeout=PATTERN_TIMEOUT_S):
+                    return pattern
+            except TimeoutError:
+                raise ValueError(
+                    f"precision_overrides pattern {pattern!r} took over {PATTERN_TIMEOUT_S} s "
+                    f"to search the path {path!r} (catastrophic backtracking?); simplify it"
+                ) from None
+        return None
 
     def precision_for(self, path: str, parameter: mx.array) -> str | None:
         """The precision that the parameter at ``path`` gets under this optimizer's settings.

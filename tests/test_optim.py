@@ -1,5 +1,7 @@
 """adamw_lm.AdamW against mlx.optimizers.AdamW (bit-exact) and a NumPy reference (fp32 mode)."""
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -190,3 +192,21 @@ def test_error_states_allowed_range():
         AdamW(1e-3, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="'fp32'"):
         AdamW(1e-3, state_precision="fp64")
+
+
+def test_override_patterns_cannot_hang_the_optimizer():
+    """Patterns may come from a stranger's checkpoint. ``(a+)+$`` backtracks catastrophically in
+    Python's ``re`` against a long path of a's; searched here it returns at once, and a pattern
+    that still backtracks without end is cut off by a timeout with a clear error naming it."""
+    path = "model.layers." + "a" * 60 + "!"
+    parameter = mx.zeros((8,))
+    quick = AdamW(
+        1e-3, state_precision="int8", precision_overrides={"(a+)+$": "fp32"}, min_quantize_size=0
+    )
+    start = time.perf_counter()
+    assert quick.precision_for(path, parameter) == "int8"  # no match
+    assert time.perf_counter() - start < 1.0
+    assert quick.precision_for("model.layers.aaa", parameter) == "fp32"
+    slow = AdamW(1e-3, state_precision="int8", precision_overrides={"(a|aa)+$": "fp32"})
+    with pytest.raises(ValueError, match=r"precision_overrides pattern '\(a\|aa\)\+\$' took over"):
+        slow.precision_for(path, parameter)
