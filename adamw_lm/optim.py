@@ -32,6 +32,60 @@ PATTERN_TIMEOUT_S = 0.1
 LOW_PRECISIONS = tuple(name for name in PRECISIONS if name != "fp32")
 
 
+class StateFormat(NamedTuple):
+    """How the optimizer state of one parameter is stored: the moments' precision (``None``: in
+    the parameter's dtype, as mlx) and the weight update that applies to it (``None`` for float32
+    parameters; ``"exact"`` adds a buffer, see :mod:`adamw_lm.weight_update`)."""
+
+    precision: str | None
+    weight_update: str | None = None
+
+    def buffer(self, dtype: mx.Dtype) -> str | None:
+        """The state key of the weight's buffer for a parameter of ``dtype``, if it has one."""
+        return weights.buffer_name(self.weight_update, dtype)
+
+
+def zeros_state(fmt: StateFormat, parameter: mx.array) -> dict:
+    """The initial (all-zero) state of ``parameter`` stored as ``fmt``."""
+    if fmt.precision is None:
+        return {"m": mx.zeros_like(parameter), "v": mx.zeros_like(parameter)}
+    codecs = PRECISIONS[fmt.precision]
+    return {
+        "m": codecs.m.zeros(parameter.shape),
+        "v": codecs.v.zeros(parameter.shape),
+        **weights.zeros(fmt.weight_update, parameter),
+    }
+
+
+def convert_state(
+    state: dict, old: StateFormat, new: StateFormat, parameter: mx.array, key: mx.array
+) -> dict:
+    """The state of ``parameter`` stored as ``old``, re-stored as ``new``.
+
+    Moments are decoded to float32 and encoded again (stochastic codecs draw from ``key``). A
+    weight buffer that ``new`` has and ``old`` had not starts at zero, which is exact: the master
+    weight is then the parameter itself. One that ``old`` had and ``new`` has not is dropped: the
+    weight keeps its rounded value, and what the buffer held (under half a unit in the last
+    place) is lost.
+    """
+    converted = {}
+    for moment, moment_key in zip(("m", "v"), mx.random.split(key)):
+        if old.precision is None:
+            x = state[moment].astype(mx.float32)
+        else:
+            x = getattr(PRECISIONS[old.precision], moment).decode(state[moment], parameter.shape)
+        if new.precision is None:
+            converted[moment] = x.astype(parameter.dtype)
+        else:
+            codec = getattr(PRECISIONS[new.precision], moment)
+            converted[moment] = codec.encode(x, moment_key if codec.stochastic else None)
+    buffer = new.buffer(parameter.dtype)
+    if buffer is not None:
+        kept = old.buffer(parameter.dtype) == buffer
+        converted[buffer] = state[buffer] if kept else zeros_state(new, parameter)[buffer]
+    return converted
+
+
 def _check_precision(value: str | None, what: str, auto: bool = False) -> None:
     if value is not None and value not in PRECISIONS and not (auto and value == "auto"):
         allowed = ", ".join(["None"] + [repr(p) for p in PRECISIONS] + (["'auto'"] if auto else []))
@@ -247,6 +301,29 @@ class AdamW(optim.AdamW):
             return None
         return "nearest" if precision is None else self.weight_update
 
+    def _format(self, precision: str | None, dtype: mx.Dtype) -> StateFormat:
+        return StateFormat(precision, self.weight_update_for(precision, dtype))
+
+    def state_formats(self, parameters: dict) -> dict[str, StateFormat]:
+        """``{path: StateFormat}``: how the state of each array of ``parameters`` is stored (see
+        :meth:`plan`); :func:`convert_state` turns one format into another."""
+        plan = self.plan(parameters)
+        return {path: self._format(plan[path], p.dtype) for path, p in tree_flatten(parameters)}
+
+    def hyperparameters(self) -> dict:
+        """The settings that, with the learning rate, define this optimizer, as JSON values."""
+        return {
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "bias_correction": self.bias_correction,
+            "state_precision": self.state_precision,
+            "precision_overrides": dict(self.precision_overrides),
+            "min_quantize_size": self.min_quantize_size,
+            "seed": self.seed,
+            "weight_update": self.weight_update,
+        }
+
     # -- mlx.optimizers.Optimizer interface ---------------------------------------------------------
 
     def init(self, parameters: dict) -> None:
@@ -269,12 +346,7 @@ class AdamW(optim.AdamW):
 
     def _init_param(self, path: str, parameter: mx.array, state: dict) -> None:
         precision = self._plan.get(path, self.precision_for(path, parameter))
-        if precision is None:
-            super().init_single(parameter, state)
-        else:
-            codecs = PRECISIONS[precision]
-            state.update(m=codecs.m.zeros(parameter.shape), v=codecs.v.zeros(parameter.shape))
-            state.update(weights.zeros(self.weight_update_for(precision, parameter.dtype), parameter))
+        state.update(zeros_state(self._format(precision, parameter.dtype), parameter))
 
     def _random(self, path: str, dtype: mx.Dtype) -> bool:
         """Whether the update of the parameter at ``path`` draws random bits."""
@@ -303,7 +375,8 @@ class AdamW(optim.AdamW):
             coefficients = self._coefficients(finite)
         keys, weight_keys = {}, {}
         if "key" in self.state:
-            dtypes = {path: p.dtype for path, p in tree_flatten(parameters)}
+            dtypes: dict[str, mx.Dtype] = {}
+            tree_map_with_path(lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters)
             stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
             split = mx.random.split(self.state["key"], len(stochastic) + 1)
             self.state["key"] = split[0]
