@@ -436,3 +436,115 @@ def test_bf16_weights_learn_at_small_learning_rates():
             # Within 10 %: the visible weight still carries a bf16 rounding error (measured: exact
             # 2 % and stochastic 5 % less of a drop here), but nothing like nearest's loss.
             assert math.isclose(drop, drop32, rel_tol=0.1), (precision, mode, drop, drop32)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def bf16_full_model(model_path):
+    """The tiny model in bfloat16 (as mlx-lm loads a bf16 checkpoint), last block trainable."""
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_path)
+    model.set_dtype(mx.bfloat16)
+    model.freeze()
+    model.model.layers[-1].unfreeze()
+    return model
+
+
+def lm_steps(model, optimizer, first: int, count: int) -> list[float]:
+    import mlx.nn as nn
+
+    def loss_fn(model, tokens):
+        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    losses = []
+    for i in range(first, first + count):
+        tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(100 + i))
+        loss, grads = loss_and_grad(model, tokens)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        losses.append(loss.item())
+    return losses
+
+
+FULL = {"fine_tune_type": "full", "num_layers": 1, "lora_parameters": None}
+
+
+def full_optimizer(mode: str | None, precision: str = "int8") -> AdamW:
+    return AdamW(
+        1e-4, state_precision=precision, weight_update=mode, min_quantize_size=0, seed=3
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_round_trip_and_resume_are_bit_exact(mode, tiny_model_path, tmp_path):
+    from adamw_lm import checkpoint
+
+    model, optimizer = bf16_full_model(tiny_model_path), full_optimizer(mode)
+    lm_steps(model, optimizer, 0, 2)
+    path = checkpoint.save(tmp_path, 2, model, optimizer, {}, FULL)
+    model2, optimizer2 = bf16_full_model(tiny_model_path), full_optimizer(mode)
+    checkpoint.load(path, model2, optimizer2)
+    assert_trees_equal(optimizer2.state, optimizer.state)
+    assert_trees_equal(model2.trainable_parameters(), model.trainable_parameters())
+    assert ("w_low" in optimizer.state["model"]["layers"][-1]["mlp"]["up_proj"]["weight"]) == (
+        mode == "exact"
+    )
+    assert lm_steps(model2, optimizer2, 2, 3) == lm_steps(model, optimizer, 2, 3)
+    assert_trees_equal(model2.trainable_parameters(), model.trainable_parameters())
+    assert_trees_equal(optimizer2.state, optimizer.state)
+
+
+def buffers(optimizer: AdamW) -> dict:
+    return {k: v for k, v in tree_flatten(optimizer.state) if k.endswith(".w_low")}
+
+
+def moments(optimizer: AdamW) -> dict:
+    """The stored moments (int8 codes and scales here), by flat key."""
+    found = {
+        k: v for k, v in tree_flatten(optimizer.state)
+        if any(f".{name}." in k or k.endswith(f".{name}") for name in ("m", "v"))
+    }  # fmt: skip
+    assert found
+    return found
+
+
+def test_checkpoint_weight_update_changes_convert_or_are_refused(tiny_model_path, tmp_path):
+    """nearest and stochastic store the same arrays: switching needs nothing. Adding the exact
+    buffer (a zero low half: the master is the weight) or dropping it changes the state's layout,
+    so it needs the conversion flag, like a precision change."""
+    from adamw_lm import checkpoint
+    from adamw_lm.checkpoint import IncompatibleCheckpointError
+
+    model, nearest = bf16_full_model(tiny_model_path), full_optimizer("nearest")
+    lm_steps(model, nearest, 0, 2)
+    path = checkpoint.save(tmp_path / "a", 2, model, nearest, {}, FULL)
+
+    stochastic = full_optimizer("stochastic")
+    checkpoint.load(path, bf16_full_model(tiny_model_path), stochastic)
+    assert_trees_equal(moments(stochastic), moments(nearest))
+
+    exact = full_optimizer("exact")
+    with pytest.raises(IncompatibleCheckpointError) as e:
+        checkpoint.load(path, bf16_full_model(tiny_model_path), exact)
+    message = str(e.value)
+    assert "with weight_update 'nearest'" in message and "with weight_update 'exact'" in message
+    assert "convert_precision=True" in message
+    model2 = bf16_full_model(tiny_model_path)
+    checkpoint.load(path, model2, exact, convert_precision=True)
+    assert buffers(exact) and all(mx.all(b == 0).item() for b in buffers(exact).values())
+    assert_trees_equal(moments(exact), moments(nearest))
+    lm_steps(model2, exact, 2, 2)
+    assert any(mx.any(b != 0).item() for b in buffers(exact).values())
+
+    path = checkpoint.save(tmp_path / "b", 4, model2, exact, {}, FULL)
+    back = full_optimizer("stochastic")
+    with pytest.raises(IncompatibleCheckpointError, match="with weight_update 'exact'"):
+        checkpoint.load(path, bf16_full_model(tiny_model_path), back)
+    model3 = bf16_full_model(tiny_model_path)
+    checkpoint.load(path, model3, back, convert_precision=True)
+    assert not buffers(back)
+    assert_trees_equal(moments(back), moments(exact))
+    assert_trees_equal(model3.trainable_parameters(), model2.trainable_parameters())
