@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -22,8 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
 from .memory import STATE_LADDER, choose_precisions, stored_precision
-
-LearningRate = Union[float, Callable[[mx.array], mx.array]]
+from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
 #: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
 PATTERN_TIMEOUT_S = 0.1
@@ -86,12 +85,6 @@ def convert_state(
     return converted
 
 
-def _check_precision(value: str | None, what: str, auto: bool = False) -> None:
-    if value is not None and value not in PRECISIONS and not (auto and value == "auto"):
-        allowed = ", ".join(["None"] + [repr(p) for p in PRECISIONS] + (["'auto'"] if auto else []))
-        raise ValueError(f"{what} must be one of {allowed}; got {value!r}")
-
-
 class AdamW(optim.AdamW):
     """AdamW with optional low-precision moment storage.
 
@@ -132,6 +125,9 @@ class AdamW(optim.AdamW):
             mlx's own update), else :data:`adamw_lm.weight_update.DEFAULT_WEIGHT_UPDATE`.
             Parameters a precision override pins to ``None`` and float32 parameters are unaffected.
 
+    The arguments after ``bias_correction`` are checked and kept, as given but for a resolved
+    ``weight_update``, in ``self.settings``, a frozen :class:`adamw_lm.optim_settings.Settings`.
+
     Under a precision other than ``None``, a step whose gradients hold a NaN or an infinity leaves
     parameters and moments unchanged and is counted in ``state["skipped_steps"]``; ``None`` keeps
     mlx's behaviour exactly, non-finite values included.
@@ -154,67 +150,18 @@ class AdamW(optim.AdamW):
         streams: int | None = None,
         weight_update: str | None = None,
     ):
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{i}] (beta{i + 1}) must be in [0, 1); got {beta}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0; got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-        if not callable(learning_rate) and not learning_rate >= 0.0:
-            raise ValueError(f"learning_rate must be >= 0 (or a schedule); got {learning_rate}")
-        _check_precision(state_precision, "state_precision", auto=True)
-        if state_precision == "auto":
-            if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-                raise ValueError(
-                    f"state_precision='auto' needs memory_budget, an int number of bytes; "
-                    f"got {memory_budget!r}"
-                )
-            if memory_budget <= 0:
-                raise ValueError(f"memory_budget must be > 0 bytes; got {memory_budget}")
-        elif memory_budget is not None:
-            raise ValueError(
-                f"memory_budget is only used with state_precision='auto'; "
-                f"got state_precision={state_precision!r}"
-            )
-        overrides = dict(precision_overrides or {})
-        for pattern, precision in overrides.items():
-            _check_precision(precision, f"precision_overrides[{pattern!r}]")
-            try:
-                regex.compile(pattern)
-            except (regex.error, TypeError) as e:
-                raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
-        if chunk_size is not None and (chunk_size < 1 or chunk_size % 256):
-            raise ValueError(f"chunk_size must be a positive multiple of 256; got {chunk_size}")
-        if streams is not None and (isinstance(streams, bool) or streams < 1):
-            raise ValueError(f"streams must be an int >= 1 (or None); got {streams!r}")
-        if min_quantize_size < 0:
-            raise ValueError(f"min_quantize_size must be >= 0; got {min_quantize_size}")
-        weights.check_weight_update(weight_update)
-        if state_precision is None and weight_update not in (None, "nearest"):
-            raise ValueError(
-                f"weight_update={weight_update!r} needs a state_precision other than None: None "
-                "is mlx's own update, which rounds the weight to nearest"
-            )
-
+        check_adamw_arguments(learning_rate, betas, eps, weight_decay)
+        settings = Settings(
+            state_precision, precision_overrides or {}, min_quantize_size, seed, memory_budget,
+            chunk_size, streams, weight_update,
+        )  # fmt: skip
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction)
         if callable(learning_rate) and not self.state["learning_rate"].item() >= 0.0:
             raise ValueError(
                 f"learning_rate schedule must give values >= 0; "
                 f"got {self.state['learning_rate'].item()} at step 0"
             )
-        self.state_precision = state_precision
-        self.precision_overrides = overrides
-        self.min_quantize_size = min_quantize_size
-        self.seed = seed
-        self.memory_budget = memory_budget
-        self.chunk_size = chunk_size
-        self.streams = streams
-        self.weight_update = weight_update or (
-            "nearest" if state_precision is None else weights.DEFAULT_WEIGHT_UPDATE
-        )
+        self.settings = settings
         self._plan: dict[str, str | None] = {}
         self._compiled: dict[tuple, Callable] = {}
 
@@ -222,7 +169,7 @@ class AdamW(optim.AdamW):
 
     def _override_pattern(self, path: str) -> str | None:
         """The first ``precision_overrides`` pattern found in ``path``, if any."""
-        for pattern in self.precision_overrides:
+        for pattern in self.settings.precision_overrides:
             try:
                 if regex.search(pattern, path, timeout=PATTERN_TIMEOUT_S):
                     return pattern
@@ -241,8 +188,8 @@ class AdamW(optim.AdamW):
         """
         pattern = self._override_pattern(path)
         if pattern is not None:
-            precision = self.precision_overrides[pattern]
-        elif self.state_precision == "auto":
+            precision = self.settings.precision_overrides[pattern]
+        elif self.settings.state_precision == "auto":
             if path not in self._plan:
                 raise ValueError(
                     f"state_precision='auto' decides {path!r} together with the whole tree: "
@@ -250,8 +197,8 @@ class AdamW(optim.AdamW):
                 )
             return self._plan[path]
         else:
-            precision = self.state_precision
-        return stored_precision(precision, parameter.size, self.min_quantize_size)
+            precision = self.settings.state_precision
+        return stored_precision(precision, parameter.size, self.settings.min_quantize_size)
 
     def plan(self, parameters: dict) -> dict[str, str | None]:
         """``{path: precision}`` for every array in the tree ``parameters``.
@@ -260,7 +207,7 @@ class AdamW(optim.AdamW):
         scalars included, fits ``memory_budget``; ``ValueError`` if even the lowest cannot.
         """
         flat = tree_flatten(parameters)
-        if self.state_precision != "auto":
+        if self.settings.state_precision != "auto":
             return {path: self.precision_for(path, p) for path, p in flat}
         pins = {
             path: self.precision_for(path, p)
@@ -271,21 +218,22 @@ class AdamW(optim.AdamW):
         # skipped-step count and random key that init adds).
         scalars = {k: a for k, a in self.state.items() if isinstance(a, mx.array)}
         scalars.setdefault("skipped_steps", mx.array(0, mx.uint32))
-        scalars.setdefault("key", mx.random.key(self.seed))
+        scalars.setdefault("key", mx.random.key(self.settings.seed))
         scalar_bytes = sum(a.nbytes for a in scalars.values())
         try:
             return choose_precisions(
                 {path: p.shape for path, p in flat},
-                max(self.memory_budget - scalar_bytes, 0),
+                max(self.settings.memory_budget - scalar_bytes, 0),
                 overrides=pins,
-                min_quantize_size=self.min_quantize_size,
+                min_quantize_size=self.settings.min_quantize_size,
                 ladder=[p for p in STATE_LADDER if p in PRECISIONS],
                 dtypes={path: p.dtype for path, p in flat},
-                weight_update=self.weight_update,
+                weight_update=self.settings.weight_update,
             )
         except ValueError as e:
             raise ValueError(
-                f"state_precision='auto' with memory_budget={self.memory_budget} bytes, of which "
+                f"state_precision='auto' with memory_budget={self.settings.memory_budget} bytes, "
+                f"of which "
                 f"{scalar_bytes} go to the state's scalars: {e}"
             ) from e
 
@@ -299,7 +247,7 @@ class AdamW(optim.AdamW):
         (float32), ``"nearest"`` under precision ``None`` (mlx's update), else ``weight_update``."""
         if dtype not in weights.LOW_DTYPES:
             return None
-        return "nearest" if precision is None else self.weight_update
+        return "nearest" if precision is None else self.settings.weight_update
 
     def _format(self, precision: str | None, dtype: mx.Dtype) -> StateFormat:
         return StateFormat(precision, self.weight_update_for(precision, dtype))
@@ -317,11 +265,11 @@ class AdamW(optim.AdamW):
             "eps": self.eps,
             "weight_decay": self.weight_decay,
             "bias_correction": self.bias_correction,
-            "state_precision": self.state_precision,
-            "precision_overrides": dict(self.precision_overrides),
-            "min_quantize_size": self.min_quantize_size,
-            "seed": self.seed,
-            "weight_update": self.weight_update,
+            "state_precision": self.settings.state_precision,
+            "precision_overrides": dict(self.settings.precision_overrides),
+            "min_quantize_size": self.settings.min_quantize_size,
+            "seed": self.settings.seed,
+            "weight_update": self.settings.weight_update,
         }
 
     # -- mlx.optimizers.Optimizer interface ---------------------------------------------------------
@@ -337,7 +285,7 @@ class AdamW(optim.AdamW):
 
         tree_map_with_path(fill, parameters, self._state)
         if any(self._random(path, p.dtype) for path, p in tree_flatten(parameters)):
-            self._state.setdefault("key", mx.random.key(self.seed))
+            self._state.setdefault("key", mx.random.key(self.settings.seed))
         if any(p is not None for p in self._plan.values()):
             self._state.setdefault("skipped_steps", mx.array(0, mx.uint32))
 
@@ -391,7 +339,7 @@ class AdamW(optim.AdamW):
 
         # Each slice's update waits for the previous one in its lane: evaluated in sequence, one
         # slice's decoded moments and temporaries are freed before the next one's exist.
-        lanes = _lanes(self.streams)
+        lanes = _lanes(self.settings.streams)
         chains: list[list[mx.array]] = [[] for _ in lanes]
         turns = itertools.count()  # slices take the lanes in turn, across parameters too
 
@@ -404,7 +352,7 @@ class AdamW(optim.AdamW):
             buffer = weights.buffer_name(mode, p.dtype)
             update = self._update_fn(codecs, mode)
             key, weight_key = keys.get(path), weight_keys.get(path)
-            chunk = self.chunk_size or _default_chunk_size()
+            chunk = self.settings.chunk_size or _default_chunk_size()
             parts = []
             for start in range(0, g.size, chunk):
                 stop = min(start + chunk, g.size)

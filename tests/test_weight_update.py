@@ -372,9 +372,9 @@ def test_overrides_pinned_to_none_keep_mlx_update():
 
 
 def test_defaults_and_checks():
-    assert AdamW(1e-3).weight_update == "nearest"
-    assert AdamW(1e-3, state_precision="int8").weight_update == wu.DEFAULT_WEIGHT_UPDATE
-    assert AdamW(1e-3, weight_update="nearest").weight_update == "nearest"
+    assert AdamW(1e-3).settings.weight_update == "nearest"
+    assert AdamW(1e-3, state_precision="int8").settings.weight_update == wu.DEFAULT_WEIGHT_UPDATE
+    assert AdamW(1e-3, weight_update="nearest").settings.weight_update == "nearest"
     for mode in ("stochastic", "exact"):
         with pytest.raises(ValueError, match="weight_update='.*' needs a state_precision"):
             AdamW(1e-3, weight_update=mode)

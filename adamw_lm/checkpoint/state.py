@@ -171,7 +171,7 @@ def restore_state(
     if changed:
         # Rounding keys for stochastic codecs come from the optimizer's seed: a conversion is
         # reproducible.
-        seed = getattr(optimizer, "seed", 0)
+        seed = optimizer.settings.seed if isinstance(optimizer, AdamW) else 0
         keys = dict(zip(changed, mx.random.split(mx.random.key(seed), len(changed))))
     problems = []
     restored = {}
