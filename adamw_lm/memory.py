@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .weight_update import buffer_nbytes, check_weight_update
+from .weight_update import DEFAULT_WEIGHT_UPDATE, buffer_nbytes, check_weight_update
 
 #: State precisions from most to least precise; ``"auto"`` lowers tensors along it.
 STATE_LADDER: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
@@ -72,11 +72,13 @@ def weight_buffer_bytes(
     weight_update: str | None, precision: str | None, size: int, dtype: mx.Dtype
 ) -> int:
     """Bytes of the extra weight buffer (optimizer state) a parameter of ``size`` elements and
-    ``dtype`` has at state ``precision`` under ``weight_update`` (see :mod:`adamw_lm.weight_update`):
-    2 per element for ``"exact"`` on bfloat16 / float16 weights, else 0. Precision ``None`` is
-    mlx's update, which has none."""
+    ``dtype`` has at state ``precision`` under ``weight_update`` (see :mod:`adamw_lm.weight_update`;
+    ``None``: AdamW's default): 2 per element for ``"exact"`` on bfloat16 / float16 weights, else
+    0. Precision ``None`` is mlx's update, which has none."""
     check_weight_update(weight_update)
-    return 0 if precision is None else buffer_nbytes(weight_update, size, dtype)
+    if precision is None:
+        return 0
+    return buffer_nbytes(weight_update or DEFAULT_WEIGHT_UPDATE, size, dtype)
 
 
 def stored_precision(precision: str | None, size: int, min_quantize_size: int) -> str | None:

@@ -191,6 +191,7 @@ def build_optimizer(config: TrainConfig) -> AdamW:
             lr, o.betas, o.eps, o.weight_decay, o.bias_correction,
             state_precision=o.state_precision, precision_overrides=o.overrides,
             min_quantize_size=o.min_quantize_size, memory_budget=o.memory_budget, seed=config.seed,
+            weight_update=o.weight_update,
         )
     except ValueError as e:
         raise ConfigError(f"config section 'optimizer': {e}") from None

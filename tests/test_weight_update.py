@@ -548,3 +548,59 @@ def test_checkpoint_weight_update_changes_convert_or_are_refused(tiny_model_path
     assert not buffers(back)
     assert_trees_equal(moments(back), moments(exact))
     assert_trees_equal(model3.trainable_parameters(), model2.trainable_parameters())
+
+
+# -- configuration and the plan command ----------------------------------------------------------
+
+
+def test_plan_command_counts_the_exact_buffers(tmp_path):
+    """``adamw-lm plan --weight-update exact`` adds 2 bytes per bf16 parameter to the state of
+    every row but None's (mlx's update), as :func:`adamw_lm.memory.plan_from_config` does."""
+    import subprocess
+    import sys
+
+    from adamw_lm.memory import plan_from_config
+    from adamw_lm.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "bf16", size="small", dtype="bfloat16")
+
+    def shown(mode):
+        done = subprocess.run(
+            [sys.executable, "-m", "adamw_lm.cli", "plan", "--model", str(model),
+             "--fine-tune-type", "full", "--precision", "none", "int8", "--weight-update", mode],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return {
+            line.split("|")[1].strip(): float(line.split("|")[2])
+            for line in done.stdout.splitlines()
+            if line.startswith("| None") or line.startswith("| int8")
+        }
+
+    plans = {
+        mode: plan_from_config(
+            model, "full", num_layers=None, precisions=[None, "int8"], weight_update=mode
+        )
+        for mode in ("stochastic", "exact")
+    }
+    n = plans["exact"].trainable_parameters
+    assert plans["exact"].row("int8").state - plans["stochastic"].row("int8").state == 2 * n
+    assert plans["exact"].row(None).state == plans["stochastic"].row(None).state
+    exact, stochastic = shown("exact"), shown("stochastic")
+    assert exact["int8"] == pytest.approx(stochastic["int8"] + 2.0, abs=1e-3)
+    assert exact["None (param dtype)"] == stochastic["None (param dtype)"] == 4.0
+
+
+def test_config_weight_update_reaches_the_optimizer(tiny_model_path, data_dir):
+    from adamw_lm.config import ConfigError, TrainConfig, OptimizerConfig
+    from adamw_lm.trainer import build_optimizer
+
+    def built(**optimizer):
+        config = TrainConfig(model=str(tiny_model_path), data=str(data_dir))
+        config.optimizer = OptimizerConfig(**optimizer)
+        return build_optimizer(config)
+
+    assert built(state_precision="int8", weight_update="exact").settings.weight_update == "exact"
+    assert built(state_precision="int8").settings.weight_update == wu.DEFAULT_WEIGHT_UPDATE
+    with pytest.raises(ConfigError, match="config section 'optimizer': weight_update='exact'"):
+        built(weight_update="exact")
