@@ -324,7 +324,9 @@ class AdamW(optim.AdamW):
         keys, weight_keys = {}, {}
         if "key" in self.state:
             dtypes: dict[str, mx.Dtype] = {}
-            tree_map_with_path(lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters)
+            tree_map_with_path(
+                lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters
+            )
             stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
             split = mx.random.split(self.state["key"], len(stochastic) + 1)
             self.state["key"] = split[0]
@@ -361,7 +363,7 @@ class AdamW(optim.AdamW):
                 # Slicing too happens in the lane: a view made on another stream would wait there.
                 with mx.stream(lanes[lane]):
                     if stop - start == g.size:
-                        args = (g, p, s.get(buffer), s["m"], s["v"])
+                        args = (g, p, s[buffer] if buffer else None, s["m"], s["v"])
                     else:
                         args = (
                             g.reshape(-1)[start:stop],

@@ -44,7 +44,7 @@ _U32 = mx.uint32
 
 
 def check_weight_update(value: str | None, what: str = "weight_update") -> None:
-    """``ValueError`` naming ``what`` unless ``value`` is ``None`` or one of :data:`WEIGHT_UPDATES`."""
+    """``ValueError`` naming ``what`` unless ``value`` is ``None`` or in :data:`WEIGHT_UPDATES`."""
     if value is not None and value not in WEIGHT_UPDATES:
         allowed = ", ".join(["None"] + [repr(w) for w in WEIGHT_UPDATES])
         raise ValueError(f"{what} must be one of {allowed}; got {value!r}")

@@ -308,7 +308,8 @@ def main() -> None:
             }
 
     print(
-        f"tiny Llama `{args.size}` pretrained {args.base_steps} steps (lr {args.base_lr:g}, float32) "
+        f"tiny Llama `{args.size}` pretrained {args.base_steps} steps (lr {args.base_lr:g}, "
+        f"float32) "
         f"on recipes/data, fine-tuned {args.steps} steps on recipes/data/completions as text, "
         f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.lr:g} (full) / "
         f"{args.lora_lr:g} (LoRA rank {args.lora_rank}), no weight decay, seeds "

@@ -116,7 +116,8 @@ def test_exact_bf16_master_crosses_powers_of_two_and_signs():
 def test_exact_float16_compensation_tracks_float32_master():
     """float16 weights + the Kahan compensation ``w_comp`` stay within a hair of mlx's AdamW on
     float32 copies over many tiny steps, where nearest rounding loses them."""
-    start = {"w": (0.5 + mx.random.uniform(shape=(32, 64), key=mx.random.key(2))).astype(mx.float16)}
+    weights = 0.5 + mx.random.uniform(shape=(32, 64), key=mx.random.key(2))
+    start = {"w": weights.astype(mx.float16)}
     runs = {m: AdamW(1e-5, state_precision="fp32", weight_update=m) for m in ("nearest", "exact")}
     ref = optim.AdamW(1e-5)
     params = {m: start for m in runs}
@@ -325,7 +326,8 @@ def test_memory_plans_count_the_buffers():
         scalars = sum(v.nbytes for v in opt.state.values() if isinstance(v, mx.array))
         plan = plan_for_model(tree, ["int8"], min_quantize_size=0, weight_update=mode)
         assert plan.row("int8").state == opt.state_nbytes() - scalars
-        assert weight_buffer_bytes(mode, "int8", n, mx.bfloat16) == (2 * n if mode == "exact" else 0)
+        buffer = weight_buffer_bytes(mode, "int8", n, mx.bfloat16)
+        assert buffer == (2 * n if mode == "exact" else 0)
     assert weight_buffer_bytes("exact", None, n, mx.bfloat16) == 0
     assert weight_buffer_bytes("exact", "fp32", n, mx.float32) == 0
     assert "weight_update 'exact'" in plan_for_model(tree, weight_update="exact").description
