@@ -523,4 +523,12 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
     return update
 
 
-__all__ = ["AdamW", "LOW_PRECISIONS", "default_streams"]
+__all__ = [
+    "AdamW",
+    "LOW_PRECISIONS",
+    "PATTERN_TIMEOUT_S",
+    "StateFormat",
+    "convert_state",
+    "default_streams",
+    "zeros_state",
+]

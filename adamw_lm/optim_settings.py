@@ -93,3 +93,5 @@ def check_adamw_arguments(
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
     if not callable(learning_rate) and not learning_rate >= 0.0:
         raise ValueError(f"learning_rate must be >= 0 (or a schedule); got {learning_rate}")
+
+__all__ = ["LearningRate", "Settings", "check_adamw_arguments", "check_precision"]
