@@ -339,11 +339,7 @@ class AdamW(optim.AdamW):
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
 
-        # Each slice's update waits for the previous one in its lane: evaluated in sequence, one
-        # slice's decoded moments and temporaries are freed before the next one's exist.
-        lanes = _lanes(self.settings.streams)
-        chains: list[list[mx.array]] = [[] for _ in lanes]
-        turns = itertools.count()  # slices take the lanes in turn, across parameters too
+        slices = _Slices(self.settings.streams, self.settings.chunk_size or _default_chunk_size())
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
@@ -352,48 +348,17 @@ class AdamW(optim.AdamW):
             codecs = PRECISIONS[precision]
             mode = self.weight_update_for(precision, p.dtype)
             buffer = weights.buffer_name(mode, p.dtype)
-            update = self._update_fn(codecs, mode)
-            key, weight_key = keys.get(path), weight_keys.get(path)
-            chunk = self.settings.chunk_size or _default_chunk_size()
-            parts = []
-            for start in range(0, g.size, chunk):
-                stop = min(start + chunk, g.size)
-                lane = next(turns) % len(lanes)
-                previous = chains[lane]
-                # Slicing too happens in the lane: a view made on another stream would wait there.
-                with mx.stream(lanes[lane]):
-                    if stop - start == g.size:
-                        args = (g, p, s[buffer] if buffer else None, s["m"], s["v"])
-                    else:
-                        args = (
-                            g.reshape(-1)[start:stop],
-                            p.reshape(-1)[start:stop],
-                            s[buffer].reshape(-1)[start:stop] if buffer else None,
-                            _slice_stored(codecs.m, s["m"], start, stop),
-                            _slice_stored(codecs.v, s["v"], start, stop),
-                        )
-                    g_part = mx.depends(args[0], previous) if previous else args[0]
-                    out = update(
-                        g_part, *args[1:], coefficients, key, weight_key,
-                        mx.array(start, mx.uint32),
-                    )  # fmt: skip
-                previous[:] = [a for _, a in tree_flatten(out)]
-                parts.append(out)
-            if len(parts) == 1:
-                new = parts[0]
-            else:
-                new = {
-                    name: _join_stored([part[name] for part in parts], p.shape)
-                    for name in parts[0]
-                }
-                # The joins join the chains too, or they would all run last, with every slice
-                # alive.
-                joined = [a for _, a in tree_flatten(new)]
-                for chain in chains:
-                    chain[:] = joined
-            new_p = new.pop("p")
-            s.update(new)
-            return new_p
+            tensors = {"g": g, "p": p, "m": s["m"], "v": s["v"]}
+            if buffer:
+                tensors["buffer"] = s[buffer]
+            new = slices.update(
+                self._update_fn(codecs, mode), tensors, codecs,
+                coefficients, keys.get(path), weight_keys.get(path),
+            )  # fmt: skip
+            s["m"], s["v"] = new["m"], new["v"]
+            if buffer:
+                s[buffer] = new["buffer"]
+            return new["p"]
 
         return tree_map_with_path(apply, gradients, parameters, self.state)
 
@@ -464,8 +429,52 @@ def _default_chunk_size() -> int:
     return 1 << 18 if mx.default_device() == mx.cpu else 1 << 22
 
 
-def _slice_stored(codec: MomentCodec, stored: Stored, start: int, stop: int) -> Stored:
-    """Elements ``[start, stop)`` of a stored moment (``start`` a multiple of the codec's block)."""
+class _Slices:
+    """Updates the tensors of one step in slices of ``chunk`` elements spread over streams.
+
+    Slices take the streams ("lanes") in turn, across tensors too, and each waits for the previous
+    slice of its lane: evaluated in sequence, one slice's decoded moments and temporaries are freed
+    before the next one's exist.
+    """
+
+    def __init__(self, streams: int | None, chunk: int):
+        self.lanes = _lanes(streams)
+        self.chains: list[list[mx.array]] = [[] for _ in self.lanes]
+        self.turns = itertools.count()
+        self.chunk = chunk
+
+    def update(self, fn: Callable, tensors: dict, codecs: Precision, *constants) -> dict:
+        """``fn(tensors, *constants, offset)`` over the slices of ``tensors`` (``"m"`` and ``"v"``
+        stored by ``codecs``, the others of the parameter's shape), joined."""
+        shape, size = tensors["p"].shape, tensors["p"].size
+        parts = []
+        for start in range(0, size, self.chunk):
+            stop = min(start + self.chunk, size)
+            lane = next(self.turns) % len(self.lanes)
+            previous = self.chains[lane]
+            # Slicing too happens in the lane: a view made on another stream would wait there.
+            with mx.stream(self.lanes[lane]):
+                part = tensors if stop - start == size else {
+                    name: _slice_stored(getattr(codecs, name, None), a, start, stop)
+                    for name, a in tensors.items()
+                }  # fmt: skip
+                if previous:
+                    part = {**part, "g": mx.depends(part["g"], previous)}
+                out = fn(part, *constants, mx.array(start, mx.uint32))
+            previous[:] = [a for _, a in tree_flatten(out)]
+            parts.append(out)
+        if len(parts) == 1:
+            return parts[0]
+        joined = {name: _join_stored([part[name] for part in parts], shape) for name in parts[0]}
+        # The joins join the chains too, or they would all run last, with every slice alive.
+        for chain in self.chains:
+            chain[:] = [a for _, a in tree_flatten(joined)]
+        return joined
+
+
+def _slice_stored(codec: MomentCodec | None, stored: Stored, start: int, stop: int) -> Stored:
+    """Elements ``[start, stop)`` of a stored moment (``start`` a multiple of the codec's block), or
+    of a plain tensor (``codec`` ``None``)."""
     if isinstance(stored, dict):
         first, last = start // codec.block, -(-stop // codec.block)
         return {name: a[first:last] for name, a in stored.items()}
@@ -495,10 +504,13 @@ class _Coefficients(NamedTuple):
 def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:
     """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller.
 
-    Gives ``{"p": new parameter, "m": ..., "v": ...}`` plus the weight's buffer under ``mode``.
+    Takes and gives ``{"g": gradient (in only), "p": parameter, "m": ..., "v": ...}`` and, when
+    ``mode`` has one, the weight's ``"buffer"``.
     """
 
-    def update(g, p, buffer, m_stored, v_stored, k: _Coefficients, key, weight_key, offset):
+    def update(tensors: dict, k: _Coefficients, key, weight_key, offset) -> dict:
+        g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
+        m_stored, v_stored = tensors["m"], tensors["v"]
         shape = g.shape
         # A skipped step zeroes the gradient and its coefficients keep everything as it is
         # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
@@ -517,7 +529,7 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             "v": precision.v.encode(v, key, offset),
         }
         if new_buffer is not None:
-            new[weights.buffer_name(mode, p.dtype)] = new_buffer
+            new["buffer"] = new_buffer
         return new
 
     return update
