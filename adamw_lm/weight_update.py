@@ -31,8 +31,10 @@ from .codecs.bf16 import random_bits, round_stochastic
 WEIGHT_UPDATES: tuple[str, ...] = ("nearest", "stochastic", "exact")
 
 #: What ``AdamW(weight_update=None)`` uses under a ``state_precision`` other than ``None``
-#: (``None`` itself is mlx's update, ``"nearest"``). Chosen from ``scripts/bench_quality.py``; see
-#: ``docs/benchmarks.md``.
+#: (``None`` itself is mlx's update, ``"nearest"``). Measured by ``scripts/bench_quality.py``
+#: (``docs/benchmarks.md``): a bf16 full fine-tune at lr 1e-5 ends +64 % over float32 weights with
+#: "nearest", +0.15 % with "stochastic" and +0.0 % with "exact" (bf16 state); stochastic meets the
+#: quality targets without the 2 bytes per parameter that exact adds (as much as int8 moments).
 DEFAULT_WEIGHT_UPDATE = "stochastic"
 
 #: Parameter dtypes a weight update applies to.

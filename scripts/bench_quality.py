@@ -66,25 +66,29 @@ class Setting:
 
     @property
     def label(self) -> str:
-        if self.weights == "float32":
+        if self == REFERENCE:
             return "float32 weights, mlx AdamW (reference)"
         state = "mlx AdamW" if self.precision is None else f"{self.precision} state"
         update = f", {self.weight_update}" if self.weight_update else ""
-        return f"bf16 weights, {state}{update}"
+        return f"{'bf16' if self.weights == 'bfloat16' else 'float32'} weights, {state}{update}"
 
 
 REFERENCE = Setting("float32", None)
 
 
-def settings(mode: str, precisions: list[str | None], updates: list[str]) -> list[Setting]:
-    """The reference first, then bf16 weights at every precision (× weight update, full only)."""
+def settings(
+    mode: str, weights: list[str], precisions: list[str | None], updates: list[str]
+) -> list[Setting]:
+    """The reference first, then each weight dtype at every precision (bf16 weights of a full
+    fine-tune also × weight update)."""
     out = [REFERENCE]
-    for precision in precisions:
-        if precision is None or mode == "lora":
-            out.append(Setting("bfloat16", precision))
-        else:
-            out += [Setting("bfloat16", precision, u) for u in updates]
-    return out
+    for dtype in weights:
+        for precision in precisions:
+            if dtype == "float32" or precision is None or mode == "lora":
+                out.append(Setting(dtype, precision))
+            else:
+                out += [Setting(dtype, precision, u) for u in updates]
+    return list(dict.fromkeys(out))
 
 
 def text_set(source: Path, out: Path) -> Path:
@@ -279,6 +283,11 @@ def main() -> None:
     parser.add_argument(
         "--weight-updates", nargs="+", default=list(WEIGHT_UPDATES), metavar="MODE"
     )
+    parser.add_argument(
+        "--weights", nargs="+", default=["bfloat16"], metavar="DTYPE",
+        help="weight dtypes to fine-tune at each precision: bfloat16 (default) and/or float32 "
+        "(controls: the state precision's own effect)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--data", type=Path, default=REPO / "recipes" / "data")
@@ -295,6 +304,7 @@ def main() -> None:
         for p in names(args.precisions, PRECISIONS, "--precisions", parser)
     ]
     updates = names(args.weight_updates, list(WEIGHT_UPDATES), "--weight-updates", parser)
+    dtypes = names(args.weights, ["bfloat16", "float32"], "--weights", parser)
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     base = base_model(args)
@@ -304,7 +314,7 @@ def main() -> None:
         for mode in modes:
             results[mode] = {
                 s: [run(args, base, data, mode, s, seed, Path(tmp)) for seed in seeds]
-                for s in settings(mode, precisions, updates)
+                for s in settings(mode, dtypes, precisions, updates)
             }
 
     print(
