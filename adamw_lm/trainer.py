@@ -537,7 +537,7 @@ RESUMABLE_OVERRIDES = (
     "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
-    "optimizer.memory_budget",
+    "optimizer.memory_budget", "optimizer.weight_update",
 )
 
 

@@ -606,3 +606,34 @@ def test_config_weight_update_reaches_the_optimizer(tiny_model_path, data_dir):
     assert built(state_precision="int8").settings.weight_update == wu.DEFAULT_WEIGHT_UPDATE
     with pytest.raises(ConfigError, match="config section 'optimizer': weight_update='exact'"):
         built(weight_update="exact")
+
+
+def test_a_run_resumes_with_another_weight_update(tmp_path, data_dir):
+    """``resume`` may change ``optimizer.weight_update``; adding the exact buffer changes the
+    state's layout, so, as a new precision, it needs ``convert_precision``."""
+    import yaml
+
+    from adamw_lm import checkpoint, trainer
+    from adamw_lm.checkpoint import IncompatibleCheckpointError
+    from adamw_lm.config import load_config
+    from adamw_lm.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "bf16", size="small", dtype="bfloat16")
+    run_dir = tmp_path / "run"
+    config = {
+        "model": str(model), "data": str(data_dir), "fine_tune_type": "full", "num_layers": 1,
+        "batch_size": 2, "iters": 2, "learning_rate": 1e-5, "max_seq_length": 32,
+        "steps_per_report": 1, "steps_per_eval": 100, "val_batches": 1, "adapter_path": str(run_dir),
+        "optimizer": {"state_precision": "int8", "min_quantize_size": 0},
+        "checkpoint": {"every": 2},
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer.run(load_config(path), progress=False)
+    change = {"optimizer.weight_update": "exact", "iters": 3}
+    with pytest.raises(IncompatibleCheckpointError, match="with weight_update 'exact'"):
+        trainer.resume(run_dir, overrides=change, progress=False)
+    trainer.resume(run_dir, overrides=change, convert_precision=True, progress=False)
+    latest = checkpoint.latest_checkpoint(run_dir)
+    flat = mx.load(str(latest / checkpoint.OPTIMIZER))
+    assert any(k.endswith(".w_low") for k in flat)
