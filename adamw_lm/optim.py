@@ -4,7 +4,12 @@ With ``state_precision=None`` every parameter is updated by ``mlx.optimizers.Ada
 ``apply_single``, so results are bit-for-bit those of mlx. Any other precision keeps the moments in a
 storage format from :mod:`adamw_lm.codecs` and runs decode → AdamW (in float32) → encode as one compiled
 function per slice of ``chunk_size`` elements, so neither a full-model nor a full-tensor float32 copy
-of the moments ever exists.
+of the moments ever exists; bfloat16 / float16 weights are written back as ``weight_update`` says
+(:mod:`adamw_lm.weight_update`).
+
+The optimizer owns its state's format: :class:`StateFormat` names how one parameter's state is
+stored, :func:`zeros_state` makes it and :func:`convert_state` turns one format into another, so a
+checkpoint stores arrays and JSON only.
 """
 
 from __future__ import annotations
