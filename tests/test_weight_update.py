@@ -147,32 +147,26 @@ def test_exact_float16_compensation_tracks_float32_master():
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_stochastic_write_is_unbiased_and_picks_a_neighbour(dtype):
-    """Every written value is one of the two neighbours of the float32 weight, and over many draws
-    (positions and keys) the mean is the float32 weight: the rounding is unbiased."""
+    """Each written value is one of the two neighbours that bracket the float32 weight, and the
+    mean over 2^18 draws (positions and keys) is the float32 weight: the rounding is unbiased."""
+    # Seven weights spread over about one unit in the last place of the low-precision type.
+    base, mantissa_bits = (0.03, 8) if dtype == mx.bfloat16 else (0.3, 11)
+    targets = (np.float32(base) + np.linspace(0, 1, 7, dtype=np.float32) * 1e-4).astype(np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(targets)) - (mantissa_bits - 1))
+    below = np.floor(targets / ulp) * ulp
     n = 1 << 16
-    base = np.float32(0.0301) if dtype == mx.bfloat16 else np.float32(0.301)
-    w = mx.full((n,), base) + mx.array(np.linspace(0, 1, 7, dtype=np.float32)).reshape(7, 1) * 1e-4
-    w = w.reshape(-1)
-    p = w.astype(dtype)
-    lows = []
-    means = []
+    w = mx.array(np.repeat(targets.astype(np.float32), n))
+    draws = []
     for seed in range(4):
-        out, buffer = wu.write(w, p, None, "stochastic", mx.random.key(seed), 0, mx.array(True))
+        out, buffer = wu.write(w, w.astype(dtype), None, "stochastic", mx.random.key(seed), 0,
+                               mx.array(True))  # fmt: skip
         assert buffer is None and out.dtype == dtype
-        got = np.array(out.astype(mx.float32)).reshape(7, -1)
-        means.append(got.mean(axis=1))
-        lows.append(got)
-    target = np.array(w).reshape(7, -1)[:, 0].astype(np.float64)
-    got = np.array(lows)
-    below = np.array(mx.array(target.astype(np.float32)).astype(dtype).astype(mx.float32))
-    ulp = np.abs(np.spacing(below.astype(np.float16 if dtype == mx.float16 else np.float32)))
-    if dtype == mx.bfloat16:
-        ulp = 2.0 ** (np.floor(np.log2(np.abs(target))) - 7)
+        draws.append(np.array(out.astype(mx.float32)).reshape(7, n))
+    draws = np.concatenate(draws, axis=1)
     for row in range(7):
-        values = np.unique(got[:, row])
-        assert len(values) <= 2 and np.all(np.abs(values - target[row]) < ulp[row])
-    # Standard error of a mean of 4 * 2^16 draws of a spread of <= 1 ulp: < ulp / 1000.
-    np.testing.assert_allclose(np.mean(means, axis=0), target, rtol=0, atol=float(ulp.max()) / 200)
+        assert set(np.unique(draws[row])) <= {below[row], below[row] + ulp[row]}, row
+    # A draw spreads over one ulp: the standard error of the mean is below ulp / 1000.
+    np.testing.assert_allclose(draws.mean(axis=1), targets, rtol=0, atol=ulp.max() / 200)
 
 
 def test_stochastic_bf16_write_matches_numpy_reference():
