@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from helpers.trees import assert_trees_equal
+
 from adamw_lm import AdamW
 
 
@@ -45,13 +47,6 @@ def warmup_cosine():
         [optim.linear_schedule(0.0, 1e-2, 10), optim.cosine_decay(1e-2, 90, 1e-4)], [10]
     )
 
-
-def assert_trees_equal(a, b):
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype, k
-        assert mx.array_equal(x, y).item(), f"{k} differs"
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["float_lr", "warmup_cosine"])

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from helpers.trees import assert_trees_equal
+
 from adamw_lm import AdamW
 from adamw_lm import weight_update as wu
 from adamw_lm.codecs.bf16 import random_bits
@@ -18,13 +20,6 @@ from adamw_lm.memory import choose_precisions, plan_for_model, state_bytes, weig
 MODES = list(wu.WEIGHT_UPDATES)
 LOW = [mx.bfloat16, mx.float16]
 
-
-def assert_trees_equal(a, b):
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype and x.shape == y.shape, k
-        assert mx.array_equal(x, y, equal_nan=True).item(), f"{k} differs"
 
 
 def grads_for(params: dict, step: int, scale: float = 1e-2) -> dict:
