@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +233,12 @@ def _all_finite(values: list[Any]) -> bool:
 
 
 def check_optimizer_metadata(
-    path: Path, metadata: dict[str, str], parse: Any
+    path: Path, metadata: dict[str, str], parse: Callable[[bytes, str], Any]
 ) -> tuple[dict[str, str | None], dict[str, Any]]:
     """The precision plan and hyper-parameters of ``optimizer.safetensors``, checked.
 
-    ``parse(text, label)`` parses untrusted JSON.
+    ``parse(data, label)`` parses untrusted JSON (:func:`.untrusted.parse_json`, passed in
+    because that module builds on this one).
 
     Raises:
         CorruptCheckpointError: a field is missing or malformed.

@@ -260,12 +260,10 @@ def open_file(
     return OpenFile(fd, info.st_size, label)
 
 
-def read_json(folder: Folder, name: str, label: str, **limits: Any) -> Any:
-    """Open, read and parse one JSON file (``limits``: ``size``, ``max_size``, ``nonfinite``)."""
-    nonfinite = limits.pop("nonfinite", False)
-    limits.setdefault("max_size", MAX_JSON_BYTES)
-    with open_file(folder, name, label, **limits) as f:
-        return parse_json(f.read(), label, nonfinite=nonfinite)
+def read_json(folder: Folder, name: str, label: str, *, max_size: int = MAX_JSON_BYTES) -> Any:
+    """Open, read and parse one JSON file of at most ``max_size`` bytes (no NaN / Infinity)."""
+    with open_file(folder, name, label, max_size=max_size) as f:
+        return parse_json(f.read(), label)
 
 
 class _Refused(ValueError):
