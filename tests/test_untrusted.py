@@ -537,6 +537,14 @@ def test_load_adapters_only_reads_mlx_lm_folders_under_the_same_rules(run, tiny_
     config = checkpoint.load_adapters_only(adapters, lora_model(tiny_model_path))
     assert config["lora_parameters"] == LORA
 
+    # Large but finite values whose sum overflows are finite: no false alarm.
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    key = first_key(weights, "lora_b")
+    weights[key] = mx.full(weights[key].shape, 3e38)
+    assert not mx.isfinite(mx.sum(weights[key])).item()
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), weights)
+    checkpoint.load_adapters_only(adapters, lora_model(tiny_model_path))
+
     weights = mx.load(str(adapters / "adapters.safetensors"))
     key = first_key(weights, "lora_b")
     weights[key] = mx.full(weights[key].shape, float("inf"))
