@@ -25,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .format import PARAMETER_PATH, CorruptCheckpointError
+from .format import PARAMETER_PATH, CheckpointError, CorruptCheckpointError
 
 #: Caps on files that are parsed whole.
 MAX_JSON_BYTES = 1 << 20
@@ -142,7 +142,7 @@ class OpenFile:
                 continue
             if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
                 return candidate
-        raise CorruptCheckpointError(
+        raise CheckpointError(
             f"{self.label}: this system cannot reopen an open file by descriptor, which loading "
             "a checkpoint safely needs (/proc/self/fd or /dev/fd)"
         )
