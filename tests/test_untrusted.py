@@ -196,6 +196,25 @@ def test_base_run_loads(run, tiny_model_path):
     assert any(k.endswith(".scales") for k, _ in tree_flatten(optimizer.state))
 
 
+def test_a_checkpoint_is_hashed_once_per_load(run, tiny_model_path, monkeypatch):
+    from adamw_lm.checkpoint import untrusted
+
+    hashed = []
+    sha256 = untrusted.OpenFile.sha256
+    monkeypatch.setattr(untrusted.OpenFile, "sha256", lambda f: hashed.append(f.label) or sha256(f))
+    listed = len(checkpoint.verify(step_dir(run))["files"])
+    hashed.clear()
+
+    checkpoint.load_latest(run, lora_model(tiny_model_path), make_optimizer())
+    assert len(hashed) == listed
+    hashed.clear()
+    # The trainer's way: read the trainer state (to rebuild the model), then load the same bytes.
+    with checkpoint.open_latest(run) as found:
+        assert found.trainer_state["iteration"] == STEP and found.path == step_dir(run)
+        state = checkpoint.load(found, lora_model(tiny_model_path), make_optimizer())
+    assert state == found.trainer_state and len(hashed) == listed
+
+
 def test_listed_file_linked_out_of_the_folder_is_refused_without_an_oracle(run):
     folder = step_dir(run)
     outside = sentinel_of(run) / "adapters.safetensors"
