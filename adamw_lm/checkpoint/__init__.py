@@ -18,6 +18,14 @@ checkpoint as the latest usable one. Only safetensors and JSON are read back, ea
 through :mod:`.untrusted` (inside its folder, size-capped, schema- and finiteness-checked): a
 checkpoint is input from a stranger, and nothing in it can execute code.
 
+To read a checkpoint's trainer state before the model exists (e.g. to rebuild it from the saved
+config) and then load the very bytes that were verified, hashing once::
+
+    with checkpoint.open_latest(run_dir) as found:      # or open_verified(folder)
+        config = found.trainer_state["config"]
+        model, optimizer = ...                           # built from config
+        checkpoint.load(found, model, optimizer)
+
 Modules: :mod:`.format` (names, limits, schemas, errors), :mod:`.untrusted` (how one file is
 read), :mod:`.writing` (atomic save, ``latest``, rotation), :mod:`.reading` (verified load,
 ``latest``, describe), :mod:`.state` (the optimizer's state: metadata, restore, precision
