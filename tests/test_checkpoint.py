@@ -603,12 +603,18 @@ def test_describe_a_run_and_a_checkpoint(run):
 
 def test_bad_arguments_write_nothing(tiny_model_path, tmp_path):
     model, optimizer = lora_model(tiny_model_path), make_optimizer(None)
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
+    with pytest.raises(ValueError, match="step must be an int from 0 to"):
         checkpoint.save(tmp_path / "a", -1, model, optimizer, {}, {})
     with pytest.raises(ValueError, match="keep_last must be None or an int >= 1"):
         checkpoint.save(tmp_path / "a", 1, model, optimizer, {}, {}, keep_last=0)
     with pytest.raises(TypeError, match="trainer_state must be JSON-serializable.*array"):
         checkpoint.save(tmp_path / "a", 1, model, optimizer, {"loss": mx.array(1.0)}, {})
+    # What a load would refuse is never written: the checkpoint would be lost.
+    refused = "trainer_state would not load back: trainer_state.json: iteration 2 is not the"
+    with pytest.raises(ValueError, match=refused):
+        checkpoint.save(tmp_path / "a", 1, model, optimizer, {"iteration": 2}, {})
+    with pytest.raises(ValueError, match="adapter_config.json holds NaN.*a load would refuse it"):
+        checkpoint.save(tmp_path / "a", 1, model, optimizer, {}, {"scale": float("nan")})
     frozen, _ = load_model(tiny_model_path)
     frozen.freeze()
     with pytest.raises(ValueError, match="no trainable parameters"):

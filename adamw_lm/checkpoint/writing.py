@@ -30,17 +30,26 @@ from .format import (
     FORMAT_VERSION,
     LATEST,
     MANIFEST,
+    MAX_COUNT,
     OPTIMIZER,
     TEMPORARY,
     TRAINER_STATE,
     CheckpointError,
     CheckpointWriteError,
+    CorruptCheckpointError,
+    check_trainer_state,
     dir_name,
     step_dirs,
 )
 from .state import optimizer_metadata, plan_of
 from .threads import threads
-from .untrusted import Folder, read_json
+from .untrusted import (
+    MAX_JSON_BYTES,
+    MAX_TRAINER_STATE_BYTES,
+    Folder,
+    parse_json,
+    read_json,
+)
 
 try:
     import fcntl
@@ -167,6 +176,16 @@ def _to_json(obj: Any, what: str) -> bytes:
         raise TypeError(f"{what} must be JSON-serializable (dict, list, str, number): {e}") from e
 
 
+def _loadable(data: bytes, what: str, cap: int, nonfinite: bool = False) -> Any:
+    """``data`` parsed as a load parses it: a save never writes what a load would refuse."""
+    if len(data) > cap:
+        raise ValueError(f"{what} would be {len(data)} bytes; a checkpoint holds at most {cap}")
+    try:
+        return parse_json(data, what, nonfinite=nonfinite)
+    except CorruptCheckpointError as e:
+        raise ValueError(f"{e}; a load would refuse it") from None
+
+
 def _versions() -> dict[str, str]:
     return {"adamw_lm": __version__, "mlx": mx.__version__, "mlx_lm": _package_version("mlx-lm")}
 
@@ -264,10 +283,12 @@ def save(
 
     Raises:
         CheckpointWriteError: ``run_dir`` is not writable or a write failed; nothing was lost.
-        ValueError, TypeError: bad arguments, raised before anything is written.
+        ValueError, TypeError: bad arguments, raised before anything is written; this includes a
+            trainer state or adapter config that a load would refuse (e.g. an ``iteration`` other
+            than ``step``, NaN outside the loss lists, deeper than the JSON depth limit).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0; got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_COUNT:
+        raise ValueError(f"step must be an int from 0 to {MAX_COUNT}; got {step!r}")
     for name, keep in (("keep_last", keep_last), ("keep_best", keep_best)):
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"{name} must be None or an int >= 1; got {keep!r}")
@@ -275,9 +296,17 @@ def save(
         val_loss = None
     versions = {**trainer_state.get("versions", {}), **_versions()}
     state_bytes = _to_json({**trainer_state, "versions": versions}, "trainer_state")
+    try:
+        check_trainer_state(
+            Path(TRAINER_STATE),
+            _loadable(state_bytes, TRAINER_STATE, MAX_TRAINER_STATE_BYTES, nonfinite=True),
+            step,
+        )
+    except CorruptCheckpointError as e:
+        raise ValueError(f"trainer_state would not load back: {e}") from None
     if not isinstance(adapter_config, Mapping):
         raise TypeError(f"adapter_config must be a dict; got {type(adapter_config).__name__}")
-    _to_json(dict(adapter_config), "adapter_config")
+    _loadable(_to_json(dict(adapter_config), "adapter_config"), ADAPTER_CONFIG, MAX_JSON_BYTES)
     trainable = model.trainable_parameters()
     adapters = dict(tree_flatten(trainable))
     if not adapters:
