@@ -515,6 +515,14 @@ def test_optimizer_scalars_of_the_wrong_dtype_or_shape(run, tiny_model_path, whi
     assert f"optimizer.safetensors: {problem}" in message
 
 
+@pytest.mark.parametrize("which", ["step", "learning_rate"])
+def test_optimizer_scalars_cannot_be_dropped(run, tiny_model_path, which):
+    folder = step_dir(run)
+    rewrite_safetensors(folder, "optimizer.safetensors", lambda arrays, _: arrays.pop(which))
+    message = refused(run, folder, model_path=tiny_model_path)
+    assert message.endswith(f"optimizer.safetensors: optimizer state has no {which!r}")
+
+
 @pytest.mark.parametrize(
     ("key", "value", "error", "problem"),
     [

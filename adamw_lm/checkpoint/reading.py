@@ -51,6 +51,7 @@ from .untrusted import (
 
 log = logging.getLogger("adamw_lm.checkpoint")
 
+_REQUIRED_STATE = ("step", "learning_rate")
 # Caps on the listed files that are parsed whole; safetensors files are read as mlx reads them.
 _CAPS = {TRAINER_STATE: MAX_TRAINER_STATE_BYTES, ADAPTER_CONFIG: MAX_JSON_BYTES}
 
@@ -277,6 +278,11 @@ def _load_verified(
     _check_weights(adapters, params, found.path / ADAPTERS)
     optimizer_path = found.path / found.optimizer_file
     flat = found.arrays(found.optimizer_file)
+    # Every mlx optimizer keeps these; a fresh value in place of a missing one would restart the
+    # bias correction and the schedule silently.
+    for key in _REQUIRED_STATE:
+        if key not in flat:
+            raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
     state = restore_state(
         flat, found.precision_plan, optimizer_path, trainable, optimizer, convert_precision
     )
