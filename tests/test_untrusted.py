@@ -555,6 +555,11 @@ def test_safetensors_header_lies(run):
     rewrite_manifest(folder)
     assert "has data offsets that do not fit its shape" in refused(run, folder)
 
+    # A header length past the cap (or the file) is refused before anything is parsed.
+    path.write_bytes((17 << 20).to_bytes(8, "little") + b"{" + b" " * (17 << 20))
+    rewrite_manifest(folder)
+    assert "is not a safetensors file (header length out of range)" in refused(run, folder)
+
 
 def test_load_adapters_only_reads_mlx_lm_folders_under_the_same_rules(run, tiny_model_path):
     adapters = run.parent / "adapters"  # as mlx_lm lora writes it: no manifest to verify

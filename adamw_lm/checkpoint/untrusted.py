@@ -33,8 +33,10 @@ MAX_TRAINER_STATE_BYTES = 64 << 20
 MAX_LATEST_BYTES = 64
 #: Deepest nesting of a JSON document (the deepest this package writes is well below it).
 MAX_JSON_DEPTH = 32
-#: safetensors' own limit on the JSON header of a safetensors file.
-MAX_SAFETENSORS_HEADER = 100_000_000
+#: Cap on the JSON header of a safetensors file. safetensors allows 100 MB; a checkpoint's headers
+#: take ~150 bytes per array (a 70B model's int8 state: under 1 MB), and 100 MB of JSON parses
+#: into many times that in Python objects.
+MAX_SAFETENSORS_HEADER = 16 << 20
 
 _READ_CHUNK = 8 << 20
 _OPEN_FLAGS = (
