@@ -215,6 +215,31 @@ def test_a_checkpoint_is_hashed_once_per_load(run, tiny_model_path, monkeypatch)
     assert state == found.trainer_state and len(hashed) == listed
 
 
+def test_without_fd_paths_mlx_reads_the_resolved_path_only_if_it_is_the_same_file(
+    run, tiny_model_path, monkeypatch
+):
+    from adamw_lm.checkpoint import untrusted
+
+    stat = os.stat
+
+    def no_fd_paths(path, *args, **kwargs):  # as on a system without /proc/self/fd or /dev/fd
+        if str(path).startswith(("/proc/self/fd/", "/dev/fd/")):
+            raise FileNotFoundError(path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(untrusted.os, "stat", no_fd_paths)
+    model, optimizer = lora_model(tiny_model_path), make_optimizer()
+    assert checkpoint.load(step_dir(run), model, optimizer)["iteration"] == STEP
+
+    # The file verified was swapped for another under the same name before mlx opened it.
+    with checkpoint.open_verified(step_dir(run)) as found:
+        path = step_dir(run) / "adapters.safetensors"
+        os.rename(path, path.with_suffix(".old"))
+        shutil.copy(path.with_suffix(".old"), path)
+        with pytest.raises(CorruptCheckpointError, match="was replaced while it was being read"):
+            checkpoint.load(found, lora_model(tiny_model_path), make_optimizer())
+
+
 def test_listed_file_linked_out_of_the_folder_is_refused_without_an_oracle(run):
     folder = step_dir(run)
     outside = sentinel_of(run) / "adapters.safetensors"

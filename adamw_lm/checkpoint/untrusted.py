@@ -25,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .format import PARAMETER_PATH, CheckpointError, CorruptCheckpointError
+from .format import PARAMETER_PATH, CorruptCheckpointError
 
 #: Caps on files that are parsed whole.
 MAX_JSON_BYTES = 1 << 20
@@ -85,8 +85,8 @@ def _hub_blobs(real: Path) -> Path | None:
 class OpenFile:
     """A regular file of a checkpoint, open for reading; use as a context manager."""
 
-    def __init__(self, fd: int, size: int, label: str):
-        self.fd, self.size, self.label = fd, size, label
+    def __init__(self, fd: int, size: int, label: str, real: Path):
+        self.fd, self.size, self.label, self.real = fd, size, label, real
 
     def __enter__(self) -> OpenFile:
         return self
@@ -99,12 +99,12 @@ class OpenFile:
             os.close(self.fd)
             self.fd = -1
 
-    def _chunks(self, start: int = 0):
-        os.lseek(self.fd, start, os.SEEK_SET)
+    def _chunks(self):
+        os.lseek(self.fd, 0, os.SEEK_SET)
         raw = io.FileIO(self.fd, closefd=False)
-        buffer = bytearray(min(_READ_CHUNK, max(self.size - start, 1)))
+        buffer = bytearray(min(_READ_CHUNK, max(self.size, 1)))
         view = memoryview(buffer)
-        total = start
+        total = 0
         while n := raw.readinto(buffer):
             total += n
             if total > self.size:
@@ -137,17 +137,16 @@ class OpenFile:
         # 0.32), so mlx gets a path that names this open file itself: /proc/self/fd (Linux) or
         # /dev/fd (macOS) reopen the very inode checked and hashed, whatever its name points to now.
         here = os.fstat(self.fd)
-        for candidate in (f"/proc/self/fd/{self.fd}", f"/dev/fd/{self.fd}"):
+        for candidate in (f"/proc/self/fd/{self.fd}", f"/dev/fd/{self.fd}", str(self.real)):
             try:
                 there = os.stat(candidate)
             except OSError:
                 continue
+            # The resolved path comes last: between this check and mlx's open only a concurrent
+            # writer in the folder could swap it, and that writer could rewrite the file anyway.
             if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
                 return candidate
-        raise CheckpointError(
-            f"{self.label}: this system cannot reopen an open file by descriptor, which loading "
-            "a checkpoint safely needs (/proc/self/fd or /dev/fd)"
-        )
+        raise CorruptCheckpointError(f"{self.label} was replaced while it was being read")
 
     def check_safetensors_header(self) -> dict[str, str]:
         """Check the header as the safetensors library does; return its ``__metadata__``."""
@@ -259,7 +258,7 @@ def open_file(
     except BaseException:
         os.close(fd)
         raise
-    return OpenFile(fd, info.st_size, label)
+    return OpenFile(fd, info.st_size, label, real)
 
 
 def read_json(folder: Folder, name: str, label: str, *, max_size: int = MAX_JSON_BYTES) -> Any:
