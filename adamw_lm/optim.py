@@ -44,6 +44,15 @@ class StateFormat(NamedTuple):
     precision: str | None
     weight_update: str | None = None
 
+    @classmethod
+    def of(cls, precision: str | None, dtype: mx.Dtype, weight_update: str | None) -> StateFormat:
+        """The format of a parameter of ``dtype`` at ``precision`` under an optimizer's
+        ``weight_update``: ``None`` for float32 parameters, ``"nearest"`` at precision ``None``
+        (mlx's update)."""
+        if dtype not in weights.LOW_DTYPES:
+            return cls(precision, None)
+        return cls(precision, "nearest" if precision is None else weight_update)
+
     def buffer(self, dtype: mx.Dtype) -> str | None:
         """The state key of the weight's buffer for a parameter of ``dtype``, if it has one."""
         return weights.buffer_name(self.weight_update, dtype)
@@ -250,12 +259,10 @@ class AdamW(optim.AdamW):
     def weight_update_for(self, precision: str | None, dtype: mx.Dtype) -> str | None:
         """How a parameter of ``dtype`` at state ``precision`` is written: ``None`` when as computed
         (float32), ``"nearest"`` under precision ``None`` (mlx's update), else ``weight_update``."""
-        if dtype not in weights.LOW_DTYPES:
-            return None
-        return "nearest" if precision is None else self.settings.weight_update
+        return self._format(precision, dtype).weight_update
 
     def _format(self, precision: str | None, dtype: mx.Dtype) -> StateFormat:
-        return StateFormat(precision, self.weight_update_for(precision, dtype))
+        return StateFormat.of(precision, dtype, self.settings.weight_update)
 
     def state_formats(self, parameters: dict) -> dict[str, StateFormat]:
         """``{path: StateFormat}``: how the state of each array of ``parameters`` is stored (see

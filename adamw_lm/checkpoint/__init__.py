@@ -14,12 +14,22 @@ One run keeps its checkpoints as::
 A checkpoint is written into a temporary sibling folder; every file and the folder are fsync'ed
 before the folder is renamed into place, and ``latest`` is replaced atomically afterwards. A folder
 is used only once its manifest verifies, so a save killed at any moment leaves the previous
-checkpoint as the latest usable one. Only safetensors and JSON are read back: nothing in a
-checkpoint can execute code.
+checkpoint as the latest usable one. Only safetensors and JSON are read back, each file once,
+through :mod:`.untrusted` (inside its folder, size-capped, schema- and finiteness-checked): a
+checkpoint is input from a stranger, and nothing in it can execute code.
 
-Modules: :mod:`.format` (names, limits, manifest schema, errors), :mod:`.writing` (atomic save,
-``latest``, rotation), :mod:`.reading` (verified load, ``latest``, describe), :mod:`.state` (the
-optimizer's state: metadata, restore, precision conversion).
+To read a checkpoint's trainer state before the model exists (e.g. to rebuild it from the saved
+config) and then load the very bytes that were verified, hashing once::
+
+    with checkpoint.open_latest(run_dir) as found:      # or open_verified(folder)
+        config = found.trainer_state["config"]
+        model, optimizer = ...                           # built from config
+        checkpoint.load(found, model, optimizer)
+
+Modules: :mod:`.format` (names, limits, schemas, errors), :mod:`.untrusted` (how one file is
+read), :mod:`.writing` (atomic save, ``latest``, rotation), :mod:`.reading` (verified load,
+``latest``, describe), :mod:`.state` (the optimizer's state: metadata, restore, precision
+conversion).
 """
 
 from __future__ import annotations
@@ -41,7 +51,17 @@ from .format import (
     IncompatibleCheckpointError,
     NoCheckpointError,
 )
-from .reading import describe, latest_checkpoint, load, load_adapters_only, load_latest, verify
+from .reading import (
+    VerifiedCheckpoint,
+    describe,
+    latest_checkpoint,
+    load,
+    load_adapters_only,
+    load_latest,
+    open_latest,
+    open_verified,
+    verify,
+)
 from .writing import save
 
 __all__ = [
@@ -60,11 +80,14 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "NoCheckpointError",
+    "VerifiedCheckpoint",
     "describe",
     "latest_checkpoint",
     "load",
     "load_adapters_only",
     "load_latest",
+    "open_latest",
+    "open_verified",
     "save",
     "verify",
 ]

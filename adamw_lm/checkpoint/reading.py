@@ -1,11 +1,16 @@
-"""Verified reading of checkpoints: manifest checks, checksums, load, latest, describe."""
+"""Verified reading of checkpoints: every file through :mod:`.untrusted`, every field checked.
+
+A checkpoint is opened once: each listed file is opened (inside its folder), hashed, and then
+parsed from that same open file, so the bytes loaded are the bytes verified. Nothing changes the
+model or the optimizer before every check has passed.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,6 @@ from .format import (
     ADAPTER_CONFIG,
     ADAPTERS,
     CHECKPOINTS_DIR,
-    FORMAT,
-    FORMAT_VERSION,
     LATEST,
     MANIFEST,
     MAX_LISTED,
@@ -28,99 +31,161 @@ from .format import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     NoCheckpointError,
-    check_manifest_fields,
+    check_manifest,
+    check_optimizer_metadata,
+    check_trainer_state,
     step_dirs,
 )
 from .state import restore_state
 from .threads import threads
+from .untrusted import (
+    MAX_JSON_BYTES,
+    MAX_LATEST_BYTES,
+    MAX_TRAINER_STATE_BYTES,
+    Folder,
+    OpenFile,
+    open_file,
+    parse_json,
+    read_json,
+)
 
-_READ_CHUNK = 8 << 20
+log = logging.getLogger("adamw_lm.checkpoint")
+
+_REQUIRED_STATE = ("step", "learning_rate")
+# Caps on the listed files that are parsed whole; safetensors files are read as mlx reads them.
+_CAPS = {TRAINER_STATE: MAX_TRAINER_STATE_BYTES, ADAPTER_CONFIG: MAX_JSON_BYTES}
 
 
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            sha.update(view[:n])
-    return sha.hexdigest()
+class VerifiedCheckpoint:
+    """A checkpoint folder whose every file verified, held open so that loading reads those bytes.
+
+    Use as a context manager (or call :meth:`close`); pass it to :func:`load` to load it without
+    hashing it again.
+
+    Attributes:
+        path: the checkpoint folder.
+        manifest: the manifest, checked (``step``, ``val_loss``, ``files``...).
+        trainer_state: the trainer state, checked (``iteration`` equals ``step``...).
+        adapter_config: mlx-lm's adapter config (a dict).
+        precision_plan: the optimizer's stored precision per parameter path.
+        hyperparameters: the optimizer's stored settings (a dict).
+        optimizer_class: the stored optimizer's class, ``module.QualName``.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], files: dict[str, OpenFile]):
+        self.path, self.manifest, self._files = path, manifest, files
+        state_file = files[TRAINER_STATE]
+        self.trainer_state = check_trainer_state(
+            path / TRAINER_STATE,
+            parse_json(state_file.read(), str(path / TRAINER_STATE), nonfinite=True),
+            manifest["step"],
+        )
+        self.adapter_config = parse_json(files[ADAPTER_CONFIG].read(), str(path / ADAPTER_CONFIG))
+        if not isinstance(self.adapter_config, dict):
+            raise CorruptCheckpointError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
+        files[ADAPTERS].check_safetensors_header()
+        shard = self.optimizer_file
+        metadata = files[shard].check_safetensors_header()
+        self.precision_plan, self.hyperparameters = check_optimizer_metadata(
+            path / shard, metadata, parse_json
+        )
+        self.optimizer_class = metadata["optimizer"]
+
+    @property
+    def optimizer_file(self) -> str:
+        return self.manifest["optimizer_shards"][0]["file"]
+
+    def arrays(self, name: str) -> dict[str, mx.array]:
+        """The arrays of one listed safetensors file, read lazily from the verified open file."""
+        return self._files[name].load_safetensors()[0]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> VerifiedCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not path.is_file():
+def open_verified(checkpoint_dir: str | os.PathLike) -> VerifiedCheckpoint:
+    """Verify a checkpoint folder and keep its files open; see :func:`verify` for the errors."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise NoCheckpointError(f"no checkpoint folder at {folder}")
+    if not os.path.lexists(folder / MANIFEST):
         if (folder / CHECKPOINTS_DIR).is_dir():
             raise NoCheckpointError(
                 f"{folder} is a run directory, not a checkpoint folder; use load_latest / "
                 f"latest_checkpoint on it, or pass {folder / CHECKPOINTS_DIR}/step-NNNNNNN"
             )
         raise CorruptCheckpointError(
-            f"{path} is missing: {folder} is not a complete checkpoint (the manifest is written "
-            f"last, so its save was interrupted or the folder was not written by adamw_lm)"
+            f"{folder / MANIFEST} is missing: {folder} is not a complete checkpoint (the manifest "
+            f"is written last, so its save was interrupted or the folder was not written by "
+            f"adamw_lm)"
         )
+    inside = Folder(folder)
+    step = STEP_DIR.fullmatch(folder.name)
+    manifest = check_manifest(
+        folder / MANIFEST,
+        read_json(inside, MANIFEST, str(folder / MANIFEST)),
+        int(step.group(1)) if step else None,
+    )
+    records = manifest["files"]
+
+    def check(name: str) -> tuple[OpenFile | None, str | None]:
+        try:
+            f = open_file(inside, name, name, size=records[name]["size"], max_size=_CAPS.get(name))
+        except CorruptCheckpointError as e:
+            return None, str(e)
+        try:
+            found = f.sha256()
+        except (CorruptCheckpointError, OSError) as e:
+            f.close()
+            return None, f"{name} cannot be read ({e})"
+        if found != records[name]["sha256"]:
+            f.close()
+            # Only files inside the folder are ever hashed, so the found hash reveals nothing else.
+            return None, (
+                f"{name}: checksum mismatch: expected sha256 {records[name]['sha256']}, "
+                f"found {found}"
+            )
+        f.label = str(folder / name)  # from here on, errors name the whole path
+        return f, None
+
+    checked = dict(zip(records, threads("hash").map(check, records)))
+    files = {name: f for name, (f, _) in checked.items() if f is not None}
+    problems = [problem for _, problem in checked.values() if problem is not None]
     try:
-        manifest = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(
-            f"{path} is not valid JSON ({e}): not a complete checkpoint"
-        ) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CorruptCheckpointError(
-            f"{path} is not an adamw_lm checkpoint manifest: expected format {FORMAT!r}, "
-            f"found {found!r}"
-        )
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CorruptCheckpointError(
-            f"{path}: format_version must be an int >= 1; found {version!r}"
-        )
-    if version > FORMAT_VERSION:
-        raise IncompatibleCheckpointError(
-            f"{path}: written by a newer adamw_lm (format {version} > supported {FORMAT_VERSION}); "
-            f"upgrade adamw_lm to load it"
-        )
-    check_manifest_fields(path, manifest)
-    return manifest
-
-
-
-def _file_problem(folder: Path, name: str, record: dict[str, Any]) -> str | None:
-    path = folder / name
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{name} is missing (the manifest lists {record['size']} bytes)"
-    if size != record["size"]:
-        return f"{name} is truncated or altered: expected {record['size']} bytes, found {size}"
-    found = _sha256_file(path)
-    if found != record["sha256"]:
-        return f"{name}: checksum mismatch: expected sha256 {record['sha256']}, found {found}"
-    return None
+        if problems:
+            raise CorruptCheckpointError(f"checkpoint {folder} is corrupt: " + "; ".join(problems))
+        return VerifiedCheckpoint(folder, manifest, files)
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
 
 
 def verify(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """Check every file the manifest lists (present, size, sha256) and return the manifest.
+    """Check a checkpoint folder completely and return its manifest.
+
+    Every listed file must be a regular file inside the folder (or in the Hugging Face cache's
+    blobs the folder is a snapshot of) with the manifest's size and sha256; the manifest, the
+    trainer state, the adapter config and the safetensors headers and optimizer metadata must be
+    well formed, and the trainer state's ``iteration`` must equal the manifest's ``step`` (and the
+    folder's number).
 
     Raises:
         NoCheckpointError: the folder does not exist, or is a run directory.
-        CorruptCheckpointError: a file is missing, truncated or altered, or the manifest is
-            missing or invalid (an interrupted save); the message names each file and what was
-            expected.
-        IncompatibleCheckpointError: the manifest was written by a newer adamw_lm.
+        CorruptCheckpointError: a file is missing, truncated, altered, a link out of the folder,
+            not a regular file, over its size cap, or malformed (an interrupted save, or not
+            written by adamw_lm); the message names each file and the problem.
+        IncompatibleCheckpointError: written by a newer adamw_lm, or a precision it lacks.
     """
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        raise NoCheckpointError(f"no checkpoint folder at {folder}")
-    manifest = _read_manifest(folder)
-    files = manifest["files"]
-    checked = threads("hash").map(lambda name: _file_problem(folder, name, files[name]), files)
-    problems = [p for p in checked if p is not None]
-    if problems:
-        raise CorruptCheckpointError(f"checkpoint {folder} is corrupt: " + "; ".join(problems))
-    return manifest
-
+    with open_verified(checkpoint_dir) as found:
+        return found.manifest
 
 
 def _check_weights(weights: dict[str, mx.array], params: dict[str, mx.array], path: Path) -> None:
@@ -153,38 +218,78 @@ def _check_weights(weights: dict[str, mx.array], params: dict[str, mx.array], pa
         )
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    try:
-        return mx.load(str(path), format="safetensors", return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+def _check_finite(arrays: dict[str, mx.array], path: Path) -> None:
+    """Raise unless every floating-point array in ``arrays`` is finite (this evaluates them)."""
+    floating = [(k, a) for k, a in arrays.items() if mx.issubdtype(a.dtype, mx.floating)]
+    # A finite sum proves every element finite (NaN and inf propagate), and a sum is cheaper than
+    # isfinite on every element; only a sum that overflowed needs the element-wise check.
+    sums = [mx.isfinite(mx.sum(a)) for _, a in floating]
+    mx.eval(sums)
+    bad = [
+        key for (key, a), ok in zip(floating, sums)
+        if not ok.item() and not mx.all(mx.isfinite(a)).item()
+    ]
+    if bad:
+        raise CorruptCheckpointError(
+            f"{path}: {len(bad)} arrays hold NaN or infinite values (first: {bad[0]})"
+        )
 
+
+def _check_state_layout(
+    state: dict, optimizer: optim.Optimizer, trainable: dict, path: Path
+) -> None:
+    """Raise unless ``state`` has the keys, shapes and dtypes of a fresh state of ``optimizer``."""
+    # A shallow copy initialized from scratch shows the expected state without touching the
+    # optimizer itself.
+    probe = copy.copy(optimizer)
+    probe.state = {k: v for k, v in optimizer.state.items() if k not in trainable}
+    probe.init(trainable)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in tree_flatten(probe.state)}
+    found = {k: (tuple(v.shape), v.dtype) for k, v in tree_flatten(state)}
+    wrong = [k for k in expected if found.get(k) != expected[k]] + [
+        k for k in found if k not in expected
+    ]
+    if wrong:
+        key = wrong[0]
+        shown = lambda layout: "absent" if layout is None else (  # noqa: E731
+            f"{layout[0]} {layout[1]}".replace("mlx.core.", "")
+        )
+        raise IncompatibleCheckpointError(
+            f"{path}: optimizer state {key} is {shown(found.get(key))}; this optimizer expects "
+            f"{shown(expected.get(key))} ({len(wrong)} entries differ)"
+        )
 
 
 def _load_verified(
-    folder: Path,
-    manifest: dict[str, Any],
+    found: VerifiedCheckpoint,
     model: nn.Module,
     optimizer: optim.Optimizer,
     convert_precision: bool,
 ) -> dict[str, Any]:
-    shards = manifest["optimizer_shards"]
-    if len(shards) != 1 or shards[0].get("world_size", 1) != 1:
+    shards = found.manifest["optimizer_shards"]
+    if len(shards) != 1 or shards[0]["world_size"] != 1:
         raise IncompatibleCheckpointError(
-            f"{folder / MANIFEST}: optimizer state is sharded over {len(shards)} files "
-            f"(world_size {shards[0].get('world_size')}); this adamw_lm reads one unsharded file"
+            f"{found.path / MANIFEST}: optimizer state is sharded over {len(shards)} files "
+            f"(world_size {shards[0]['world_size']}); this adamw_lm reads one unsharded file"
         )
     trainable = model.trainable_parameters()
     params = dict(tree_flatten(trainable))
-    adapters, _ = _load_safetensors(folder / ADAPTERS)
-    _check_weights(adapters, params, folder / ADAPTERS)
-    optimizer_path = folder / shards[0]["file"]
-    flat, metadata = _load_safetensors(optimizer_path)
-    state = restore_state(flat, metadata, optimizer_path, trainable, optimizer, convert_precision)
-    try:
-        trainer_state = json.loads((folder / TRAINER_STATE).read_bytes())
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{folder / TRAINER_STATE} is not valid JSON: {e}") from e
+    adapters = found.arrays(ADAPTERS)
+    _check_weights(adapters, params, found.path / ADAPTERS)
+    optimizer_path = found.path / found.optimizer_file
+    flat = found.arrays(found.optimizer_file)
+    # Every mlx optimizer keeps these; a fresh value in place of a missing one would restart the
+    # bias correction and the schedule silently.
+    for key in _REQUIRED_STATE:
+        if key not in flat:
+            raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
+    state = restore_state(
+        flat, found.precision_plan, optimizer_path, trainable, optimizer, convert_precision,
+        found.hyperparameters,
+    )
+    _check_state_layout(state, optimizer, trainable, optimizer_path)
+    _check_finite(adapters, found.path / ADAPTERS)
+    _check_finite(dict(tree_flatten(state)), optimizer_path)
 
     # Every check has passed: only now are the model and the optimizer changed.
     model.load_weights(list(adapters.items()), strict=False)
@@ -192,11 +297,11 @@ def _load_verified(
     optimizer.init(trainable)
     # Read everything now: a rotation may delete this folder while the run goes on.
     mx.eval(model.trainable_parameters(), optimizer.state)
-    return trainer_state
+    return found.trainer_state
 
 
 def load(
-    checkpoint_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | VerifiedCheckpoint,
     model: nn.Module,
     optimizer: optim.Optimizer,
     *,
@@ -206,53 +311,82 @@ def load(
 
     The model's trainable parameters must be set up (LoRA layers applied, the rest frozen) as
     when the checkpoint was saved. ``optimizer.state`` is replaced by a plain tree of arrays, so
-    load before compiling a training step over it.
+    load before compiling a training step over it. ``checkpoint`` is a folder, or a
+    :class:`VerifiedCheckpoint` (then not hashed again; it stays open).
 
     Args:
         convert_precision: when the checkpoint's per-parameter moment precisions differ from what
             ``optimizer`` asks for, convert them (decode, then encode) instead of raising.
 
     Raises:
-        CorruptCheckpointError, NoCheckpointError: see :func:`verify`.
+        CorruptCheckpointError, NoCheckpointError: see :func:`verify`; also a floating-point
+            array (adapters, moments, scales, step, learning rate...) that is not finite.
         IncompatibleCheckpointError: the adapters do not fit the model (first mismatches
-            listed), the optimizer state does not fit the optimizer, or the precisions differ
-            without ``convert_precision``. Nothing is changed when an error is raised.
+            listed), the optimizer state does not fit the optimizer (entries, shapes, dtypes),
+            or the precisions differ without ``convert_precision``. Nothing is changed when an
+            error is raised.
     """
-    folder = Path(checkpoint_dir)
-    return _load_verified(folder, verify(folder), model, optimizer, convert_precision)
+    if isinstance(checkpoint, VerifiedCheckpoint):
+        return _load_verified(checkpoint, model, optimizer, convert_precision)
+    with open_verified(checkpoint) as found:
+        return _load_verified(found, model, optimizer, convert_precision)
 
 
-def _find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    root = Path(run_dir) / CHECKPOINTS_DIR
+def _checkpoints_root(run_dir: Path) -> Path | None:
+    """``run_dir/checkpoints`` if it is a folder; refused if it is a link out of ``run_dir``."""
+    root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
-    named = None
+    run_real = Path(os.path.realpath(run_dir))
+    if not Path(os.path.realpath(root)).is_relative_to(run_real):
+        raise CorruptCheckpointError(f"{root} is a link that leads out of the run folder {run_dir}")
+    return root
+
+
+def _read_latest(root: Path) -> str | None:
+    """The checkpoint name ``latest`` holds; ``None`` (with a warning if it is bad) otherwise."""
+    path = root / LATEST
+    if not os.path.lexists(path):
+        return None  # the first save was killed before it wrote latest
     try:
-        text = (root / LATEST).read_text("ascii").strip()
-    except FileNotFoundError:
-        text = ""  # the first save was killed before it wrote latest
-    except (OSError, UnicodeDecodeError):
-        text = "(unreadable)"
-    if text and not STEP_DIR.fullmatch(text):
-        warnings.warn(f"{root / LATEST} holds {text!r}, not a checkpoint name; ignoring it",
-                      stacklevel=3)
-    elif text:
-        named = root / text
+        with open_file(Folder(root), LATEST, str(path), max_size=MAX_LATEST_BYTES) as f:
+            text = f.read().decode("ascii").strip()
+    except CorruptCheckpointError as e:
+        log.warning("ignoring %s: %s", path, e)
+        return None
+    except UnicodeDecodeError:
+        text = ""
+    if not STEP_DIR.fullmatch(text):
+        log.warning("ignoring %s: it does not hold a checkpoint name", path)
+        return None
+    return text
+
+
+def open_latest(run_dir: str | os.PathLike) -> VerifiedCheckpoint | None:
+    """:func:`open_verified` the :func:`latest_checkpoint` of ``run_dir``; ``None`` if none."""
+    run_dir = Path(run_dir)
+    root = _checkpoints_root(run_dir)
+    if root is None:
+        return None
+    run_real = Path(os.path.realpath(run_dir))
+    named = _read_latest(root)
+    if named is not None:
         try:
-            return named, verify(named)
+            if not Path(os.path.realpath(root / named)).is_relative_to(run_real):
+                raise CorruptCheckpointError(f"{root / named} is a link out of the run folder")
+            return open_verified(root / named)
         except (CorruptCheckpointError, NoCheckpointError) as e:
-            warnings.warn(
-                f"{root / LATEST} names an unusable checkpoint ({e}); falling back to the "
-                f"newest checkpoint that verifies",
-                stacklevel=3,
+            log.warning(
+                "%s names an unusable checkpoint (%s); falling back to the newest checkpoint "
+                "that verifies", root / LATEST, e,
             )
     for _, folder in step_dirs(root):
-        if folder == named:
+        if folder.name == named:
             continue
         try:
-            return folder, verify(folder)
+            return open_verified(folder)
         except CorruptCheckpointError as e:
-            warnings.warn(f"skipping {folder}: {e}", stacklevel=3)
+            log.warning("skipping %s: %s", folder, e)
     return None
 
 
@@ -260,15 +394,20 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run, verified; ``None`` if there is none.
 
     That is the folder ``checkpoints/latest`` names if it verifies, otherwise (``latest`` missing,
-    stale or corrupt) the highest-step ``step-*`` folder that verifies, with a warning. Temporary
-    folders of interrupted saves are never returned.
+    stale or corrupt) the highest-step ``step-*`` folder that verifies, with a warning logged to
+    the ``adamw_lm.checkpoint`` logger. Temporary folders of interrupted saves, and step folders
+    that are links, are never returned.
 
     Raises:
         IncompatibleCheckpointError: the checkpoint to resume from was written by a newer adamw_lm
             (falling back to an older one would silently lose training).
+        CorruptCheckpointError: ``checkpoints`` is a link out of ``run_dir``.
     """
-    found = _find_latest(run_dir)
-    return None if found is None else found[0]
+    found = open_latest(run_dir)
+    if found is None:
+        return None
+    found.close()
+    return found.path
 
 
 def load_latest(
@@ -278,12 +417,12 @@ def load_latest(
     *,
     convert_precision: bool = False,
 ) -> tuple[Path, dict[str, Any]] | None:
-    """:func:`load` the :func:`latest_checkpoint` of ``run_dir``; ``None`` if it has none."""
-    found = _find_latest(run_dir)
+    """:func:`load` the :func:`latest_checkpoint` of ``run_dir`` (hashed once); ``None`` if none."""
+    found = open_latest(run_dir)
     if found is None:
         return None
-    folder, manifest = found
-    return folder, _load_verified(folder, manifest, model, optimizer, convert_precision)
+    with found:
+        return found.path, _load_verified(found, model, optimizer, convert_precision)
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -294,34 +433,34 @@ def describe(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     lines = []
-    if (path / CHECKPOINTS_DIR).is_dir() and not (path / MANIFEST).is_file():
-        found = _find_latest(path)
+    if (path / CHECKPOINTS_DIR).is_dir() and not os.path.lexists(path / MANIFEST):
+        found = open_latest(path)
         if found is None:
             raise NoCheckpointError(f"no complete checkpoint under {path / CHECKPOINTS_DIR}")
-        folder, manifest = found
         steps = [d.name for _, d in step_dirs(path / CHECKPOINTS_DIR)]
         lines.append(f"run {path}: {len(steps)} checkpoint folder(s): {', '.join(steps)}")
     else:
-        folder, manifest = path, verify(path)
+        found = open_verified(path)
+    found.close()
+    manifest, state = found.manifest, found.trainer_state
     files = manifest["files"]
-    lines.append(f"checkpoint {folder}: step {manifest['step']}, verified (size and sha256 of "
-                 f"{len(files)} files)")
-    if manifest.get("val_loss") is not None:
+    lines.append(f"checkpoint {found.path}: step {manifest['step']}, verified (size and sha256 "
+                 f"of {len(files)} files)")
+    if manifest["val_loss"] is not None:
         lines.append(f"  val_loss: {manifest['val_loss']}")
-    state = json.loads((folder / TRAINER_STATE).read_bytes())
     versions = state.get("versions", {})
     lines.append("  written by " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     losses = state.get("losses")
     if isinstance(losses, list) and losses:
         lines.append(f"  losses: {len(losses)} logged, last {losses[-3:]}")
-    _, metadata = _load_safetensors(folder / manifest["optimizer_shards"][0]["file"])
-    plan = json.loads(metadata.get("precision_plan", "{}"))
     counts: dict[str, int] = {}
-    for precision in plan.values():
+    for precision in found.precision_plan.values():
         counts[str(precision)] = counts.get(str(precision), 0) + 1
     lines.append("  moment precisions: "
                  + ", ".join(f"{p} x {n} parameters" for p, n in sorted(counts.items())))
-    lines.append(f"  optimizer: {metadata.get('optimizer')} {metadata.get('hyperparameters')}")
+    # Re-encoded (ASCII, escaped), not echoed: nothing from the file reaches the terminal raw.
+    hyper = json.dumps(found.hyperparameters, sort_keys=True)
+    lines.append(f"  optimizer: {found.optimizer_class} {hyper}")
     for name, record in files.items():
         lines.append(f"  {name:<24} {record['size']:>14,d} bytes  sha256 {record['sha256']}")
     return "\n".join(lines)
@@ -344,25 +483,35 @@ def load_adapters_only(adapter_path: str | os.PathLike, model: nn.Module) -> dic
     path = Path(adapter_path)
     config: dict[str, Any] = {}
     if path.is_file():
-        weights_file = path
+        # A file the user named: its own folder confines it (their link is their choice).
+        real = Path(os.path.realpath(path))
+        folder, name, label = Folder(real.parent), real.name, str(path)
+    elif os.path.lexists(path / MANIFEST):
+        with open_verified(path) as found:
+            weights = found.arrays(ADAPTERS)
+            return _load_adapters(weights, found.path / ADAPTERS, model, found.adapter_config)
     else:
-        if (path / MANIFEST).is_file():
-            verify(path)
         for required in (ADAPTERS, ADAPTER_CONFIG):
-            if not (path / required).is_file():
+            if not os.path.lexists(path / required):
                 raise NoCheckpointError(
                     f"{path / required} not found: expected an adapter folder written by mlx_lm "
                     f"lora ({ADAPTERS} + {ADAPTER_CONFIG}), an adamw_lm checkpoint, or a "
                     f"{ADAPTERS} file"
                 )
-        try:
-            config = json.loads((path / ADAPTER_CONFIG).read_bytes())
-        except ValueError as e:
-            raise CorruptCheckpointError(f"{path / ADAPTER_CONFIG} is not valid JSON: {e}") from e
-        weights_file = path / ADAPTERS
-    weights, _ = _load_safetensors(weights_file)
-    _check_weights(weights, dict(tree_flatten(model.trainable_parameters())), weights_file)
+        folder, name, label = Folder(path), ADAPTERS, str(path / ADAPTERS)
+        config = read_json(folder, ADAPTER_CONFIG, str(path / ADAPTER_CONFIG))
+        if not isinstance(config, dict):
+            raise CorruptCheckpointError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
+    with open_file(folder, name, label) as f:
+        weights, _ = f.load_safetensors()
+        return _load_adapters(weights, Path(label), model, config)
+
+
+def _load_adapters(
+    weights: dict[str, mx.array], path: Path, model: nn.Module, config: dict[str, Any]
+) -> dict[str, Any]:
+    _check_weights(weights, dict(tree_flatten(model.trainable_parameters())), path)
+    _check_finite(weights, path)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.trainable_parameters())
     return config
-

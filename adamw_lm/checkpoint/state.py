@@ -10,9 +10,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from ..codecs import PRECISIONS
 from ..optim import AdamW, StateFormat, convert_state, zeros_state
-from ..weight_update import LOW_DTYPES, WEIGHT_UPDATES
+from ..weight_update import WEIGHT_UPDATES
 from .format import (
     FORMAT_VERSION,
     MAX_LISTED,
@@ -35,7 +34,6 @@ def optimizer_metadata(optimizer: optim.Optimizer, plan: dict[str, StateFormat])
         "format_version": str(FORMAT_VERSION),
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
         "precision_plan": json.dumps({p: f.precision for p, f in plan.items()}, sort_keys=True),
-        "weight_updates": json.dumps({p: f.weight_update for p, f in plan.items()}, sort_keys=True),
         "hyperparameters": json.dumps(hyper, sort_keys=True),
     }
 
@@ -45,8 +43,7 @@ def plan_of(optimizer: optim.Optimizer, parameters: dict) -> dict[str, StateForm
         return optimizer.state_formats(parameters)
     # mlx's own optimizers keep raw moments in the parameter dtype, which is precision None.
     return {
-        path: StateFormat(None, "nearest" if p.dtype in LOW_DTYPES else None)
-        for path, p in tree_flatten(parameters)
+        path: StateFormat.of(None, p.dtype, None) for path, p in tree_flatten(parameters)
     }
 
 
@@ -73,40 +70,26 @@ def _layout(arrays: dict[str, mx.array]) -> dict[str, tuple]:
 
 
 def _stored_formats(
-    metadata: dict[str, str], path: Path, params: dict[str, mx.array]
+    stored_plan: dict[str, str | None],
+    hyperparameters: dict,
+    path: Path,
+    params: dict[str, mx.array],
 ) -> dict[str, StateFormat]:
-    """The format each parameter's state was saved in, from the metadata, checked."""
-    try:
-        stored_plan = json.loads(metadata["precision_plan"])
-        # Checkpoints from before weight updates had no buffers: no entry means none.
-        stored_updates = json.loads(metadata.get("weight_updates", "{}"))
-    except (KeyError, ValueError) as e:
+    """The format each parameter's state was saved in: its precision from the (checked) plan, its
+    weight update from the stored ``weight_update`` as AdamW derives it (checkpoints written before
+    weight updates, and mlx's optimizers, have none: no buffer)."""
+    mode = hyperparameters.get("weight_update")
+    if mode is not None and mode not in WEIGHT_UPDATES:
         raise CorruptCheckpointError(
-            f"{path}: metadata needs a JSON 'precision_plan' (and 'weight_updates' must be JSON) "
-            f"({e})"
-        ) from e
-    if not isinstance(stored_plan, dict):
-        raise CorruptCheckpointError(f"{path}: metadata 'precision_plan' must be a JSON object")
-    if not isinstance(stored_updates, dict) or any(
-        mode not in (None, *WEIGHT_UPDATES) for mode in stored_updates.values()
-    ):
-        raise CorruptCheckpointError(
-            f"{path}: metadata 'weight_updates' must map parameters to null or one of "
-            f"{', '.join(map(repr, WEIGHT_UPDATES))}"
+            f"{path}: metadata 'hyperparameters' has weight_update {mode!r}; expected null or "
+            f"one of {', '.join(map(repr, WEIGHT_UPDATES))}"
         )
     missing = [p for p in params if p not in stored_plan]
     if missing:
         raise IncompatibleCheckpointError(
             f"{path}: the precision plan has no entry for {', '.join(missing[:MAX_LISTED])}"
         )
-    unknown = [(p, stored_plan[p]) for p in params if stored_plan[p] not in (None, *PRECISIONS)]
-    if unknown:
-        raise IncompatibleCheckpointError(
-            f"{path}: parameter {unknown[0][0]} is stored in precision {unknown[0][1]!r}, which "
-            f"this adamw_lm does not have (known: None, {', '.join(map(repr, PRECISIONS))}); "
-            f"upgrade adamw_lm"
-        )
-    return {p: StateFormat(stored_plan[p], stored_updates.get(p)) for p in params}
+    return {p: StateFormat.of(stored_plan[p], a.dtype, mode) for p, a in params.items()}
 
 
 def _differs(old: StateFormat, new: StateFormat, dtype: mx.Dtype) -> bool:
@@ -117,29 +100,20 @@ def _differs(old: StateFormat, new: StateFormat, dtype: mx.Dtype) -> bool:
 
 def restore_state(
     flat: dict[str, mx.array],
-    metadata: dict[str, str],
+    stored_plan: dict[str, str | None],
     path: Path,
     trainable: dict,
     optimizer: optim.Optimizer,
     convert_precision: bool,
+    stored_hyperparameters: dict | None = None,
 ) -> dict:
-    """The state tree stored in ``flat``, checked against (and converted for) ``optimizer``."""
-    if metadata.get("format") != OPTIMIZER_FORMAT:
-        raise CorruptCheckpointError(
-            f"{path}: metadata 'format' must be {OPTIMIZER_FORMAT!r}; "
-            f"found {metadata.get('format')!r}"
-        )
-    try:
-        file_version = int(metadata.get("format_version", ""))
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{path}: metadata needs an int 'format_version' ({e})") from e
-    if file_version > FORMAT_VERSION:
-        raise IncompatibleCheckpointError(
-            f"{path}: written by a newer adamw_lm (format {file_version} > supported "
-            f"{FORMAT_VERSION}); upgrade adamw_lm to load it"
-        )
+    """The state tree stored in ``flat``, checked against (and converted for) ``optimizer``.
+
+    ``stored_plan`` is the file's precision plan, already checked (known precisions only), and
+    ``stored_hyperparameters`` its hyper-parameters (their ``weight_update`` is checked here).
+    """
     params = dict(tree_flatten(trainable))
-    stored_formats = _stored_formats(metadata, path, params)
+    stored_formats = _stored_formats(stored_plan, stored_hyperparameters or {}, path, params)
     requested = plan_of(optimizer, trainable)
     changed = [
         p for p in params if _differs(stored_formats[p], requested[p], params[p].dtype)

@@ -8,7 +8,9 @@ import io
 import json
 import math
 import os
+import secrets
 import shutil
+import stat
 from concurrent.futures import Future
 from importlib.metadata import version as _package_version
 from pathlib import Path
@@ -28,21 +30,36 @@ from .format import (
     FORMAT_VERSION,
     LATEST,
     MANIFEST,
+    MAX_COUNT,
     OPTIMIZER,
     TEMPORARY,
     TRAINER_STATE,
+    CheckpointError,
     CheckpointWriteError,
+    CorruptCheckpointError,
+    check_trainer_state,
     dir_name,
     step_dirs,
 )
 from .state import optimizer_metadata, plan_of
 from .threads import threads
+from .untrusted import (
+    MAX_JSON_BYTES,
+    MAX_TRAINER_STATE_BYTES,
+    Folder,
+    parse_json,
+    read_json,
+)
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
 # Below this a buffer is hashed inline: handing it to a thread costs more than hashing it.
 _THREADED_HASH_BYTES = 1 << 20
 
@@ -115,7 +132,7 @@ def _fsync_dir(path: Path) -> None:
 def _write_safetensors(
     path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None
 ) -> dict[str, Any]:
-    with open(path, "wb") as f:
+    with _create(path) as f:
         out = _HashingFile(f)
         try:
             mx.save_safetensors(out, arrays, metadata=metadata)
@@ -126,8 +143,13 @@ def _write_safetensors(
     return {"size": out.size, "sha256": out.sha256.hexdigest()}
 
 
+def _create(path: Path) -> io.BufferedWriter:
+    """A new file for writing: never an existing entry, never through a link."""
+    return os.fdopen(os.open(path, _CREATE_FLAGS, 0o666), "wb")
+
+
 def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
+    with _create(path) as f:
         f.write(data)
         f.flush()
         _fsync(f.fileno())
@@ -138,7 +160,8 @@ def _write_adapter_config(path: Path, config: Mapping[str, Any]) -> dict[str, An
     from mlx_lm.utils import save_config  # imported here: importing mlx_lm.utils takes ~1 s
 
     # mlx-lm's own writer (save_config pops keys, so it gets a copy): the file is what mlx_lm lora
-    # writes. JSON this small is cheap to read back for its checksum.
+    # writes. It opens by name, which is safe here: ``path`` is in a folder this save just created
+    # under a fresh name. JSON this small is cheap to read back for its checksum.
     save_config(dict(config), path)
     data = path.read_bytes()
     with open(path, "rb") as f:
@@ -153,17 +176,32 @@ def _to_json(obj: Any, what: str) -> bytes:
         raise TypeError(f"{what} must be JSON-serializable (dict, list, str, number): {e}") from e
 
 
+def _loadable(data: bytes, what: str, cap: int, nonfinite: bool = False) -> Any:
+    """``data`` parsed as a load parses it: a save never writes what a load would refuse."""
+    if len(data) > cap:
+        raise ValueError(f"{what} would be {len(data)} bytes; a checkpoint holds at most {cap}")
+    try:
+        return parse_json(data, what, nonfinite=nonfinite)
+    except CorruptCheckpointError as e:
+        raise ValueError(f"{e}; a load would refuse it") from None
+
+
 def _versions() -> dict[str, str]:
     return {"adamw_lm": __version__, "mlx": mx.__version__, "mlx_lm": _package_version("mlx-lm")}
 
 
-
 def _temporary(root: Path, kind: str, name: str) -> Path:
-    return root / f".{kind}-{name}-{os.getpid()}"
+    # Unguessable, so nothing can be planted under the name before it is created (exclusively).
+    return root / f".{kind}-{name}-{secrets.token_hex(8)}-{os.getpid()}"
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    """Delete a file, a link (not what it points to) or a folder tree (without following links)."""
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if is_dir:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -192,19 +230,25 @@ def _clean_stale(root: Path) -> None:
 
 
 def _open_root(run_dir: Path) -> Path:
+    """The real ``run_dir/checkpoints`` folder, created if needed; writes happen only there."""
     root = run_dir / CHECKPOINTS_DIR
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = _temporary(root, "tmp", "probe")
-        probe.mkdir(exist_ok=True)
+        real = Path(os.path.realpath(root))
+        if not real.is_relative_to(os.path.realpath(run_dir)):
+            raise CheckpointWriteError(
+                f"{root} is a link that leads out of the run folder {run_dir}; checkpoints are "
+                f"written only inside the run folder (remove the link or name another run_dir)"
+            )
+        probe = _temporary(real, "tmp", "probe")
+        probe.mkdir()
         probe.rmdir()
     except OSError as e:
         raise CheckpointWriteError(
             f"cannot write checkpoints under run_dir {str(run_dir)!r}: {e.strerror or e} "
             f"({e.filename or root}); expected a writable directory"
         ) from e
-    return root
-
+    return real
 
 
 def save(
@@ -239,10 +283,12 @@ def save(
 
     Raises:
         CheckpointWriteError: ``run_dir`` is not writable or a write failed; nothing was lost.
-        ValueError, TypeError: bad arguments, raised before anything is written.
+        ValueError, TypeError: bad arguments, raised before anything is written; this includes a
+            trainer state or adapter config that a load would refuse (e.g. an ``iteration`` other
+            than ``step``, NaN outside the loss lists, deeper than the JSON depth limit).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0; got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_COUNT:
+        raise ValueError(f"step must be an int from 0 to {MAX_COUNT}; got {step!r}")
     for name, keep in (("keep_last", keep_last), ("keep_best", keep_best)):
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"{name} must be None or an int >= 1; got {keep!r}")
@@ -250,9 +296,17 @@ def save(
         val_loss = None
     versions = {**trainer_state.get("versions", {}), **_versions()}
     state_bytes = _to_json({**trainer_state, "versions": versions}, "trainer_state")
+    try:
+        check_trainer_state(
+            Path(TRAINER_STATE),
+            _loadable(state_bytes, TRAINER_STATE, MAX_TRAINER_STATE_BYTES, nonfinite=True),
+            step,
+        )
+    except CorruptCheckpointError as e:
+        raise ValueError(f"trainer_state would not load back: {e}") from None
     if not isinstance(adapter_config, Mapping):
         raise TypeError(f"adapter_config must be a dict; got {type(adapter_config).__name__}")
-    _to_json(dict(adapter_config), "adapter_config")
+    _loadable(_to_json(dict(adapter_config), "adapter_config"), ADAPTER_CONFIG, MAX_JSON_BYTES)
     trainable = model.trainable_parameters()
     adapters = dict(tree_flatten(trainable))
     if not adapters:
@@ -301,7 +355,7 @@ def save(
         raise
     if keep_last is not None or keep_best is not None:
         _rotate(root, keep_last or 0, keep_best or 0, keep=name)
-    return root / name
+    return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
 def _write_checkpoint_files(
@@ -319,11 +373,10 @@ def _write_checkpoint_files(
 def _commit(root: Path, tmp: Path, name: str) -> None:
     final = root / name
     trash = None
-    if final.exists():
+    if os.path.lexists(final):
         # No portable atomic swap of folders: move the old one aside first. A crash in between
         # loses only the replaced copy; latest_checkpoint then falls back to an older checkpoint.
         trash = _temporary(root, "trash", name)
-        _remove(trash)
         os.rename(final, trash)
     os.rename(tmp, final)
     _fsync_dir(root)
@@ -338,13 +391,12 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-
 def _rotate(root: Path, keep_last: int, keep_best: int, keep: str) -> None:
     complete = []
     for step, folder in step_dirs(root):
         try:
-            manifest = json.loads((folder / MANIFEST).read_bytes())
-        except (OSError, ValueError):
+            manifest = read_json(Folder(folder), MANIFEST, str(folder / MANIFEST))
+        except CheckpointError:
             continue  # not a checkpoint this package wrote: not ours to delete
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
             complete.append((step, folder, manifest.get("val_loss")))
