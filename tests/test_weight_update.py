@@ -626,3 +626,25 @@ def test_a_run_resumes_with_another_weight_update(tmp_path, data_dir):
     latest = checkpoint.latest_checkpoint(run_dir)
     flat = mx.load(str(latest / checkpoint.OPTIMIZER))
     assert any(k.endswith(".w_low") for k in flat)
+
+
+def test_a_stored_weight_update_is_checked(tiny_model_path, tmp_path):
+    """The stored hyper-parameters are untrusted: an unknown weight_update there is a corrupt
+    checkpoint, named, not a crash or a silent default."""
+    from pathlib import Path
+
+    from adamw_lm.checkpoint import CorruptCheckpointError
+    from adamw_lm.checkpoint.state import restore_state
+
+    model, optimizer = bf16_full_model(tiny_model_path), full_optimizer("exact")
+    trainable = model.trainable_parameters()
+    optimizer.init(trainable)
+    flat = dict(tree_flatten(optimizer.state))
+    plan = optimizer.plan(trainable)
+    where = Path("run/optimizer.safetensors")
+    restored = restore_state(
+        flat, plan, where, trainable, optimizer, False, {"weight_update": "exact"}
+    )
+    assert_trees_equal(dict(sorted(tree_flatten(restored))), dict(sorted(flat.items())))
+    with pytest.raises(CorruptCheckpointError, match=r"safetensors: .*weight_update 'round'"):
+        restore_state(flat, plan, where, trainable, optimizer, False, {"weight_update": "round"})
