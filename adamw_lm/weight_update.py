@@ -116,7 +116,10 @@ def write(
 
 
 def _float16_stochastic(w: mx.array, key: mx.array, offset: mx.array | int) -> mx.array:
-    """``w`` (float32) to float16, away from zero with probability = the dropped fraction."""
+    """``w`` (float32) to float16, away from zero with probability = the dropped fraction.
+
+    Beyond float16's largest finite value the result is that value, not infinity (no neighbour
+    above it is finite), unlike rounding to nearest."""
     nearest = w.astype(mx.float16)
     bits = mx.view(nearest, mx.uint16)
     # Step back one value towards zero where nearest rounded away from zero: below is then the
