@@ -70,6 +70,13 @@ def _not_found(key: str, spec: str, expected: str) -> ConfigError:
     return ConfigError(f"config key '{key}': {spec} does not exist ({where}; expected {expected})")
 
 
+def _hub_failure(spec: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ConfigError(f"config key 'model': {spec} does not exist as a local path "
+                       f"({Path(spec).expanduser().absolute()}), and loading it as a Hugging Face Hub repo id "
+                       f"failed ({type(e).__name__}: {first[:200]})")
+
+
 def load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     """``mlx_lm.load`` with a clear error for a model path that does not exist."""
     from mlx_lm import load
@@ -85,12 +92,15 @@ def load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
             tokenizer_config={"trust_remote_code": config.trust_remote_code},
             trust_remote_code=config.trust_remote_code,
         )
+    except ValueError as e:
+        if path.exists():  # mlx-lm's own clear messages (unknown model type, custom code refused...)
+            raise ConfigError(f"config key 'model' ({config.model}): {e}") from None
+        raise _hub_failure(config.model, e) from None
     except Exception as e:
         if path.exists():
             raise
         # An org/name that is no local folder: a Hub repo id (not found, offline, gated...).
-        raise ConfigError(f"config key 'model': {config.model} is not a local folder (no such path), and "
-                          f"loading it as a Hugging Face Hub repo id failed ({type(e).__name__}: {e})") from None
+        raise _hub_failure(config.model, e) from None
 
 
 def setup_trainable(model: nn.Module, config: TrainConfig) -> None:
@@ -204,7 +214,9 @@ def load_data(config: TrainConfig, tokenizer: Any, *, need_train: bool = True) -
     try:
         train_set, valid_set, test_set = load_dataset(args, tokenizer)
     except ImportError as e:
-        raise ConfigError(f"config key '{key}': loading a Hugging Face dataset needs the `datasets` "
+        where = "" if key == "hf_dataset" else (f"{config.data} does not exist as a local folder "
+                                                f"({data.absolute()}), and ")
+        raise ConfigError(f"config key '{key}': {where}loading a Hugging Face dataset needs the `datasets` "
                           f"package ({e})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"config key '{key}' ({config.hf_dataset if key == 'hf_dataset' else config.data}): "
@@ -567,13 +579,17 @@ def write_numbered_adapters(run_dir: Path, model: nn.Module, iteration: int) -> 
     return path
 
 
-def _prepare_run_dir(config: TrainConfig, resume_from: Optional[Path], overwrite: bool) -> bool:
-    """Refuse a run folder that already holds checkpoints (unless ``overwrite``); whether a new run
-    is about to replace an old one."""
+def _check_run_dir(config: TrainConfig) -> None:
     run_dir = config.run_dir
-    if run_dir.exists() and not run_dir.is_dir():
+    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
         raise ConfigError(f"config key 'adapter_path': {run_dir} exists and is not a folder "
                           "(the run folder holds checkpoints, metrics and adapters)")
+
+
+def _replaces_old_run(config: TrainConfig, resume_from: Optional[Path], overwrite: bool) -> bool:
+    """Whether a new run is about to replace the checkpoints of an old one (refused without
+    ``overwrite``)."""
+    run_dir = config.run_dir
     replace_old_run = resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists()
     if replace_old_run and not overwrite:
         raise ConfigError(
@@ -608,11 +624,12 @@ def run(
         return test_only(config)
     config = _absolute_paths(config)
     run_dir = config.run_dir
-    replace_old_run = _prepare_run_dir(config, resume_from, overwrite)
+    _check_run_dir(config)
     created = not run_dir.exists()
     lock = RunLock(run_dir).acquire()
     try:
         try:
+            replace_old_run = _replaces_old_run(config, resume_from, overwrite)
             s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
                       callback=callback)
         except BaseException:
@@ -730,7 +747,8 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
             if key == "hf_dataset" and overrides[key] is not True:
                 raise ConfigError("--hf-dataset on resume takes no value: it allows the saved hf_dataset")
             continue
-        if data.get(key, getattr(defaults, key)) != getattr(defaults, key):
+        default = getattr(defaults, key)
+        if data.get(key, default) != default:
             data[key] = default
             ignored.append(f"{key} ({flag})")
     return ignored
