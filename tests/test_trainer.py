@@ -19,7 +19,7 @@ import yaml
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import iterate_batches
 
-from adamw_lm import trainer
+from adamw_lm import reports, trainer
 from adamw_lm.config import ConfigError, from_dict
 
 
@@ -101,6 +101,7 @@ def test_links_at_the_names_the_trainer_writes_are_replaced_not_followed(tmp_pat
         (run_dir / name).symlink_to(sentinel)
     result = trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
     assert result.iteration == 4
+    assert reports.plot(run_dir) == run_dir / "loss.png"  # as the background child draws it
     assert sentinel.read_text() == "precious\n"
     for name in names:
         if (run_dir / name).exists():
@@ -307,6 +308,14 @@ def test_metrics_log_and_plot_are_callbacks_of_the_loop(tmp_path, tiny_model_pat
         logged.append(("train", r["iteration"], r["train_loss"]) if "train_loss" in r
                       else ("val", r["iteration"], r["val_loss"]))
     assert logged == seen and len(seen) == 6
+
+
+def test_loss_plot_is_drawn_by_a_child_the_command_does_not_wait_for(tmp_path, tiny_model_path, data_dir):
+    run_dir = tmp_path / "run"
+    trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
+    child = reports.plot_in_background(run_dir)
+    assert child is not None and child.wait(timeout=120) == 0
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_importing_the_trainer_does_not_import_matplotlib():
