@@ -327,7 +327,7 @@ def test_importing_the_trainer_does_not_import_matplotlib():
 # -- resume -------------------------------------------------------------------------------------
 
 
-def reports(run_dir: Path) -> dict[int, float]:
+def train_reports(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["iteration"]: r["train_loss"] for r in records if "train_loss" in r}
 
@@ -351,7 +351,7 @@ def test_first_report_after_resume_averages_the_same_window(tmp_path, tiny_model
                           progress=False, callback=StopAt(6))
     assert stopped.interrupted and stopped.iteration == 6  # mid-window: reports fall on 4 and 8
     trainer.resume(tmp_path / "b", progress=False)
-    uninterrupted, resumed = reports(tmp_path / "a"), reports(tmp_path / "b")
+    uninterrupted, resumed = train_reports(tmp_path / "a"), train_reports(tmp_path / "b")
     assert sorted(uninterrupted) == sorted(resumed) == [4, 8, 10]
     assert resumed == uninterrupted  # exact, the report at 8 included
     trainer.compare_runs(tmp_path / "a", tmp_path / "b")
@@ -369,7 +369,7 @@ def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
     assert again.iteration == 8
     redone = mx.load(str(again.checkpoint / "adapters.safetensors"))
     assert all(mx.array_equal(final[k], redone[k]).item() for k in final)
-    assert sorted(reports(run_dir)) == list(range(1, 9))  # the log reads as one run
+    assert sorted(train_reports(run_dir)) == list(range(1, 9))  # the log reads as one run
     with pytest.raises(trainer.checkpoint.NoCheckpointError, match="no checkpoint at step 5"):
         trainer.resume(run_dir, step=5, progress=False)
 
