@@ -56,6 +56,14 @@ class RunResult:
     def interrupted(self) -> bool:
         return self.stop_signal is not None
 
+    def summary(self) -> str:
+        """One line for the end of a command: what was done and where the results are."""
+        if self.interrupted:
+            return f"Stopped at iteration {self.iteration}; resume with: adamw-lm resume {self.run_dir}"
+        if self.checkpoint is None:  # test-only mode: nothing was trained or saved
+            return f"Test loss {self.test_loss:.3f} of the adapters in {self.run_dir}"
+        return f"Done: iteration {self.iteration}; checkpoint {self.checkpoint}; adapters in {self.run_dir}"
+
 
 # -- set-up -------------------------------------------------------------------------------------
 
@@ -541,8 +549,8 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
                 last_saved = save(it)
                 save_due = False
-                if it % config.save_every == 0:
-                    write_numbered_adapters(s.run_dir, model, it)
+            if it % config.save_every == 0:  # as mlx_lm lora does, whatever checkpoint.every is
+                write_numbered_adapters(s.run_dir, model, it)
             if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
                 print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
@@ -621,7 +629,7 @@ def run(
     if not config.train:
         if not config.test:
             raise ConfigError("config keys 'train' and 'test' are both false: nothing to do")
-        return test_only(config)
+        return evaluate_adapters(config)
     config = _absolute_paths(config)
     run_dir = config.run_dir
     _check_run_dir(config)
@@ -657,7 +665,7 @@ def run(
         lock.release()
 
 
-def test_only(config: TrainConfig) -> RunResult:
+def evaluate_adapters(config: TrainConfig) -> RunResult:
     """``train: false``, ``test: true``: the test loss of the adapters in ``adapter_path`` (none if
     ``adapter_path`` is empty), as ``mlx_lm lora`` computes it."""
     from mlx_lm.tuner.utils import load_adapters
@@ -878,5 +886,5 @@ class CheckpointCallback(TrainingCallback):
 __all__ = [
     "CheckpointCallback", "RunResult", "BatchStream", "run", "resume", "compare_runs",
     "load_model", "load_data", "setup_trainable", "build_optimizer", "adapter_config",
-    "Setup", "setup", "train_loop", "test_only", "RESUMABLE_OVERRIDES",
+    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES",
 ]

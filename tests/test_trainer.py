@@ -366,7 +366,7 @@ def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
     again = trainer.resume(run_dir, step=4, progress=False)
     err = capsys.readouterr().err
     assert "from iteration 4" in err and "step-0000006, step-0000008" in err and "kept" in err
-    assert again.iteration == 8
+    assert again.iteration == 8 and again.summary().startswith("Done: iteration 8; checkpoint ")
     redone = mx.load(str(again.checkpoint / "adapters.safetensors"))
     assert all(mx.array_equal(final[k], redone[k]).item() for k in final)
     assert sorted(train_reports(run_dir)) == list(range(1, 9))  # the log reads as one run
@@ -440,6 +440,7 @@ def test_test_only_mode_matches_mlx_lm_lora(tmp_path, tiny_model_path, data_dir)
     trainer.run(config, progress=False)
     result = trainer.run(dataclasses.replace(config, train=False, test=True, test_batches=3), progress=False)
     assert result.test_loss is not None and result.checkpoint is None
+    assert result.summary() == f"Test loss {result.test_loss:.3f} of the adapters in {run_dir}"
     reference = subprocess.run(
         [sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_model_path), "--data", str(data_dir),
          "--test", "--adapter-path", str(run_dir), "--batch-size", "4", "--test-batches", "3",
