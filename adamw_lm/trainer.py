@@ -430,6 +430,11 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
             f"iteration {state['iteration']} with {batches.batches_per_epoch} batches per epoch "
             "(was the training set changed?)"
         )
+    window = state["iteration"] - state["report_start"]  # losses since the last report, to average
+    if not 0 <= window <= min(state["iteration"], len(state["losses"])):
+        raise checkpoint.CorruptCheckpointError(
+            f"{resume_from}: report window start {state['report_start']} does not fit iteration "
+            f"{state['iteration']} and {len(state['losses'])} logged losses")
     metrics = MetricsLog(config.run_dir)
     reports = Fanout([metrics, _reporting_callback(config), callback])
     lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
