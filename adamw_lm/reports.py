@@ -6,10 +6,8 @@ terminal and mlx-lm's ``report_to`` callbacks (wandb, swanlab) are all fed the s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -187,20 +185,10 @@ def unused_precision_warnings(config: Any, model: nn.Module, optimizer: Any) -> 
 # -- the loss plot ------------------------------------------------------------------------------
 
 
-def plot_in_background(run_dir: Path) -> Optional[subprocess.Popen]:
-    """Draw ``loss.png`` in a child process that the command does not wait for (importing
-    matplotlib and drawing take about a second, as long as a short run's training); nothing
-    happens without matplotlib installed."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    return subprocess.Popen(
-        [sys.executable, "-m", "adamw_lm.reports", str(run_dir)], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-    )
-
-
 def plot(run_dir: Path) -> Optional[Path]:
-    """``loss.png`` from metrics.jsonl when matplotlib is installed; imported only here, at the end."""
+    """``loss.png`` from metrics.jsonl when matplotlib is installed (the ``plot`` extra).
+
+    matplotlib is imported here only, at the end of a run: start-up does not pay for it."""
     try:
         import matplotlib
 
@@ -228,7 +216,3 @@ def plot(run_dir: Path) -> Optional[Path]:
     replace_file(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return out
-
-
-if __name__ == "__main__":  # the child of plot_in_background
-    plot(Path(sys.argv[1]))

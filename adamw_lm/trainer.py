@@ -34,7 +34,7 @@ from mlx_lm.utils import save_config
 from . import checkpoint
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
 from .optim import AdamW
-from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot_in_background, truncate_metrics
+from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
 from .reports import header as reports_header
 from .reports import unused_precision_warnings
 from .runfiles import read_text_nofollow, replace_file, replace_via_path
@@ -664,7 +664,7 @@ def run(
         finally:
             s.metrics.close()
         if not result.interrupted:
-            plot_in_background(run_dir)
+            plot(run_dir)
         return result
     finally:
         lock.release()

@@ -101,7 +101,7 @@ def test_links_at_the_names_the_trainer_writes_are_replaced_not_followed(tmp_pat
         (run_dir / name).symlink_to(sentinel)
     result = trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
     assert result.iteration == 4
-    assert reports.plot(run_dir) == run_dir / "loss.png"  # as the background child draws it
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sentinel.read_text() == "precious\n"
     for name in names:
         if (run_dir / name).exists():
@@ -290,7 +290,7 @@ def test_report_lines_stay_above_the_progress_bar(tmp_path, tiny_model_path, dat
     assert "it/s" in result.stderr or "it]" in result.stderr
 
 
-def test_metrics_log_and_plot_are_callbacks_of_the_loop(tmp_path, tiny_model_path, data_dir):
+def test_metrics_log_is_a_callback_of_the_loop(tmp_path, tiny_model_path, data_dir):
     seen = []
 
     class Spy(trainer.TrainingCallback):
@@ -310,15 +310,8 @@ def test_metrics_log_and_plot_are_callbacks_of_the_loop(tmp_path, tiny_model_pat
     assert logged == seen and len(seen) == 6
 
 
-def test_loss_plot_is_drawn_by_a_child_the_command_does_not_wait_for(tmp_path, tiny_model_path, data_dir):
-    run_dir = tmp_path / "run"
-    trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
-    child = reports.plot_in_background(run_dir)
-    assert child is not None and child.wait(timeout=120) == 0
-    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_importing_the_trainer_does_not_import_matplotlib():
+    """The plot's imports are paid at the end of a run only."""
     code = "import sys, adamw_lm.trainer, adamw_lm.cli; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
