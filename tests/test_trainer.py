@@ -447,3 +447,20 @@ def test_test_only_mode_without_adapters_is_a_clear_error(tmp_path, tiny_model_p
     config = from_dict(base(tiny_model_path, data_dir, tmp_path / "none"))
     with pytest.raises(ConfigError, match="adapter_path.*does not exist"):
         trainer.run(dataclasses.replace(config, train=False, test=True), progress=False)
+
+
+def test_run_folder_holds_the_latest_adapters_after_an_interrupt(tmp_path, tiny_model_path, data_dir):
+    """As after a Ctrl-C: `mlx_lm generate --adapter-path RUN` finds the last checkpoint's adapters."""
+    from mlx_lm import load
+    from mlx.utils import tree_flatten
+
+    run_dir = tmp_path / "run"
+    cfg = base(tiny_model_path, data_dir, run_dir, iters=20, steps_per_eval=3, save_every=100,
+               checkpoint={"every": 2})
+    stopped = trainer.run(from_dict(cfg), progress=False, callback=StopAt(3))
+    assert stopped.interrupted and stopped.iteration == 3
+    model, _ = load(str(tiny_model_path), adapter_path=str(run_dir))
+    saved = mx.load(str(stopped.checkpoint / "adapters.safetensors"))
+    loaded = dict(tree_flatten(model.parameters()))
+    assert saved and all(mx.array_equal(loaded[k], v).item() for k, v in saved.items())
+    assert not list(run_dir.glob("*_adapters.safetensors"))  # save_every not reached
