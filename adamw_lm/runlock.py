@@ -37,17 +37,28 @@ def _holder(fd: int) -> str:
 class RunLock:
     """``with RunLock(run_dir):`` — the exclusive writer's lock on ``run_dir`` (created if missing).
 
-    Raises :class:`RunFolderBusyError` at once, without waiting, when another process holds it.
+    Raises :class:`RunFolderBusyError` at once, without waiting, when another process holds it. A
+    process that holds it may take it again (``resume`` locks before choosing its checkpoint, then
+    ``run`` locks for the run); it is released when the outermost holder releases it.
     """
+
+    #: ``{real path: (fd, holders)}`` of the run folders this process holds.
+    _held: dict[str, tuple[int, int]] = {}
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
-        self._fd: Optional[int] = None
+        self._key: Optional[str] = None
 
     def acquire(self) -> "RunLock":
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_dir.is_symlink() or not self.run_dir.is_dir():
             raise NotADirectoryError(f"run folder {self.run_dir} is not a folder")
+        key = os.path.realpath(self.run_dir)
+        if key in RunLock._held:
+            fd, holders = RunLock._held[key]
+            RunLock._held[key] = (fd, holders + 1)
+            self._key = key
+            return self
         path = self.run_dir / LOCK_FILE
         try:
             # O_NOFOLLOW: a lock file that is a link (planted in a shared folder) is refused,
@@ -67,13 +78,19 @@ class RunLock:
                 ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join([sys.executable, *sys.argv])}\n".encode(), 0)
-        self._fd = fd
+        RunLock._held[key] = (fd, 1)
+        self._key = key
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if self._key is None:
+            return
+        fd, holders = RunLock._held.pop(self._key)
+        if holders > 1:
+            RunLock._held[self._key] = (fd, holders - 1)
+        else:
+            os.close(fd)  # closing drops the flock
+        self._key = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

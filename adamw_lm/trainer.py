@@ -779,7 +779,15 @@ def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision
     them again (``{"hf_dataset": True}`` keeps the saved one).
     """
     run_dir = Path(run_dir)
-    overrides = dict(overrides or {})
+    if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
+        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
+    with RunLock(run_dir):
+        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
+
+
+def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
+                   progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
     found = _pick_checkpoint(run_dir, step)
     saved = _saved_state(found)
     data = saved["config"]

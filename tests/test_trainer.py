@@ -72,6 +72,7 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_process(tmp_path, t
         assert_one_line_error(second, str(run_dir), f"pid {first.pid}", "train", str(config))
         resumed = cli("resume", str(run_dir), "--no-progress")
         assert_one_line_error(resumed, f"pid {first.pid}")
+        assert "Resuming" not in resumed.stderr  # refused before choosing a checkpoint
         inspected = cli("inspect", str(run_dir))  # a reader never waits for the writer
         assert inspected.returncode == 0, inspected.stderr
         assert time.perf_counter() - tic < 60
@@ -83,6 +84,25 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_process(tmp_path, t
         (run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
          / "trainer_state.json").read_text())["iteration"] + 2), "--no-progress")
     assert again.returncode == 0, again.stderr
+
+
+def test_run_lock_is_reentrant_in_its_process_and_exclusive_across_processes(tmp_path):
+    from adamw_lm.runlock import RunLock
+
+    probe = ("import sys; from adamw_lm.runlock import RunLock, RunFolderBusyError\n"
+             "try:\n    RunLock(sys.argv[1]).acquire(); print('acquired')\n"
+             "except RunFolderBusyError as e:\n    print('busy:', e)")
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True,
+                              text=True, timeout=60).stdout
+
+    with RunLock(tmp_path / "run"):
+        with RunLock(tmp_path / "run"):  # resume locks, then run locks again
+            assert other_process().startswith(f"busy: run folder {tmp_path / 'run'} is in use by another "
+                                              f"process (pid {os.getpid()}: ")
+        assert other_process().startswith("busy:")  # the outer holder still holds it
+    assert other_process() == "acquired\n"
 
 
 # -- writes stay inside the run folder ------------------------------------------------------------
