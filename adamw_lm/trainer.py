@@ -221,6 +221,10 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
     from tqdm import tqdm
 
     config, model, optimizer, state, batches = s.config, s.model, s.optimizer, s.state, s.batches
+    start = state["iteration"]
+    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
+               file=sys.stderr)
+    reports = Fanout([s.reports, TerminalReport(bar)])
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accum = config.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -258,18 +262,13 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         )
         model.train()
         state["val_losses"].append([it, val_loss])
-        s.reports.on_val_loss_report({"iteration": it, "val_loss": val_loss,
-                                      "val_time": time.perf_counter() - tic})
+        reports.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": time.perf_counter() - tic})
 
     validating = len(s.valid_set) > 0 and config.val_batches != 0
-    start = state["iteration"]
     window = _ReportWindow(state)
     grad = None
     last_saved: Optional[Path] = None
     save_due = False
-    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
-               file=sys.stderr)
-    s.reports.callbacks.insert(1, TerminalReport(bar))
     model.train()
     with _StopRequest() as stop, bar:
         if validating and start == 0:
@@ -288,7 +287,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:
-                s.reports.on_train_loss_report(window.report(it, optimizer.learning_rate.item()))
+                reports.on_train_loss_report(window.report(it, optimizer.learning_rate.item()))
             if validating and (it % config.steps_per_eval == 0 or it == config.iters):
                 validate(it)
             save_due = save_due or it % config.checkpoint_every == 0
