@@ -177,7 +177,7 @@ class TrainConfig:
 # -- parsing -----------------------------------------------------------------------------------
 
 #: mlx-lm renamed these keys; an old config gets the new name in its error.
-_RENAMED = {"lora_layers": "num_layers"}
+RENAMED_KEYS = {"lora_layers": "num_layers"}
 
 #: ``lora_parameters`` keys that mlx-lm's ``linear_to_lora_layers`` reads.
 _LORA_KEYS = ("rank", "dropout", "scale", "keys")
@@ -193,8 +193,8 @@ _MAX_INT = 2**63 - 1  # mlx and JSON readers elsewhere keep integers in 64 bits
 
 def _did_you_mean(key: str, names: typing.Iterable[str], where: str = "") -> str:
     names = list(names)
-    if key in _RENAMED and _RENAMED[key] in names:
-        return f"; mlx-lm renamed it to '{_RENAMED[key]}'"
+    if key in RENAMED_KEYS and RENAMED_KEYS[key] in names:
+        return f"; mlx-lm renamed it to '{RENAMED_KEYS[key]}'"
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys{where}: {', '.join(names)}"
 
