@@ -82,6 +82,42 @@ def _unknown(option: str, command: str, mlx_options: dict[str, argparse.Action])
     return f"unknown option {option}{hint}"
 
 
+class _Line:
+    """A cursor over the tokens of a command line."""
+
+    def __init__(self, tokens: Sequence[str]):
+        self.tokens, self.i = list(tokens), 0
+
+    def __bool__(self) -> bool:
+        return self.i < len(self.tokens)
+
+    def take(self) -> str:
+        self.i += 1
+        return self.tokens[self.i - 1]
+
+    def value_follows(self) -> bool:
+        return bool(self) and not self.tokens[self.i].startswith("--")
+
+    def value(self, option: str, inline: Optional[str]) -> str:
+        """``--option=value`` or ``--option value`` (which may be negative: ``--num-layers -1``)."""
+        from .config import ConfigError
+
+        if inline is not None:
+            return inline
+        if not self.value_follows():
+            raise ConfigError(f"option {option} expects a value")
+        return self.take()
+
+
+def _switch(option: str, inline: Optional[str]) -> bool:
+    from .config import ConfigError, parse_override
+
+    flag = True if inline is None else parse_override(inline)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"option {option} is a switch: give it alone, or {option}=true / false; got {inline!r}")
+    return flag
+
+
 def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
     """Sort a ``train`` / ``resume`` command line into a path, config overrides and our own flags.
 
@@ -97,75 +133,57 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
     args = RunArgs(command)
     positionals: list[str] = []
     config_option: Optional[str] = None
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        i += 1
+    line = _Line(tokens)
+    while line:
+        token = line.take()
         if not token.startswith("-") or token == "-":
             positionals.append(token)
             continue
-        option, has_inline, inline = token.partition("=")
-        if option.startswith("--"):
-            option = "--" + option[2:].replace("_", "-") if "." not in option else option
-
-        def value() -> str:
-            nonlocal i
-            if has_inline:
-                return inline
-            if i >= len(tokens) or tokens[i].startswith("--"):
-                raise ConfigError(f"option {option} expects a value")
-            i += 1
-            return tokens[i - 1]
-
-        def switch() -> bool:
-            flag = parse_override(inline) if has_inline else True
-            if not isinstance(flag, bool):
-                raise ConfigError(f"option {option} is a switch: give it alone, or {option}=true / false; got {inline!r}")
-            return flag
+        option, has_inline, text = token.partition("=")
+        inline = text if has_inline else None
+        if option.startswith("--") and "." not in option:
+            option = "--" + option[2:].replace("_", "-")  # --batch_size is --batch-size
 
         other = next((c for c in RUN_COMMANDS if c != command and option in _OWN_OPTIONS[c]), None)
-        if option not in own and other is not None and option not in mlx_options:
-            raise ConfigError(f"option {option} belongs to `adamw-lm {other}`, not `{command}`")
         if option in own:
             dest = option[2:].replace("-", "_")
-            if own[option]:
-                text = value()
-                try:
-                    setattr(args, dest, int(text))
-                except ValueError:
-                    raise ConfigError(f"option {option} expects an int, got {text!r}") from None
-            else:
-                setattr(args, dest, switch())
+            if not own[option]:
+                setattr(args, dest, _switch(option, inline))
+                continue
+            text = line.value(option, inline)
+            try:
+                setattr(args, dest, int(text))
+            except ValueError:
+                raise ConfigError(f"option {option} expects an int, got {text!r}") from None
+        elif other is not None and option not in mlx_options:
+            raise ConfigError(f"option {option} belongs to `adamw-lm {other}`, not `{command}`")
         elif command == "resume" and option in _RESUME_SWITCHES:
-            args.overrides[_RESUME_SWITCHES[option]] = switch()
+            args.overrides[_RESUME_SWITCHES[option]] = _switch(option, inline)
         elif option in mlx_options:
             action = mlx_options[option]
             if action.nargs == 0:
-                args.overrides[action.dest] = switch()
+                args.overrides[action.dest] = _switch(option, inline)
                 continue
-            text = value()
-            if action.dest == "config":
-                if command == "resume":
-                    raise ConfigError("resume reads the config saved in the run's checkpoint: "
-                                      "give the run folder, and --key value to change what may change")
-                if config_option is not None:
-                    raise ConfigError(f"two config files given: --config {config_option} and --config {text}")
+            text = line.value(option, inline)
+            if action.dest != "config":
+                try:  # mlx-lm's own conversion and checks (int, float, sizes such as 2GB, choices)
+                    parsed = mlx_parser.parse_args([f"{action.option_strings[-1]}={text}"])
+                except argparse.ArgumentError as e:
+                    raise ConfigError(str(e)) from None
+                args.overrides[action.dest] = getattr(parsed, action.dest)
+            elif command == "resume":
+                raise ConfigError("resume reads the config saved in the run's checkpoint: "
+                                  "give the run folder, and --key value to change what may change")
+            elif config_option is not None:
+                raise ConfigError(f"two config files given: --config {config_option} and --config {text}")
+            else:
                 config_option = text
-                continue
-            try:  # mlx-lm's own conversion and checks (int, float, sizes such as 2GB, choices)
-                parsed = mlx_parser.parse_args([f"{action.option_strings[-1]}={text}"])
-            except argparse.ArgumentError as e:
-                raise ConfigError(str(e)) from None
-            args.overrides[action.dest] = getattr(parsed, action.dest)
         elif option.startswith("--") and option[2:].split(".")[0].replace("-", "_") in _config_keys():
             key = option[2:].replace("-", "_")
-            if has_inline:
-                args.overrides[key] = parse_override(inline)
-            elif i < len(tokens) and not tokens[i].startswith("--"):
-                args.overrides[key] = parse_override(tokens[i])
-                i += 1
-            else:
+            if inline is None and not line.value_follows():
                 args.overrides[key] = True  # a bare key is a switch, as `--grad-checkpoint` is
+            else:
+                args.overrides[key] = parse_override(line.value(option, inline))
         else:
             raise ConfigError(_unknown(option, command, mlx_options))
 

@@ -259,6 +259,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in hints:
             raise ConfigError(f"unknown config key '{path}'{_did_you_mean(key, names)}")
         hint = hints[key]
+        if isinstance(value, str) and not _type_ok(value, hint) and _type_ok(None, hint):
+            value = _none_word(value)  # `keep_best: None`, as Python writes it, where no text fits
         if dataclasses.is_dataclass(hint):
             value = _build(hint, {} if value is None else value, path)
         elif not _type_ok(value, hint):

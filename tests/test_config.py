@@ -247,6 +247,10 @@ def test_none_words_for_precisions(tmp_path):
     o = load_config(path).optimizer
     assert o.state_precision is None and o.overrides == {"embed": None, "norm": None}
     assert load_config(path, {"optimizer.state_precision": "none"}).optimizer.state_precision is None
+    path.write_text("checkpoint:\n  keep_best: None\nresume_adapter_file: None\n")
+    config = load_config(path)
+    assert config.checkpoint.keep_best is None  # no text fits there: the word means null
+    assert config.resume_adapter_file == "None"  # a path may be called that, as mlx-lm reads it
 
 
 def test_duplicate_yaml_key_names_key_and_line(tmp_path):
