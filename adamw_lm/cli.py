@@ -345,7 +345,6 @@ def configure_messages() -> None:
         return
     logger.addHandler(_OneLine())
     logger.setLevel(logging.WARNING)
-    logger.propagate = False
     package = Path(__file__).resolve().parent
     show = warnings.showwarning
 

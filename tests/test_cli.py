@@ -118,7 +118,7 @@ def _trainable(plan_output: str) -> int:
     return int(re.search(r"([\d,]+) trainable", plan_output).group(1).replace(",", ""))
 
 
-def test_plan_full_counts_what_train_trains(tiny_model_path):
+def test_plan_full_counts_what_train_trains(tiny_model_path, main_in_process):
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
@@ -129,21 +129,25 @@ def test_plan_full_counts_what_train_trains(tiny_model_path):
     for num_layers in ("1", "-1"):
         trainer.setup_trainable(model, from_dict({"fine_tune_type": "full", "num_layers": int(num_layers)}))
         trained = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
-        done = cli("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full", "--num-layers", num_layers)
-        assert done.returncode == 0, done.stderr
-        assert _trainable(done.stdout) == trained < total  # embeddings and head stay frozen, as in train
-    done = cli("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full", "--all-parameters")
-    assert _trainable(done.stdout) == total
+        code, out, err = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full",
+                                         "--num-layers", num_layers)
+        assert code == 0, err
+        assert _trainable(out) == trained < total  # embeddings and head stay frozen, as in train
+    code, out, _ = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full",
+                                   "--all-parameters")
+    assert _trainable(out) == total
     # No --num-layers: mlx_lm lora's 16, for full as for lora (Llama-3.2-1B has 16 blocks, tied embeddings).
     llama = Path(__file__).resolve().parents[1] / "recipes" / "model-configs" / "llama-3.2-1b.json"
     done = cli("plan", "--model", str(llama), "--fine-tune-type", "full")
+    assert done.returncode == 0, done.stderr
     everything = plan_from_config(llama, "full", num_layers=None)
     assert _trainable(done.stdout) == plan_from_config(llama, "full", num_layers=16).trainable_parameters
     assert everything.trainable_parameters - _trainable(done.stdout) == 128256 * 2048 + 2048  # embed + norm
-    done = cli("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full")
-    assert done.returncode == 2 and "num_layers=16 but the model has only 2 layers (-1: all of them)" in done.stderr
+    code, _, err = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full")
+    assert code == 2 and "num_layers=16 but the model has only 2 layers (-1: all of them)" in err
     done = cli("plan", "--model", str(tiny_model_path), "--all-parameters")
     assert done.returncode == 2 and "--all-parameters" in done.stderr and "--fine-tune-type full" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_tiny_model_cli(tmp_path):
@@ -430,13 +434,11 @@ def test_train_lines_in_any_order(line, path, overrides, flags):
     ["RUN", "--iters", "60", "--step", "4", "--trust-remote-code", "--report-to", "wandb", "--hf-dataset"],
     ["--iters=60", "--hf-dataset", "--step", "4", "--report-to", "wandb", "--trust-remote-code", "RUN"],
 ])
-def test_resume_passes_step_and_the_users_word_again(line, monkeypatch):
-    from adamw_lm import cli as cli_module
-
+def test_resume_passes_step_and_the_users_word_again(line, monkeypatch, main_in_process):
     calls = []
     monkeypatch.setattr(trainer, "resume", lambda run_dir, **kw: calls.append((run_dir, kw)) or trainer.RunResult(
         Path(run_dir), 60, None))
-    assert cli_module.main(["resume", *line]) == 0
+    assert main_in_process("resume", *line)[0] == 0
     assert calls == [("RUN", {"convert_precision": False, "progress": True, "step": 4, "overrides": {
         "iters": 60, "trust_remote_code": True, "report_to": "wandb", "hf_dataset": True}})]
 
@@ -476,51 +478,77 @@ def test_mlx_lm_forms_run(tmp_path, tiny_model_path, data_dir):
         f"adamw-lm: warning: {run / 'checkpoints' / 'latest'} holds 'garbage', not a checkpoint name; ignoring it"]
 
 
-@pytest.mark.parametrize(
-    "line, message",
-    [
-        (["train", "CFG", "--itres", "2"], "adamw-lm train: error: unknown option --itres; did you mean --iters?"),
-        (["train", "CFG", "--iters", "two"], "adamw-lm train: error: argument --iters: invalid int value: 'two'"),
-        (["train", "CFG", "--fine-tune-type", "qlora"], "argument --fine-tune-type: invalid choice: 'qlora'"),
-        (["train", "CFG", "--iters"], "option --iters expects a value"),
-        (["train", "CFG", "--step", "3"], "option --step belongs to `adamw-lm resume`, not `train`"),
-        (["train", "CFG", "CFG"], "unexpected argument"),
-        (["train", "CFG", "--train=maybe"], "option --train is a switch"),
-        (["train", "CFG", "--lora-parameters.rnak", "4"], "unknown config key 'lora_parameters.rnak'; did you mean 'rank'?"),
-        (["train", "CFG", "--optimizer.state_precison", "int8"], "'optimizer.state_precison'; did you mean 'state_precision'?"),
-        (["train", "CFG", "--lora-layers", "4"], "unknown option --lora-layers; mlx-lm renamed it to --num-layers"),
-        (["train", "CFG", "--train=false"], "'train' and 'test' are both false: nothing to do"),
-        (["train", "CFG", "--seed", "-3"], "config key 'seed' must be from 0 to 2147483647"),
-        (["train", "CFG", "--optimizer", "sgd"], "AdamW only"),
-        (["train", "DUP"], "duplicate key 'iters' on line 3 (first on line 1)"),
-        (["resume", "RUN", "--overwrite"], "adamw-lm resume: error: option --overwrite belongs to `adamw-lm train`"),
-        (["resume", "--iters", "3"], "resume needs the run folder"),
-        (["resume", "RUN", "--step", "last"], "option --step expects an int, got 'last'"),
-        (["resume", "RUN", "-c", "CFG"], "resume reads the config saved in the run's checkpoint"),
-    ],
-)
-def test_bad_command_lines_exit_2_with_one_line(line, message, tmp_path, tiny_model_path, data_dir):
-    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
-    (tmp_path / "dup.yaml").write_text("iters: 3\nbatch_size: 2\niters: 4\n")
-    paths = {"CFG": str(cfg), "DUP": str(tmp_path / "dup.yaml"), "RUN": str(tmp_path / "run")}
-    done = cli(*(paths.get(t, t) for t in line))
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert message in done.stderr, done.stderr
-    assert not (tmp_path / "run").exists()  # nothing was started
+BAD_LINES = [
+    (["train", "CFG", "--itres", "2"], "adamw-lm train: error: unknown option --itres; did you mean --iters?"),
+    (["train", "CFG", "--iters", "two"], "adamw-lm train: error: argument --iters: invalid int value: 'two'"),
+    (["train", "CFG", "--fine-tune-type", "qlora"], "argument --fine-tune-type: invalid choice: 'qlora'"),
+    (["train", "CFG", "--iters"], "option --iters expects a value"),
+    (["train", "CFG", "--step", "3"], "option --step belongs to `adamw-lm resume`, not `train`"),
+    (["train", "CFG", "CFG"], "unexpected argument"),
+    (["train", "CFG", "--train=maybe"], "option --train is a switch"),
+    (["train", "CFG", "--lora-parameters.rnak", "4"], "unknown config key 'lora_parameters.rnak'; did you mean 'rank'?"),
+    (["train", "CFG", "--optimizer.state_precison", "int8"], "'optimizer.state_precison'; did you mean 'state_precision'?"),
+    (["train", "CFG", "--lora-layers", "4"], "unknown option --lora-layers; mlx-lm renamed it to --num-layers"),
+    (["train", "CFG", "--train=false"], "'train' and 'test' are both false: nothing to do"),
+    (["train", "CFG", "--seed", "-3"], "config key 'seed' must be from 0 to 2147483647"),
+    (["train", "CFG", "--optimizer", "sgd"], "AdamW only"),
+    (["train", "DUP"], "duplicate key 'iters' on line 3 (first on line 1)"),
+    (["resume", "RUN", "--overwrite"], "adamw-lm resume: error: option --overwrite belongs to `adamw-lm train`"),
+    (["resume", "--iters", "3"], "resume needs the run folder"),
+    (["resume", "RUN", "--step", "last"], "option --step expects an int, got 'last'"),
+    (["resume", "RUN", "-c", "CFG"], "resume reads the config saved in the run's checkpoint"),
+]
 
 
-def test_logger_warnings_are_one_plain_line(capsys, monkeypatch):
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """``adamw_lm.cli.main`` in this process (for many cheap cases); logging and warnings restored after."""
     import logging
     import warnings
 
-    from adamw_lm.cli import configure_messages
+    from adamw_lm.cli import main
 
     logger = logging.getLogger("adamw_lm")
     for name in ("handlers", "propagate", "level"):
         monkeypatch.setattr(logger, name, getattr(logger, name))
     monkeypatch.setattr(logger, "handlers", [])
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+# These few run as the real command; every line of BAD_LINES also runs through main() in-process.
+SUBPROCESS_LINES = {0, 1, 10, 13, 14}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_LINES)), ids=lambda i: " ".join(BAD_LINES[i][0]))
+def test_bad_command_lines_exit_2_with_one_line(index, tmp_path, tiny_model_path, data_dir, main_in_process):
+    line, message = BAD_LINES[index]
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
+    (tmp_path / "dup.yaml").write_text("iters: 3\nbatch_size: 2\niters: 4\n")
+    paths = {"CFG": str(cfg), "DUP": str(tmp_path / "dup.yaml"), "RUN": str(tmp_path / "run")}
+    args = [paths.get(t, t) for t in line]
+    code, _, stderr = main_in_process(*args)
+    if index in SUBPROCESS_LINES:
+        done = cli(*args)
+        assert done.stdout == "" and done.stderr == stderr
+        code = done.returncode
+    assert code == 2, (code, stderr)
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr, stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_logger_warnings_are_one_plain_line(capsys, main_in_process):
+    import logging
+
+    from adamw_lm.cli import configure_messages
+
     configure_messages()
     configure_messages()  # twice (main called twice in one process): still one line per warning
     logging.getLogger("adamw_lm.checkpoint").warning("falling back to %s", "step-0000002")
