@@ -139,10 +139,13 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
         if not token.startswith("-") or token == "-":
             positionals.append(token)
             continue
-        option, has_inline, text = token.partition("=")
-        inline = text if has_inline else None
-        if option.startswith("--") and "." not in option:
-            option = "--" + option[2:].replace("_", "-")  # --batch_size is --batch-size
+        if token.startswith("--"):
+            option, has_inline, text = token.partition("=")
+            inline = text if has_inline else None
+            if "." not in option:
+                option = "--" + option[2:].replace("_", "-")  # --batch_size is --batch-size
+        else:  # a short option: -c CONFIG, -cCONFIG, -c=CONFIG
+            option, inline = token[:2], token[2:].removeprefix("=") or None
 
         other = next((c for c in RUN_COMMANDS if c != command and option in _OWN_OPTIONS[c]), None)
         if option in own:

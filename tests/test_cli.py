@@ -414,6 +414,7 @@ def test_every_mlx_lm_option_means_what_mlx_lm_parses(order):
         (["-c", "c.yaml", "--iters", "2"], "c.yaml", {"iters": 2}, {}),
         (["--iters", "2", "c.yaml"], "c.yaml", {"iters": 2}, {}),
         (["--config=c.yaml", "--adapter-path", "X"], "c.yaml", {"adapter_path": "X"}, {}),
+        (["-cc.yaml", "--adapter_path=X"], "c.yaml", {"adapter_path": "X"}, {}),
         (["c.yaml", "--optimizer.state_precision", "int8", "--checkpoint.keep_last=2", "--lora-parameters.rank",
           "16", "--overwrite", "--no-progress", "--grad_checkpoint=false"], "c.yaml",
          {"optimizer.state_precision": "int8", "checkpoint.keep_last": 2, "lora_parameters.rank": 16,
