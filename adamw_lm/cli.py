@@ -114,7 +114,8 @@ def _switch(option: str, inline: Optional[str]) -> bool:
 
     flag = True if inline is None else parse_override(inline)
     if not isinstance(flag, bool):
-        raise ConfigError(f"option {option} is a switch: give it alone, or {option}=true / false; got {inline!r}")
+        raise ConfigError(
+            f"option {option} is a switch: give it alone, or {option}=true / false; got {inline!r}")
     return flag
 
 
@@ -272,7 +273,8 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 _RUN_EPILOG = (
-    "Every option of `mlx_lm lora` (see `mlx_lm.lora --help`) is accepted, in any order, as are --key value / --key=value for any config key and --section.key value for a key of a "
+    "Every option of `mlx_lm lora` (see `mlx_lm.lora --help`) is accepted, in any order, as are "
+    "--key value / --key=value for any config key and --section.key value for a key of a "
     "section (--optimizer.state_precision int8, --checkpoint.keep_last 2, --lora-parameters.rank 16)."
 )
 
@@ -296,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="report lines without a progress bar")
 
     p = sub.add_parser("resume", help="continue a run exactly where it stopped", allow_abbrev=False,
-                       epilog=_RUN_EPILOG + " Only what keeps it the same run may change (--iters, intervals, locations).")
+                       epilog=_RUN_EPILOG + " Only what keeps it the same run may change "
+                       "(--iters, intervals, locations).")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, help="resume from the checkpoint of this iteration, not the latest")
     p.add_argument("--convert-precision", action="store_true",
