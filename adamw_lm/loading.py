@@ -190,13 +190,7 @@ def build_optimizer(config: TrainConfig) -> AdamW:
         lr = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"config key 'lr_schedule' {config.lr_schedule}: {e}") from None
-    o = config.optimizer
     try:
-        return AdamW(
-            lr, o.betas, o.eps, o.weight_decay, o.bias_correction,
-            state_precision=o.state_precision, precision_overrides=o.overrides,
-            min_quantize_size=o.min_quantize_size, memory_budget=o.memory_budget, seed=config.seed,
-            weight_update=o.weight_update,
-        )
+        return AdamW(lr, **config.optimizer.adamw_kwargs(), seed=config.seed)
     except ValueError as e:
         raise ConfigError(f"config section 'optimizer': {e}") from None

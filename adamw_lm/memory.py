@@ -386,8 +386,9 @@ def plan_from_config(
             ``mlx_lm.lora``.
         rank: LoRA rank.
         num_layers: the last ``num_layers`` transformer blocks are trained, as in ``mlx_lm.lora``
-            (``full`` trains those blocks' parameters only; ``<= 0`` means all blocks). ``None``:
-            all blocks, and with ``full`` every parameter (embeddings, final norm and head too).
+            and ``adamw-lm train`` (``full`` trains those blocks' parameters only, embeddings and
+            head stay frozen; ``<= 0`` means all blocks). ``None``: all blocks, and with ``full``
+            every parameter (embeddings, final norm and head too: ``plan --all-parameters``).
         precisions: one row per state precision.
         weight_dtype: dtype of the stored weights (and of quantization scales); default the
             config's ``torch_dtype`` (or ``dtype``), else ``"bfloat16"``.
@@ -429,7 +430,7 @@ def plan_from_config(
 
     n_blocks = len(model.layers)
     if num_layers is not None and num_layers > n_blocks:
-        raise ValueError(f"num_layers={num_layers} but the model has only {n_blocks} layers")
+        raise ValueError(f"num_layers={num_layers} but the model has only {n_blocks} layers (-1: all of them)")
     trained = n_blocks if num_layers is None or num_layers <= 0 else num_layers
     model.freeze()
     if fine_tune_type == "full":
