@@ -288,7 +288,10 @@ class AdamW(optim.AdamW):
                             _slice_stored(codecs.v, s["v"], start, stop),
                         )
                     g_part = mx.depends(args[0], previous) if previous else args[0]
-                    out = update(g_part, *args[1:], coefficients, key, mx.array(start, mx.uint32))
+                    # The offset waits for the slice too: random bits that depend on the key
+                    # alone would be drawn for every slice at once, ahead of the chain.
+                    offset = mx.depends(mx.array(start, mx.uint32), g_part)
+                    out = update(g_part, *args[1:], coefficients, key, offset)
                 previous[:] = [a for _, a in tree_flatten(out)]
                 parts.append(out)
             if len(parts) == 1:

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from adamw_lm import AdamW
 from adamw_lm.codecs import PRECISIONS, Precision
-from adamw_lm.codecs.blockwise import Blockwise, DynamicMap
+from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 from adamw_lm.codecs.int4 import INT4_M
 
 LOW = ["bf16", "int8", "int4"]
@@ -76,7 +76,7 @@ def test_plan_quantizes_big_tensors_only():
     opt = AdamW(1e-3, state_precision="int4")
     opt.init(params)
     assert opt.precision_plan == {"w1": "int4", "b1": "fp32", "w2": "fp32"}
-    assert set(opt.state["w1"]["m"]) == {"codes", "scales"}
+    assert set(opt.state["w1"]["m"]) == {"levels", "scales"}
 
 
 @pytest.mark.parametrize("precision", LOW)
@@ -87,7 +87,9 @@ def test_low_precision_tracks_fp32(precision):
     assert all(math.isfinite(v) for v in losses)
     ours, theirs = full_loss(params), full_loss(reference)
     assert ours < 0.2 * losses[0]  # it trains
-    assert abs(ours - theirs) <= {"bf16": 0.005, "int8": 0.01, "int4": 0.03}[precision] * theirs
+    # int4's unbiased rounding costs a little noise on this mini-batch problem (+3.5 % at seed 0,
+    # +2.3 to +4.9 % over seeds 0-2); tests/test_convergence.py holds what it buys.
+    assert abs(ours - theirs) <= {"bf16": 0.005, "int8": 0.01, "int4": 0.05}[precision] * theirs
 
 
 def expected_state_bytes(precision, params, min_quantize_size=4096) -> int:
@@ -95,8 +97,8 @@ def expected_state_bytes(precision, params, min_quantize_size=4096) -> int:
     if precision is None:
         return total + sum(2 * p.nbytes for _, p in tree_flatten(params))
     total += 4  # skipped_steps (uint32)
-    if precision == "bf16":
-        total += 8  # the random key (2 x uint32)
+    if precision != "fp32":
+        total += 8  # the random key (2 x uint32) of stochastic rounding
     for _, p in tree_flatten(params):
         if p.size < min_quantize_size or precision == "fp32":
             total += 2 * 4 * p.size
@@ -260,8 +262,12 @@ def test_int4_second_moment_has_no_zero_point(monkeypatch):
     """Li et al.'s zero-point problem: after one step of moderate gradients that then stop, their
     second moment is tiny next to the block's largest; on a map with a zero code (their B128/DE)
     it rounds to 0 while the first moment does not, and m / (sqrt(v) + eps) explodes. Without a
-    zero code the steps stay those of float32 AdamW (at most ~6.5 lr here)."""
-    with_zero = Blockwise(DynamicMap(bits=4, signed=False), 128)
+    zero code the steps stay near those of float32 AdamW (at most ~6.5 lr here): within a factor
+    2, the ratio of the square roots of int4's two lowest levels, between which stochastic
+    rounding may put a small v on either side. The map with a zero
+    here is int4's signed one, rounding to nearest (9e-4 of the block's largest is below half its
+    smallest level, 1/49)."""
+    with_zero = Blockwise(PowerMap(bits=4, signed=True), 128, stochastic=False)
     zero_point = Precision("int4 with zero", INT4_M, with_zero)
     monkeypatch.setitem(PRECISIONS, "int4 with zero", zero_point)
     steady = mx.zeros((64, 128)).at[:, 0].add(10.0)
@@ -277,5 +283,5 @@ def test_int4_second_moment_has_no_zero_point(monkeypatch):
             worst = max(worst, mx.abs(new["w"] - params["w"]).max().item())
             params = new
         largest[precision] = worst
-    assert largest["int4"] <= largest["fp32"] * 1.01
+    assert largest["int4"] <= largest["fp32"] * 2
     assert largest["int4 with zero"] > 1000 * largest["fp32"]

@@ -35,6 +35,9 @@ class MomentCodec(Protocol):
     #: Elements per stored row: the optimizer updates a tensor in slices of whole blocks.
     block: int
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of the stored form of a moment of ``shape`` (what ``zeros(shape)`` holds)."""
+
     def zeros(self, shape: tuple[int, ...]) -> Stored:
         """The stored form of an all-zero moment of ``shape``."""
 
@@ -60,7 +63,12 @@ class Precision:
     def stochastic(self) -> bool:
         return self.m.stochastic or self.v.stochastic
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of both stored moments of a tensor of ``shape``."""
+        return self.m.nbytes(shape) + self.v.nbytes(shape)
 
+
+#: Every precision, from the most to the least precise (``"auto"`` lowers tensors in this order).
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", FP32, FP32),
     "bf16": Precision("bf16", BF16_M, BF16_V),
