@@ -92,11 +92,15 @@ class PowerMap:
         root = a if self.power == 1 else mx.sqrt(a)
         if self.power == 4:
             root = mx.sqrt(root)
-        k = mx.clip(mx.floor(root * n), 0.0 if self.signed else 1.0, n - 1)
+        # Float clamps and truncating casts, not floor/clip: those compile to libm calls and
+        # selects, which keep the CPU kernel from vectorizing (3-4x slower here).
+        k = mx.minimum(mx.maximum(root * n, 0.0 if self.signed else 1.0), n - 1)
+        k = k.astype(mx.int32).astype(_F32)
         low = self._pow(k)
-        covered = (a * n**self.power - low) / (self._pow(k + 1) - low)
-        covered = mx.clip((covered - _MARGIN) * (1 / (1 - 2 * _MARGIN)), 0.0, 1.0)
-        level = k + mx.floor(covered + noise)
+        gap = 2 * k + 1 if self.power == 2 else self._pow(k + 1) - low
+        covered = (a * n**self.power - low) / gap
+        covered = mx.minimum(mx.maximum((covered - _MARGIN) * (1 / (1 - 2 * _MARGIN)), 0.0), 1.0)
+        level = k + (covered + noise).astype(mx.int32).astype(_F32)
         if self.signed:
             return (n + mx.sign(x) * level).astype(mx.uint8)
         return (level - 1).astype(mx.uint8)
