@@ -285,3 +285,66 @@ def test_int4_second_moment_has_no_zero_point(monkeypatch):
         largest[precision] = worst
     assert largest["int4"] <= largest["fp32"] * 2
     assert largest["int4 with zero"] > 1000 * largest["fp32"]
+
+
+class _OldLayout:
+    """A codec storing its codes under main's old leaf name ``codes`` (the dynamic-map layout of
+    before issue 11): same shapes and dtypes, another meaning."""
+
+    def __init__(self, codec: Blockwise):
+        self.codec, self.block, self.stochastic = codec, codec.block, codec.stochastic
+
+    def nbytes(self, shape):
+        return self.codec.nbytes(shape)
+
+    def zeros(self, shape):
+        return self._rename(self.codec.zeros(shape))
+
+    def encode(self, x, key, offset=0):
+        return self._rename(self.codec.encode(x, key, offset))
+
+    def decode(self, stored, shape):
+        return self.codec.decode({"levels": stored["codes"], "scales": stored["scales"]}, shape)
+
+    @staticmethod
+    def _rename(stored):
+        return {"codes": stored["levels"], "scales": stored["scales"]}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_old_layout_checkpoint_is_refused(tiny_model_path, tmp_path, monkeypatch, precision):
+    """A checkpoint whose int8/int4 moments were written by the old codecs must not be decoded on
+    the new levels: the loader sees another layout and refuses it, naming the leaves."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from adamw_lm import checkpoint
+    from adamw_lm.checkpoint import IncompatibleCheckpointError
+
+    def lora_model():
+        model, _ = load_model(tiny_model_path)
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        return model
+
+    def make():
+        return AdamW(1e-2, state_precision=precision, min_quantize_size=0)
+
+    new = PRECISIONS[precision]
+    old = Precision(precision, _OldLayout(new.m), _OldLayout(new.v))
+    model = lora_model()
+    tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(0))
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, t: nn.losses.cross_entropy(m(t[:, :-1]), t[:, 1:]).mean()
+    )
+    with monkeypatch.context() as patch:
+        patch.setitem(PRECISIONS, precision, old)
+        opt = make()
+        _, grads = loss_and_grad(model, tokens)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        config = {"fine_tune_type": "lora", "num_layers": 2, "model": str(tiny_model_path),
+                  "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}  # fmt: skip
+        path = checkpoint.save(tmp_path, 1, model, opt, {}, config)
+    with pytest.raises(IncompatibleCheckpointError, match=r"levels.*codes|codes.*levels"):
+        checkpoint.load(path, lora_model(), make())
