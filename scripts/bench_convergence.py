@@ -4,7 +4,7 @@
 Each problem is trained full-batch for ``--steps`` steps of AdamW (cosine schedule from 1e-2 down to
 1e-4, no weight decay, every tensor quantized: ``min_quantize_size=0``) at each state precision; the
 final loss is compared with the same run at ``state_precision="fp32"`` (float32 moments). The step
-time column is one ``apply_gradients`` on a Llama-like tree (``--hidden``, ``--layers``, as in
+time column is the fastest ``apply_gradients`` on a Llama-like tree (``--hidden``, ``--layers``, as in
 ``scripts/bench_optimizer.py``) divided by ``mlx.optimizers.AdamW``'s, measured side by side.
 
 Prints one markdown table. ``tests/test_convergence.py`` runs the same problems with bounds.
@@ -103,7 +103,7 @@ def final_loss(problem: Problem, precision: str, steps: int = 300) -> float:
 
 
 def step_time_ratios(precisions: list[str], hidden: int, layers: int, steps: int) -> dict:
-    """Median step time of each precision over mlx AdamW's, optimizers interleaved step by step."""
+    """Fastest step time of each precision over mlx AdamW's, optimizers interleaved step by step."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_optimizer import Runner, gradient_like, llama_like_tree
 
@@ -118,8 +118,10 @@ def step_time_ratios(precisions: list[str], hidden: int, layers: int, steps: int
             t = r.step()
             if i >= 2:
                 times[name].append(t)
-    base = statistics.median(times["mlx"])
-    return {p: statistics.median(times[p]) / base for p in precisions}
+    # The fastest step, not the median: on a machine shared with other jobs it is the one least
+    # slowed by them.
+    base = min(times["mlx"])
+    return {p: min(times[p]) / base for p in precisions}
 
 
 def candidates() -> list[str]:
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="AdamW steps per problem")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the timing tree")
     parser.add_argument("--layers", type=int, default=2, help="layers of the timing tree")
-    parser.add_argument("--time-steps", type=int, default=5, help="timed steps per optimizer")
+    parser.add_argument("--time-steps", type=int, default=9, help="timed steps per optimizer")
     parser.add_argument("--candidates", action="store_true", help="also the formats not chosen")
     args = parser.parse_args()
     if min(args.steps, args.hidden, args.layers, args.time_steps) < 1:
@@ -168,7 +170,7 @@ def main() -> None:
     ratios = step_time_ratios(["fp32", *precisions], args.hidden, args.layers, args.time_steps)
     print(
         f"{args.steps} full-batch steps, cosine 1e-2 -> 1e-4; step time on a {args.layers}-layer "
-        f"tree of hidden {args.hidden}, median of {args.time_steps}; mlx {mx.__version__}, "
+        f"tree of hidden {args.hidden}, fastest of {args.time_steps}; mlx {mx.__version__}, "
         f"{mx.default_device()}.\n"
     )
     print("| problem | state | final loss | vs fp32 | step time ÷ mlx AdamW |")

@@ -167,23 +167,21 @@ class Blockwise:
             noise = drawn.astype(_F32) * 2.0**-16
         else:
             noise = mx.array(0.5, dtype=_F32)
+        codes = self.map.encode(normalized, noise)
         if self._packed:
-            odd = noise[:, 1::2] if noise.ndim else noise
-            even = noise[:, 0::2] if noise.ndim else noise
-            low = self.map.encode(normalized[:, 0::2], even)
-            high = self.map.encode(normalized[:, 1::2], odd)
-            codes = low | (high << 4)
-        else:
-            codes = self.map.encode(normalized, noise)
+            # Each pair of codes, read as one little-endian uint16, packed into one byte: element-
+            # wise on contiguous data, where splitting even and odd elements reads with a stride.
+            pairs = mx.view(codes, mx.uint16)
+            codes = ((pairs & 0xF) | ((pairs >> 4) & 0xF0)).astype(mx.uint8)
         return {"levels": codes, "scales": scales}
 
     def decode(self, stored: dict[str, mx.array], shape: tuple[int, ...]) -> mx.array:
         """The float32 moment of ``shape`` that ``stored`` holds."""
         codes, scales = stored["levels"], stored["scales"]
         if self._packed:
-            # (blocks, block/2, 1) against (2,): both nibbles, in element order, element-wise.
-            codes = (codes[..., None] >> mx.array([0, 4], dtype=mx.uint8)) & 15
-            codes = codes.reshape(codes.shape[0], self.block)
+            # Each byte's two nibbles spread into the two bytes of a little-endian uint16.
+            wide = codes.astype(mx.uint16)
+            codes = mx.view((wide & 0xF) | ((wide & 0xF0) << 4), mx.uint8)
         flat = (self.map.decode(codes) * scales[:, None]).reshape(-1)
         size = math.prod(shape)
         if flat.size != size:
