@@ -61,18 +61,18 @@ def logistic_regression(seed: int = 0) -> tuple[dict, Callable]:
 
 
 def mlp(seed: int = 0) -> tuple[dict, Callable]:
-    """A 64-128-8 tanh network fitted to a random 64-32-8 tanh teacher on 512 samples, targets
-    with noise of standard deviation 0.1 (which the network, having more parameters than there
-    are targets, partly fits too)."""
+    """A 32-128-4 tanh network fitted to a random 32-16-4 tanh teacher on 4096 samples, targets
+    with noise of standard deviation 0.1 (more targets than parameters: the loss levels off above
+    the noise's 0.005 instead of fitting the noise)."""
     k = iter(mx.random.split(mx.random.key(seed), 6))
-    x = mx.random.normal((512, 64), key=next(k))
-    teacher = mx.random.normal((64, 32), key=next(k)) / 8
-    y = mx.tanh(x @ teacher) @ mx.random.normal((32, 8), key=next(k))
+    x = mx.random.normal((4096, 32), key=next(k))
+    teacher = mx.random.normal((32, 16), key=next(k)) * (2 / math.sqrt(32))
+    y = mx.tanh(x @ teacher) @ mx.random.normal((16, 4), key=next(k))
     y = y + 0.1 * mx.random.normal(y.shape, key=next(k))
     params = {
-        "w1": mx.random.normal((64, 128), key=next(k)) / 8,
+        "w1": mx.random.normal((32, 128), key=next(k)) / math.sqrt(32),
         "b1": mx.zeros((128,)),
-        "w2": mx.random.normal((128, 8), key=next(k)) / math.sqrt(128),
+        "w2": mx.random.normal((128, 4), key=next(k)) / math.sqrt(128),
     }
 
     def loss(p):
