@@ -4,8 +4,8 @@
 Each problem is trained full-batch for ``--steps`` steps of AdamW (cosine schedule from 1e-2 down to
 1e-4, no weight decay, every tensor quantized: ``min_quantize_size=0``) at each state precision; the
 final loss is compared with the same run at ``state_precision="fp32"`` (float32 moments). The step
-time column is the fastest ``apply_gradients`` on a Llama-like tree (``--hidden``, ``--layers``, as in
-``scripts/bench_optimizer.py``) divided by ``mlx.optimizers.AdamW``'s, measured side by side.
+time column is the fastest ``apply_gradients`` on a Llama-like tree (``--hidden``, ``--layers``, as
+in ``scripts/bench_optimizer.py``) divided by ``mlx.optimizers.AdamW``'s, measured side by side.
 
 Prints one markdown table. ``tests/test_convergence.py`` runs the same problems with bounds.
 ``--candidates`` adds the storage formats that were measured against each other when the int8 and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,7 +127,7 @@ def candidates() -> list[str]:
     """Register the formats measured when int8 and int4 were chosen; returns their names."""
     from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 
-    def pair(bits: int, m: tuple[int, bool], v: tuple[int, bool]) -> Blockwise:
+    def pair(bits: int, m: tuple[int, bool], v: tuple[int, bool]) -> Precision:
         block = 256 if bits == 8 else 128
         return Precision(
             f"int{bits} m p{m[0]}{' SR' if m[1] else ''}, v p{v[0]}{' SR' if v[1] else ''}",

@@ -1,9 +1,10 @@
 """How one optimizer moment is stored.
 
-A *codec* turns a float32 moment into its stored form and back. Each storage format lives in its own
-module of this package with pure ``zeros`` / ``encode`` / ``decode`` functions; a *precision* pairs the
-codec of the first moment (signed) with the codec of the second (non-negative). Adding a format is one
-new module plus one line in :data:`PRECISIONS`.
+A *codec* turns a float32 moment into its stored form and back. Each storage format lives in its
+own module of this package with pure ``zeros`` / ``encode`` / ``decode`` functions and ``nbytes``,
+the size of its stored form (from which :mod:`adamw_lm.memory` plans); a *precision* pairs the
+codec of the first moment (signed) with the codec of the second (non-negative). Adding a format is
+one new module plus one line in :data:`PRECISIONS`.
 """
 
 from __future__ import annotations

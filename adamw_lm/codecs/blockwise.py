@@ -4,9 +4,9 @@ A moment is cut into blocks of ``block`` consecutive elements (flattened, the la
 zero-padded); each block keeps one float32 scale and one ``bits``-bit level per element. 4-bit
 levels are packed two per byte, element ``2k`` in the low nibble.
 
-The scale is the block's largest magnitude, stored exactly: its elements are the levels ``±1``, and
-no decoded element exceeds it, so ``encode(decode(s)) == s`` bit for bit, which the optimizer
-relies on to leave a skipped step's state untouched.
+The scale is the block's largest magnitude, stored exactly: elements of that magnitude are the
+levels ``±1``, and no decoded element exceeds it, so ``encode(decode(s)) == s`` bit for bit, which
+the optimizer relies on to leave a skipped step's state untouched.
 
 Rounding is stochastic by default, keyed by the element's position (as bf16's): AdamW's moments
 move by small fractions of a step (``m`` by 10 %, ``v`` by 0.1 %), which rounding to the nearest
@@ -150,7 +150,8 @@ class Blockwise:
         self, x: mx.array, key: mx.array | None = None, offset: mx.array | int = 0
     ) -> dict[str, mx.array]:
         """Quantize the float32 moment ``x``; a stochastic codec draws its noise from ``key`` and
-        each element's flat position plus ``offset`` (see :func:`~adamw_lm.codecs.bf16.random_bits`)."""
+        each element's flat position plus ``offset`` (see
+        :func:`~adamw_lm.codecs.bf16.random_bits`)."""
         nb = self.blocks(x.shape)
         flat = x.astype(_F32).reshape(-1)
         if nb * self.block != flat.size:

@@ -1,5 +1,5 @@
-"""4-bit block-wise storage (block-wise as in Li et al., 2023, "Memory Efficient Optimizers with 4-bit
-States", with square-root-companded levels and stochastic rounding).
+"""4-bit block-wise storage (blocks as in Li et al., 2023, "Memory Efficient Optimizers with 4-bit
+States"; square-root-companded levels, rounded stochastically).
 
 Blocks of 128 elements with one float32 scale each, two codes per byte: 0.5 + 4/128 = 0.53 bytes
 per element and moment. The first moment has 15 signed levels ``±(k/7)^2``. The second has 16

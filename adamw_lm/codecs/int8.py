@@ -1,5 +1,6 @@
-"""8-bit block-wise storage (block-wise as in Dettmers et al., 2021, "8-bit Optimizers via Block-wise
-Quantization"; square-root-companded levels with stochastic rounding instead of their dynamic map).
+"""8-bit block-wise storage (blocks as in Dettmers et al., 2021, "8-bit Optimizers via Block-wise
+Quantization"; square-root-companded levels, rounded stochastically, instead of their dynamic
+map).
 
 Blocks of 256 elements with one float32 scale each: 2 + 2 · 4/256 = 2.03 bytes per parameter for
 both moments. First moment: 255 signed levels ``±(k/127)^2``; second: 256 levels ``(k/256)^2``,
