@@ -85,7 +85,7 @@ def _cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
     try:
         plan = memory.plan_from_config(
             args.model, fine_tune_type=args.fine_tune_type, rank=args.rank,
-            num_layers=num_layers, precisions=precisions,
+            num_layers=num_layers, precisions=precisions, weight_update=args.weight_update,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for full: every parameter, embeddings and head included)")
     p.add_argument("--precision", nargs="+", default=None,
                    help="state precisions to show: none fp32 bf16 int8 int4 (default: all)")
+    p.add_argument("--weight-update", choices=["nearest", "stochastic", "exact"], default=None,
+                   help="AdamW's weight_update for bf16/fp16 weights ('exact' adds 2 bytes per "
+                        "parameter of state; default: AdamW's)")
     p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser("inspect", help="what a checkpoint holds, and whether it verifies")

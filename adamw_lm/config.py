@@ -35,6 +35,7 @@ class OptimizerConfig:
     overrides: dict[str, Optional[str]] = field(default_factory=dict)
     min_quantize_size: int = 4096
     memory_budget: Optional[int] = None
+    weight_update: Optional[str] = None
 
 
 @dataclass
