@@ -32,6 +32,8 @@ from adamw_lm.checkpoint import (
     NoCheckpointError,
 )
 from adamw_lm.codecs import PRECISIONS
+from helpers.trees import assert_trees_equal
+from helpers.training import lm_steps
 
 ALL_PRECISIONS = [None, *PRECISIONS]
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
@@ -58,29 +60,6 @@ def make_optimizer(precision: str | None) -> AdamW:
     return AdamW(1e-2, weight_decay=0.01, state_precision=precision, min_quantize_size=0, seed=3)
 
 
-def train(model: nn.Module, optimizer: optim.Optimizer, steps: int, first: int = 0) -> list[float]:
-    def loss_fn(model, tokens):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    losses = []
-    for i in range(first, first + steps):
-        tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(100 + i))
-        loss, grads = loss_and_grad(model, tokens)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        losses.append(loss.item())
-    return losses
-
-
-def assert_trees_equal(a, b) -> None:
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (key, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype, key
-        assert mx.array_equal(x, y, equal_nan=True).item(), key
-
-
 def logits(model: nn.Module) -> mx.array:
     return model(mx.arange(20).reshape(2, 10))
 
@@ -92,7 +71,7 @@ def run(tiny_model_path, tmp_path):
     optimizer = make_optimizer("fp32")
     config = adapter_config(tiny_model_path)
     for step in (1, 2):
-        train(model, optimizer, 1, first=step)
+        lm_steps(model, optimizer, 1, first=step)
         checkpoint.save(tmp_path / "run", step, model, optimizer, {"step": step}, config)
     return tmp_path / "run", model, optimizer
 
@@ -123,7 +102,7 @@ def assert_untouched(run_dir: Path, steps: list[int]) -> None:
 def test_round_trip_is_bit_identical_and_continues_identically(tiny_model_path, tmp_path,
                                                                precision):
     model, optimizer = lora_model(tiny_model_path), make_optimizer(precision)
-    train(model, optimizer, 3)
+    lm_steps(model, optimizer, 3)
     state = {"step": 3, "losses": [2.5, float("nan"), 0.1 + 0.2], "data": {"epoch": 0, "offset": 6}}
     path = checkpoint.save(tmp_path, 3, model, optimizer, state, adapter_config(tiny_model_path))
 
@@ -149,7 +128,7 @@ def test_round_trip_is_bit_identical_and_continues_identically(tiny_model_path, 
     assert_trees_equal(model2.trainable_parameters(), model.trainable_parameters())
     assert_trees_equal(optimizer2.state, optimizer.state)
     # The restored optimizer is live: further steps (random key included) match bit for bit.
-    assert train(model2, optimizer2, 2, first=3) == train(model, optimizer, 2, first=3)
+    assert lm_steps(model2, optimizer2, 2, first=3) == lm_steps(model, optimizer, 2, first=3)
     assert_trees_equal(model2.trainable_parameters(), model.trainable_parameters())
     assert_trees_equal(optimizer2.state, optimizer.state)
 
@@ -169,7 +148,7 @@ def test_full_fine_tune_and_step_zero_round_trip(tiny_model_path, tmp_path):
     model2, optimizer2 = last_layer_trainable(tiny_model_path), make_optimizer("fp32")
     checkpoint.load(path, model2, optimizer2)
     assert_trees_equal(optimizer2.state, optimizer.state)
-    assert train(model2, optimizer2, 2) == train(model, optimizer, 2)
+    assert lm_steps(model2, optimizer2, 2) == lm_steps(model, optimizer, 2)
 
     path = checkpoint.save(tmp_path, 2, model, optimizer, {}, config)
     model3, optimizer3 = last_layer_trainable(tiny_model_path), make_optimizer("fp32")
@@ -184,12 +163,12 @@ def test_full_fine_tune_and_step_zero_round_trip(tiny_model_path, tmp_path):
 def test_mlx_optimizers_adamw_state_resumes_in_adamw_lm(tiny_model_path, tmp_path):
     model = lora_model(tiny_model_path)
     reference = optim.AdamW(1e-2, weight_decay=0.01)
-    train(model, reference, 2)
+    lm_steps(model, reference, 2)
     path = checkpoint.save(tmp_path, 2, model, reference, {}, adapter_config(tiny_model_path))
 
     model2, ours = lora_model(tiny_model_path), make_optimizer(None)
     checkpoint.load(path, model2, ours)
-    assert train(model2, ours, 2, first=2) == train(model, reference, 2, first=2)
+    assert lm_steps(model2, ours, 2, first=2) == lm_steps(model, reference, 2, first=2)
     assert_trees_equal(ours.state, reference.state)
 
 
@@ -198,7 +177,7 @@ def test_mlx_optimizers_adamw_state_resumes_in_adamw_lm(tiny_model_path, tmp_pat
 
 def test_checkpoint_adapters_work_in_mlx_lm_load_and_fuse(tiny_model_path, tmp_path, monkeypatch):
     model, optimizer = lora_model(tiny_model_path), make_optimizer("fp32")
-    train(model, optimizer, 3)
+    lm_steps(model, optimizer, 3)
     config = adapter_config(tiny_model_path)
     path = checkpoint.save(tmp_path / "run", 3, model, optimizer, {}, config)
 
@@ -231,7 +210,7 @@ def write_mlx_lm_adapter_folder(folder: Path, model: nn.Module, config: dict) ->
 
 def test_mlx_lm_lora_adapters_seed_a_new_run(tiny_model_path, tmp_path):
     trained = lora_model(tiny_model_path)
-    train(trained, make_optimizer(None), 2)
+    lm_steps(trained, make_optimizer(None), 2)
     folder = tmp_path / "adapters"
     write_mlx_lm_adapter_folder(folder, trained, adapter_config(tiny_model_path))
 
@@ -243,7 +222,7 @@ def test_mlx_lm_lora_adapters_seed_a_new_run(tiny_model_path, tmp_path):
     assert mx.array_equal(logits(mlx_lm_model), logits(model)).item()
     # The seeded run trains with a fresh optimizer and checkpoints as usual.
     optimizer = make_optimizer("fp32")
-    train(model, optimizer, 1)
+    lm_steps(model, optimizer, 1)
     path = checkpoint.save(tmp_path / "run", 1, model, optimizer, {}, config)
     assert checkpoint.verify(path)["step"] == 1
     assert checkpoint.load_adapters_only(path, lora_model(tiny_model_path)) == config
@@ -295,7 +274,7 @@ def test_saving_a_step_again_replaces_it(tiny_model_path, tmp_path):
     model, optimizer = lora_model(tiny_model_path), make_optimizer("fp32")
     config = adapter_config(tiny_model_path)
     checkpoint.save(tmp_path, 5, model, optimizer, {"try": 1}, config)
-    train(model, optimizer, 1)
+    lm_steps(model, optimizer, 1)
     checkpoint.save(tmp_path, 5, model, optimizer, {"try": 2}, config)
 
     model2, optimizer2 = lora_model(tiny_model_path), make_optimizer("fp32")
@@ -491,7 +470,7 @@ CONVERSIONS = sorted(
 @pytest.mark.parametrize(("stored", "requested"), CONVERSIONS)
 def test_precision_conversion_decodes_then_encodes(tiny_model_path, tmp_path, stored, requested):
     model, optimizer = lora_model(tiny_model_path), make_optimizer(stored)
-    train(model, optimizer, 2)
+    lm_steps(model, optimizer, 2)
     path = checkpoint.save(tmp_path, 2, model, optimizer, {}, adapter_config(tiny_model_path))
     model2, converted = lora_model(tiny_model_path), make_optimizer(requested)
     checkpoint.load(path, model2, converted, convert_precision=True)
@@ -521,7 +500,7 @@ def test_precision_conversion_decodes_then_encodes(tiny_model_path, tmp_path, st
                     assert mx.allclose(back, decoded, rtol=2**-7, atol=0.0).item(), name
             else:
                 assert_trees_equal(new, codec.encode(decoded, None))
-    train(model2, converted, 1, first=2)
+    lm_steps(model2, converted, 1, first=2)
 
 
 def moment(optimizer: AdamW, name: str, which: str):

@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from helpers.trees import assert_trees_equal
+from helpers.training import lm_steps
 
 from adamw_lm import AdamW
 from adamw_lm import weight_update as wu
@@ -444,23 +445,6 @@ def bf16_full_model(model_path):
     return model
 
 
-def lm_steps(model, optimizer, first: int, count: int) -> list[float]:
-    import mlx.nn as nn
-
-    def loss_fn(model, tokens):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    losses = []
-    for i in range(first, first + count):
-        tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(100 + i))
-        loss, grads = loss_and_grad(model, tokens)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        losses.append(loss.item())
-    return losses
-
-
 FULL = {"fine_tune_type": "full", "num_layers": 1, "lora_parameters": None}
 
 
@@ -475,7 +459,7 @@ def test_checkpoint_round_trip_and_resume_are_bit_exact(mode, tiny_model_path, t
     from adamw_lm import checkpoint
 
     model, optimizer = bf16_full_model(tiny_model_path), full_optimizer(mode)
-    lm_steps(model, optimizer, 0, 2)
+    lm_steps(model, optimizer, 2, first=0)
     path = checkpoint.save(tmp_path, 2, model, optimizer, {}, FULL)
     model2, optimizer2 = bf16_full_model(tiny_model_path), full_optimizer(mode)
     checkpoint.load(path, model2, optimizer2)
@@ -484,7 +468,7 @@ def test_checkpoint_round_trip_and_resume_are_bit_exact(mode, tiny_model_path, t
     assert ("w_low" in optimizer.state["model"]["layers"][-1]["mlp"]["up_proj"]["weight"]) == (
         mode == "exact"
     )
-    assert lm_steps(model2, optimizer2, 2, 3) == lm_steps(model, optimizer, 2, 3)
+    assert lm_steps(model2, optimizer2, 3, first=2) == lm_steps(model, optimizer, 3, first=2)
     assert_trees_equal(model2.trainable_parameters(), model.trainable_parameters())
     assert_trees_equal(optimizer2.state, optimizer.state)
 
@@ -511,7 +495,7 @@ def test_checkpoint_weight_update_changes_convert_or_are_refused(tiny_model_path
     from adamw_lm.checkpoint import IncompatibleCheckpointError
 
     model, nearest = bf16_full_model(tiny_model_path), full_optimizer("nearest")
-    lm_steps(model, nearest, 0, 2)
+    lm_steps(model, nearest, 2, first=0)
     path = checkpoint.save(tmp_path / "a", 2, model, nearest, {}, FULL)
 
     stochastic = full_optimizer("stochastic")
@@ -528,7 +512,7 @@ def test_checkpoint_weight_update_changes_convert_or_are_refused(tiny_model_path
     checkpoint.load(path, model2, exact, convert_precision=True)
     assert buffers(exact) and all(mx.all(b == 0).item() for b in buffers(exact).values())
     assert_trees_equal(moments(exact), moments(nearest))
-    lm_steps(model2, exact, 2, 2)
+    lm_steps(model2, exact, 2, first=2)
     assert any(mx.any(b != 0).item() for b in buffers(exact).values())
 
     path = checkpoint.save(tmp_path / "b", 4, model2, exact, {}, FULL)
