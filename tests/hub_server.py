@@ -80,6 +80,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    lfs: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo, as on the Hub
 
 
 @dataclass
@@ -234,6 +235,8 @@ class LocalHub:
             table = dict(repo.commits[repo.branches[branch]].files)
             for path, data in files.items():
                 table[path] = self._store(data, lfs=self._is_lfs(path, len(data)))
+                if table[path].lfs:
+                    repo.lfs.add(table[path].sha256)
             return self._new_commit(repo, branch, table, message, "", repo.owner)
 
     def stored_bytes(self) -> bytes:
@@ -494,7 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
         for item in data.get("objects", []):
             oid, size = item["oid"], int(item["size"])
             answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not (self.hub.objects / oid).is_file():
+            if oid not in found.lfs:
                 nonce = secrets.token_hex(16)
                 with self.hub._lock:
                     self.hub._uploads[nonce] = (found.repo_id, oid, size)
@@ -509,12 +512,13 @@ class _Handler(BaseHTTPRequestHandler):
             upload = self.hub._uploads.get(nonce)
         if upload is None:
             raise HubHTTPError(403, "upload url expired or unknown")
-        _, oid, size = upload
+        repo_id, oid, size = upload
         if len(body) != size or hashlib.sha256(body).hexdigest() != oid:
             raise HubHTTPError(400, f"uploaded content does not match oid {oid} / size {size}")
         self.hub._write_object(oid, body)
         with self.hub._lock:
             self.hub._uploads.pop(nonce, None)
+            self.hub.repos[repo_id].lfs.add(oid)
         return 200, {"ETag": f'"{oid}"'}, b""
 
     def _commit(self, method: str, body: bytes, repo: str, rev: str):
@@ -542,10 +546,9 @@ class _Handler(BaseHTTPRequestHandler):
                     table[path] = self.hub._store(data, lfs=False)
                 elif key == "lfsFile":
                     sha = value["oid"]
-                    obj = self.hub.objects / sha
-                    if not obj.is_file():
+                    if sha not in found.lfs:
                         raise HubHTTPError(422, f"LFS object {sha} of {path} was never uploaded")
-                    size = obj.stat().st_size
+                    size = (self.hub.objects / sha).stat().st_size
                     table[path] = Entry(size, sha, _git_oid(_lfs_pointer(sha, size)), True)
                 elif key == "deletedFile":
                     if table.pop(path, None) is None:

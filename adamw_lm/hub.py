@@ -1,0 +1,804 @@
+"""Runs on the Hugging Face Hub: push finished checkpoints in the background, pull one back.
+
+The only module of adamw_lm that talks to the network, through the real ``huggingface_hub``
+client. A Hub repo mirrors a run folder::
+
+    checkpoints/step-NNNNNNN/...   # each pushed checkpoint, byte for byte as on disk
+    checkpoints/latest             # the newest pushed checkpoint's name
+    adapters.safetensors           # the newest adapters, in mlx-lm's format, so that
+    adapter_config.json            #   mlx_lm.generate --adapter-path <snapshot> works
+    README.md                      # a model card (huggingface_hub.ModelCard)
+
+:class:`Pusher` uploads on one worker thread that only reads finished folders (no mlx calls).
+:func:`pull` downloads one step folder into the Hugging Face cache; it is then loaded like any
+local checkpoint (``checkpoint.load`` verifies it): nothing from the Hub is trusted more than a
+local folder. The token comes from ``HF_TOKEN`` or ``hf auth login`` (huggingface_hub's own
+resolution) on every request; this module never stores or writes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import httpx2
+import yaml
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    get_token,
+    hf_hub_download,
+    snapshot_download,
+)
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
+from huggingface_hub.errors import (
+    RemoteEntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    CHECKPOINTS_DIR,
+    LATEST,
+    MANIFEST,
+    OPTIMIZER,
+    TRAINER_STATE,
+    CheckpointError,
+)
+
+log = logging.getLogger("adamw_lm.hub")
+
+_REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
+_STEP_DIR = re.compile(r"step-(\d{7,})")
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Remote files are untrusted: read at most this much of each small file before parsing.
+_MAX_LATEST = 64
+_MAX_MANIFEST = 1 << 20
+_MAX_TRAINER_STATE = 64 << 20
+_MAX_RETRY_AFTER = 900.0
+_T = TypeVar("_T")
+
+
+class HubError(CheckpointError):
+    """A Hub operation failed; the message is one line saying what and what to do."""
+
+
+class HubAuthError(HubError):
+    """No token, a token the Hub refuses, or no write access to the repo."""
+
+
+class HubNotFoundError(HubError):
+    """The repo, revision or step does not exist (or is private and not readable)."""
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """``USER/REPO[@REVISION]``: where a run lives on the Hub."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_spec(text: str) -> HubSpec:
+    """Parse ``[hub:]USER/REPO[@REVISION]`` (revision: a branch, tag or commit sha)."""
+    spec = text.removeprefix("hub:")
+    repo_id, _, revision = spec.partition("@")
+    if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or (
+        "@" in spec and not revision
+    ):
+        raise HubError(
+            f"{text!r} is not a Hub run: expected hub:USER/REPO or hub:USER/REPO@REVISION "
+            f"(a branch, tag or commit sha)"
+        )
+    return HubSpec(repo_id, revision or None)
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _read_capped(path: Path, cap: int, what: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise HubError(f"{what} is larger than {cap} bytes: not a file adamw_lm wrote")
+    return data
+
+
+def _json_capped(path: Path, cap: int, what: str) -> Any:
+    try:
+        return json.loads(_read_capped(path, cap, what))
+    except (ValueError, RecursionError) as e:
+        raise HubError(f"{what} is not valid JSON ({type(e).__name__})") from e
+
+
+# -- errors and retries ----------------------------------------------------------------------
+
+
+def _causes(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _status(error: BaseException) -> int | None:
+    for e in _causes(error):
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e.response.status_code
+    return None
+
+
+def _retry_after(error: BaseException) -> float | None:
+    for e in _causes(error):
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            value = e.response.headers.get("Retry-After")
+            try:
+                seconds = float(value) if value is not None else None
+            except ValueError:
+                return None  # an HTTP-date: fall back to our own back-off
+            if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+                return min(seconds, _MAX_RETRY_AFTER)
+    return None
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth another try: a 408 / 412 / 429 / 5xx answer, a timeout or a dropped connection."""
+    status = _status(error)
+    if status is not None:
+        # 412: someone else committed since we read the branch head; re-plan and commit again.
+        return status in _RETRY_STATUS or status == 412
+    return any(isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
+               for e in _causes(error))
+
+
+def _hub_error(error: BaseException, spec: HubSpec | str, endpoint: str) -> HubError:
+    """The one-line :class:`HubError` for a client error, naming the repo and what to do."""
+    where = str(spec)
+    status = _status(error)
+    for e in _causes(error):
+        if isinstance(e, HubError):
+            return e
+        if isinstance(e, RevisionNotFoundError):
+            return HubNotFoundError(
+                f"Hub repo {where}: revision not found (expected a branch, tag or commit sha)"
+            )
+        if isinstance(e, RepositoryNotFoundError):
+            hint = ("no token found: set HF_TOKEN or run `hf auth login`" if get_token() is None
+                    else "check the name, and that your token can read it")
+            return HubNotFoundError(f"Hub repo {where} not found, or private ({hint})")
+    if status == 401:
+        return HubAuthError(
+            f"the Hub refused the token for {where} (401): set HF_TOKEN to a valid token or run "
+            f"`hf auth login`"
+        )
+    if status == 403:
+        return HubAuthError(
+            f"your token has no write access to Hub repo {where} (403): use a write token, or "
+            f"push to a repo of your own with --repo-id"
+        )
+    if status is not None:
+        return HubError(f"Hub repo {where}: the Hub answered HTTP {status}")
+    if any(isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, OSError))
+           for e in _causes(error)):
+        return HubError(f"cannot reach the Hub at {endpoint} for {where}: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    return HubError(f"Hub repo {where}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+# -- the model card --------------------------------------------------------------------------
+
+
+def _is_local_path(value: str) -> bool:
+    return (value.startswith(("/", "~", ".", "\\")) or "\\" in value or ":" in value
+            or value.count("/") > 1 or Path(value).expanduser().exists())
+
+
+def _public(value: Any) -> Any:
+    """``value`` with every string that looks like a path of this machine replaced."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return "<local path>"
+    return value
+
+
+def _segment_losses(losses: list[Any], steps: list[int]) -> dict[int, float]:
+    """Mean training loss over the iterations since the previous listed checkpoint."""
+    means, previous = {}, 0
+    for step in sorted(steps):
+        window = losses[previous:step]
+        if window and all(isinstance(x, (int, float)) for x in window):
+            means[step] = float(sum(window) / len(window))
+        previous = step
+    return means
+
+
+def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main") -> ModelCard:
+    """The card of a run whose newest checkpoint is ``folder`` and whose Hub copy holds ``steps``."""
+    state = _json_capped(folder / TRAINER_STATE, _MAX_TRAINER_STATE, f"{folder / TRAINER_STATE}")
+    state = state if isinstance(state, dict) else {}
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    adapter = _json_capped(folder / ADAPTER_CONFIG, _MAX_MANIFEST, f"{folder / ADAPTER_CONFIG}")
+    fine_tune = adapter.get("fine_tune_type", "lora") if isinstance(adapter, dict) else "lora"
+    model = config.get("model")
+    base_model = model if isinstance(model, str) and not _is_local_path(model) else None
+
+    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
+    train = _segment_losses(losses, steps)
+    val = {int(it): float(v) for it, v in (state.get("val_losses") or [])
+           if isinstance(it, int) and isinstance(v, (int, float))}
+    rows = [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
+
+    precision_line = ""
+    optimizer_file = folder / OPTIMIZER
+    if optimizer_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(optimizer_file), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        plan = json.loads(metadata.get("precision_plan", "{}"))
+        counts = collections.Counter(str(p) if p else "float32/param dtype" for p in plan.values())
+        precision_line = (
+            f"- Optimizer: `{metadata.get('optimizer', '?')}`, moment precision "
+            + ", ".join(f"{p} x {n}" for p, n in sorted(counts.items()))
+            + f"; optimizer state {optimizer_file.stat().st_size / 2**20:.1f} MiB on disk\n"
+        )
+    revision = "" if branch == "main" else f"@{branch}"
+    data = ModelCardData(
+        library_name="mlx",
+        base_model=base_model,
+        tags=["mlx", "adamw-lm", str(fine_tune)],
+    )
+    recipe = yaml.safe_dump(_public(config), sort_keys=False).strip() if config else "(none)"
+    body = f"""
+# {repo_id.split("/")[1]}
+
+A {fine_tune} fine-tuning run of {f"`{base_model}`" if base_model else "a local base model"} made
+with [adamw_lm](https://github.com/ml-explore/mlx-lm) on MLX. Each `checkpoints/step-NNNNNNN`
+folder holds adapters, optimizer state and trainer state with a sha256 manifest, so the run can
+be continued exactly; the top-level adapters are the newest checkpoint's, in mlx-lm's format.
+
+- Checkpoints on the Hub: {", ".join(str(s) for s in sorted(steps))}
+{precision_line}
+## Use the adapters
+
+```bash
+mlx_lm.generate --model {base_model or "BASE_MODEL"} --adapter-path <snapshot of {repo_id}> --prompt "..."
+```
+
+## Continue the run
+
+```bash
+adamw-lm resume hub:{repo_id}{revision}
+```
+
+Add `--step N` for an older checkpoint, and `--model PATH` / `--data PATH` where the base model
+or the data were local folders on the first machine.
+
+## Losses
+
+| step | train loss | val loss |
+|---:|---:|---:|
+{chr(10).join(rows)}
+
+## Recipe
+
+```yaml
+{recipe}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+# -- pushing ---------------------------------------------------------------------------------
+
+
+class Pusher:
+    """Push finished checkpoint folders to a Hub repo in the background, in order, with retries.
+
+    ``submit`` returns at once; one worker thread uploads. Each push is one commit that adds
+    ``checkpoints/step-NNNNNNN/...`` exactly as on disk, points ``checkpoints/latest`` at it,
+    refreshes the top-level adapters and the model card, and deletes the remote step folders
+    beyond ``keep_remote`` (the one just pushed is always kept). A push that still fails after
+    ``retries`` retries logs one warning naming the checkpoint, keeps it :meth:`pinned`, and is
+    sent again with the next push (or by :meth:`wait`).
+
+    Args:
+        repo_id: ``USER/REPO``; created (``private``) on the first push if missing.
+        branch: the branch pushed to; created from ``main`` if missing.
+        push_every: push every N-th submitted checkpoint.
+        keep_remote: step folders to keep on the Hub; ``None`` keeps all.
+        push_final: ``submit(..., final=True)`` is pushed even when it is not an N-th one.
+        endpoint: the Hub's url; ``None`` uses ``HF_ENDPOINT`` / huggingface.co.
+        retries, backoff, max_backoff: retry policy on HTTP 408/412/429/5xx, timeouts and dropped
+            connections: exponential back-off with full jitter, at least ``Retry-After``.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        branch: str = "main",
+        push_every: int = 1,
+        keep_remote: int | None = None,
+        push_final: bool = True,
+        endpoint: str | None = None,
+        retries: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+    ):
+        self.spec = parse_spec(repo_id)
+        if self.spec.revision is not None:
+            raise HubError(f"push to {repo_id!r}: give the branch as branch=, not @{self.spec.revision}")
+        for name, value in (("push_every", push_every), ("keep_remote", keep_remote)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        self.repo_id, self.private, self.branch = self.spec.repo_id, private, branch
+        self.push_every, self.keep_remote, self.push_final = push_every, keep_remote, push_final
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self._api = HfApi(endpoint=endpoint)
+        self._prepared = False
+        self._submitted = 0
+        self._queue: collections.deque[Path | None] = collections.deque()
+        self._carry: list[Path] = []
+        self._inflight: list[Path] = []
+        self._pushed: list[tuple[Path, str]] = []
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The repo's page on the Hub."""
+        suffix = "" if self.branch == "main" else f"/tree/{self.branch}"
+        return f"{self._api.endpoint}/{self.repo_id}{suffix}"
+
+    @property
+    def pushed(self) -> list[tuple[Path, str]]:
+        """``(folder, commit sha)`` of every checkpoint pushed so far, in order."""
+        with self._cond:
+            return list(self._pushed)
+
+    def prepare(self) -> str:
+        """Check the token and write access, create the repo and branch if missing; return the url.
+
+        Call it before training to fail early; the first push calls it otherwise.
+
+        Raises:
+            HubAuthError: no token, a refused token, or no write access to the repo.
+            HubError: the Hub could not be reached or answered an error.
+        """
+        if get_token() is None:
+            raise HubAuthError(
+                f"no Hugging Face token to push to {self.repo_id}: set HF_TOKEN or run "
+                f"`hf auth login` (tokens are never read from a config file)"
+            )
+        try:
+            self._retrying(self._prepare_once)
+        except Exception as e:
+            raise _hub_error(e, self.repo_id, self._api.endpoint) from e
+        return self.url
+
+    def _prepare_once(self) -> None:
+        self._api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        # create_repo(exist_ok=True) succeeds on a repo we can only read; this does not.
+        self._api.auth_check(self.repo_id, write=True)
+        if self.branch != "main":
+            self._api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
+        self._prepared = True
+
+    def submit(self, folder: str | Path, *, final: bool = False) -> bool:
+        """Queue a finished checkpoint folder for upload; return whether it will be pushed.
+
+        Every ``push_every``-th submission is pushed, and the final one when ``push_final``.
+        A queued folder stays in :meth:`pinned` until its push succeeds.
+        """
+        self._submitted += 1
+        if self._submitted % self.push_every and not (final and self.push_final):
+            return False
+        with self._cond:
+            if self._closed.is_set():
+                raise HubError(f"push of {folder} after close(): this Pusher has stopped")
+            self._queue.append(Path(folder))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="adamw-lm-hub-push",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return True
+
+    def pinned(self) -> set[Path]:
+        """Local folders not yet on the Hub: queued, being pushed, or failed. Do not delete them."""
+        with self._cond:
+            return {p for p in (*self._carry, *self._inflight, *self._queue) if p is not None}
+
+    def unpushed(self) -> list[Path]:
+        """:meth:`pinned`, oldest first."""
+        with self._cond:
+            found = [*self._carry, *self._inflight, *(p for p in self._queue if p is not None)]
+        return list(dict.fromkeys(found))
+
+    def wait(self, progress: bool = True, timeout: float | None = None) -> list[Path]:
+        """Wait for every queued push (retrying failed ones once more); return what is not pushed.
+
+        Shows a tqdm bar when ``progress``. A ``KeyboardInterrupt`` reaches the caller, which can
+        then :meth:`close` and report :meth:`unpushed`.
+        """
+        with self._cond:
+            if self._carry and not self._queue and self._thread is not None:
+                self._queue.append(None)  # one more try for the failed ones
+                self._cond.notify_all()
+            total = len(self._queue) + bool(self._inflight)
+        bar = tqdm(total=total, desc=f"pushing to {self.repo_id}", unit="checkpoint",
+                   disable=not progress or total == 0)
+        try:
+            with self._cond:
+                def idle() -> bool:
+                    bar.update(max(0, total - len(self._queue) - bool(self._inflight) - bar.n))
+                    return not self._queue and not self._inflight
+
+                self._cond.wait_for(idle, timeout)
+        finally:
+            bar.close()
+        return self.unpushed()
+
+    def close(self) -> list[Path]:
+        """Stop after the push in progress, leave the queued ones; return what is not pushed."""
+        left = self.unpushed()
+        with self._cond:
+            self._closed.set()
+            self._queue.clear()
+            self._cond.notify_all()
+        return left
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed.is_set())
+                if self._closed.is_set():
+                    return
+                job = self._queue.popleft()
+                batch = list(dict.fromkeys([*self._carry, *([job] if job else [])]))
+                self._carry, self._inflight = [], batch
+            ok, sha = self._push(batch)
+            with self._cond:
+                self._inflight = []
+                if ok:
+                    self._pushed.extend((folder, sha) for folder in batch)
+                elif not self._closed.is_set():
+                    self._carry = [f for f in batch if f.is_dir()]
+                self._cond.notify_all()
+
+    def _push(self, batch: list[Path]) -> tuple[bool, str]:
+        if not batch:
+            return True, ""
+        try:
+            with _quiet_client():
+                return self._push_quietly(batch)
+        except Exception as e:  # the worker must survive anything; the warning says what failed
+            names = ", ".join(str(f) for f in batch)
+            reason = _hub_error(e, self.repo_id, self._api.endpoint)
+            log.warning(
+                "checkpoint %s is not on the Hub (%s): %s; it is kept locally and will be sent "
+                "with the next push", names, self.repo_id, reason,
+            )
+            return False, ""
+
+    def _push_quietly(self, batch: list[Path]) -> tuple[bool, str]:
+        if not self._prepared:
+            self.prepare()
+        return True, self._retrying(lambda: self._commit(batch))
+
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        for n in range(self.retries + 1):
+            try:
+                return attempt()
+            except Exception as e:
+                if n == self.retries or not _transient(e) or self._closed.is_set():
+                    raise
+                delay = random.uniform(0, min(self.max_backoff, self.backoff * 2**n))
+                after = _retry_after(e)
+                if after is not None:
+                    delay = max(delay, after)
+                log.info("push to %s failed (%s: %s); retry %d/%d in %.1fs", self.repo_id,
+                         type(e).__name__, str(e).splitlines()[0] if str(e) else "", n + 1,
+                         self.retries, delay)
+                if self._closed.wait(delay):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _remote_steps(self, revision: str) -> dict[int, str]:
+        try:
+            entries = self._api.list_repo_tree(self.repo_id, path_in_repo=CHECKPOINTS_DIR,
+                                               revision=revision)
+            names = [e.path.rsplit("/", 1)[-1] for e in entries]
+        except RemoteEntryNotFoundError:
+            return {}
+        return {int(m.group(1)): n for n in names if (m := _STEP_DIR.fullmatch(n))}
+
+    def _commit(self, batch: list[Path]) -> str:
+        """One commit for ``batch``, planned against the branch head as it is now (so a retry
+        after a lost answer neither duplicates nor fails on files already there)."""
+        head = self._api.repo_info(self.repo_id, revision=self.branch).sha
+        remote = self._remote_steps(head)
+        local = {}
+        for folder in batch:
+            match = _STEP_DIR.fullmatch(folder.name)
+            if match is None or not (folder / MANIFEST).is_file():
+                raise HubError(f"{folder} is not a finished checkpoint folder (step-NNNNNNN with "
+                               f"{MANIFEST})")
+            local[int(match.group(1))] = folder
+        newest = max(local)
+        ranked = sorted(set(remote) | set(local), reverse=True)
+        keep = {newest} | set(ranked[: self.keep_remote] if self.keep_remote else ranked)
+        ops: list[CommitOperationAdd | CommitOperationDelete] = []
+        for step in sorted(s for s in local if s in keep):
+            ops += _folder_additions(local[step], f"{CHECKPOINTS_DIR}/{_step_name(step)}")
+        newest_folder = local[newest]
+        ops += [
+            CommitOperationAdd(f"{CHECKPOINTS_DIR}/{LATEST}", f"{_step_name(newest)}\n".encode()),
+            CommitOperationAdd(ADAPTERS, str(newest_folder / ADAPTERS)),
+            CommitOperationAdd(ADAPTER_CONFIG, str(newest_folder / ADAPTER_CONFIG)),
+            CommitOperationAdd("README.md", str(model_card(
+                newest_folder, self.repo_id, sorted(keep), self.branch)).encode()),
+        ]
+        ops += [CommitOperationDelete(f"{CHECKPOINTS_DIR}/{remote[s]}/", is_folder=True)
+                for s in sorted(remote) if s not in keep]
+        deleted = sorted(s for s in remote if s not in keep)
+        info = self._api.create_commit(
+            self.repo_id, ops, revision=self.branch, parent_commit=head,
+            commit_message=f"adamw-lm: checkpoint {_step_name(newest)}",
+            commit_description=(f"Adds {', '.join(_step_name(s) for s in sorted(local))}"
+                                + (f"; removes {', '.join(_step_name(s) for s in deleted)}"
+                                   if deleted else "")),
+        )
+        return info.oid
+
+
+@contextlib.contextmanager
+def _quiet_client():
+    """Hide the client's per-file bars while a background push runs: they would interleave with
+    the training log (``Pusher.wait`` shows one bar of its own)."""
+    if are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _folder_additions(folder: Path, prefix: str) -> list[CommitOperationAdd]:
+    """Every file of a checkpoint folder; sha256s come from its manifest, so nothing is hashed
+    twice (the Hub checks them against the bytes it receives)."""
+    manifest = _json_capped(folder / MANIFEST, _MAX_MANIFEST, f"{folder / MANIFEST}")
+    listed = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    ops = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            raise HubError(f"{entry} is not a regular file: a checkpoint folder holds files only")
+        op = CommitOperationAdd(f"{prefix}/{entry.name}", str(entry))
+        record = listed.get(entry.name)
+        if (isinstance(record, dict) and record.get("size") == op.upload_info.size
+                and isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64):
+            op.upload_info.sha256 = bytes.fromhex(record["sha256"])
+        ops.append(op)
+    return ops
+
+
+# -- pulling ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A checkpoint folder on the Hub, as :func:`list_remote` reports it."""
+
+    step: int
+    path: str
+    latest: bool
+    size: int
+    val_loss: float | None = None
+    train_loss: float | None = None
+
+
+class _Remote:
+    """One repo at one commit: every read below sees the same files."""
+
+    def __init__(self, spec: HubSpec, endpoint: str | None, cache_dir: str | Path | None):
+        self.spec, self.cache_dir = spec, cache_dir
+        self.api = HfApi(endpoint=endpoint)
+        self.endpoint = self.api.endpoint
+        try:
+            self.sha = self.api.repo_info(spec.repo_id, revision=spec.revision).sha
+            tree = self.api.list_repo_tree(spec.repo_id, path_in_repo=CHECKPOINTS_DIR,
+                                           recursive=True, revision=self.sha)
+            self.files = {e.path: e.size for e in tree if hasattr(e, "size")}
+        except RemoteEntryNotFoundError:
+            self.files = {}
+        except Exception as e:
+            raise _hub_error(e, spec, self.endpoint) from e
+        self.steps: dict[int, str] = {}
+        for path in self.files:
+            parts = path.split("/")
+            if len(parts) == 3 and (m := _STEP_DIR.fullmatch(parts[1])):
+                self.steps[int(m.group(1))] = parts[1]
+        where = f"{spec}" + ("" if spec.revision else " (main)")
+        if not self.steps:
+            raise HubNotFoundError(f"Hub repo {where} has no checkpoints "
+                                   f"({CHECKPOINTS_DIR}/step-NNNNNNN folders)")
+        self.where = where
+
+    def download(self, path: str, cap: int) -> Path | None:
+        """One small file, or ``None`` when it is missing or larger than ``cap``."""
+        size = self.files.get(path)
+        if size is None or size > cap:
+            return None
+        try:
+            return Path(hf_hub_download(self.spec.repo_id, path, revision=self.sha,
+                                        cache_dir=self.cache_dir, endpoint=self.endpoint))
+        except Exception as e:
+            raise _hub_error(e, self.spec, self.endpoint) from e
+
+    def latest(self) -> int:
+        """The step ``checkpoints/latest`` names; the highest step if it is missing or wrong."""
+        found = self.download(f"{CHECKPOINTS_DIR}/{LATEST}", _MAX_LATEST)
+        text = found.read_bytes()[:_MAX_LATEST].decode("ascii", "replace").strip() if found else ""
+        match = _STEP_DIR.fullmatch(text)
+        if match and int(match.group(1)) in self.steps:
+            return int(match.group(1))
+        highest = max(self.steps)
+        log.warning("Hub repo %s: %s/%s does not name one of its checkpoints; using the highest "
+                    "step, %d", self.where, CHECKPOINTS_DIR, LATEST, highest)
+        return highest
+
+
+def pull(
+    spec: str | HubSpec,
+    step: int | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download one checkpoint folder of a Hub run and return it, ready for ``checkpoint.load``.
+
+    ``spec`` is ``[hub:]USER/REPO[@REVISION]``; the default step is the one the remote
+    ``checkpoints/latest`` names. Only the files that the step's manifest lists are downloaded
+    (``snapshot_download`` into the Hugging Face cache, at the commit the revision resolves to),
+    after checking their sizes against the manifest. The returned folder holds links into the
+    cache's blobs; verify it with ``checkpoint.verify`` / ``load`` like any local folder.
+
+    Raises:
+        HubNotFoundError: the repo, revision or step does not exist.
+        HubAuthError: no token for a private repo, or a refused token.
+        HubError: the Hub could not be reached, or the step folder is not a checkpoint.
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    remote = _Remote(spec, endpoint, cache_dir)
+    if step is None:
+        step = remote.latest()
+    elif step not in remote.steps:
+        have = ", ".join(str(s) for s in sorted(remote.steps))
+        raise HubNotFoundError(f"Hub repo {remote.where} has no checkpoint for step {step}; "
+                               f"it has steps {have}")
+    prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
+    manifest_file = remote.download(f"{prefix}/{MANIFEST}", _MAX_MANIFEST)
+    if manifest_file is None:
+        raise HubError(f"Hub repo {remote.where}: {prefix} has no {MANIFEST} (of at most "
+                       f"{_MAX_MANIFEST} bytes): not a complete checkpoint")
+    manifest = _json_capped(manifest_file, _MAX_MANIFEST, f"{prefix}/{MANIFEST} on {remote.where}")
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not all(
+        isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+        for n in listed
+    ):
+        raise HubError(f"Hub repo {remote.where}: {prefix}/{MANIFEST} does not list plain file "
+                       f"names: not an adamw_lm checkpoint")
+    for name, record in listed.items():
+        size = remote.files.get(f"{prefix}/{name}")
+        expected = record.get("size") if isinstance(record, dict) else None
+        if size is None:
+            raise HubError(f"Hub repo {remote.where}: {prefix}/{name} is missing (listed in its "
+                           f"{MANIFEST})")
+        if size != expected:
+            raise HubError(f"Hub repo {remote.where}: {prefix}/{name} is {size} bytes, its "
+                           f"{MANIFEST} says {expected!r}")
+    try:
+        snapshot = snapshot_download(
+            spec.repo_id, revision=remote.sha, cache_dir=cache_dir, endpoint=remote.endpoint,
+            allow_patterns=[f"{prefix}/{name}" for name in (MANIFEST, *listed)],
+        )
+    except Exception as e:
+        raise _hub_error(e, spec, remote.endpoint) from e
+    return Path(snapshot) / prefix
+
+
+def list_remote(
+    spec: str | HubSpec, *, cache_dir: str | Path | None = None, endpoint: str | None = None
+) -> list[RemoteCheckpoint]:
+    """The checkpoints of a Hub run, newest first, with their validation and last training loss.
+
+    Only each step's manifest and trainer state are read (size-capped, untrusted: a value that
+    is not a finite number is shown as missing).
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    remote = _Remote(spec, endpoint, cache_dir)
+    latest = remote.latest()
+    found = []
+    for step in sorted(remote.steps, reverse=True):
+        prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
+        size = sum(s for p, s in remote.files.items() if p.startswith(prefix + "/"))
+        val = train = None
+        manifest = remote.download(f"{prefix}/{MANIFEST}", _MAX_MANIFEST)
+        if manifest is not None:
+            val = _finite(_get(manifest, _MAX_MANIFEST, "val_loss"))
+        state = remote.download(f"{prefix}/{TRAINER_STATE}", _MAX_TRAINER_STATE)
+        if state is not None:
+            losses = _get(state, _MAX_TRAINER_STATE, "losses")
+            train = _finite(losses[-1]) if isinstance(losses, list) and losses else None
+        found.append(RemoteCheckpoint(step, prefix, step == latest, size, val, train))
+    return found
+
+
+def _get(path: Path, cap: int, key: str) -> Any:
+    try:
+        data = _json_capped(path, cap, str(path))
+    except HubError:
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+__all__ = [
+    "HubAuthError",
+    "HubError",
+    "HubNotFoundError",
+    "HubSpec",
+    "Pusher",
+    "RemoteCheckpoint",
+    "list_remote",
+    "model_card",
+    "parse_spec",
+    "pull",
+]
