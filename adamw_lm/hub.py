@@ -253,8 +253,9 @@ def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main
 
     losses = state.get("losses") if isinstance(state.get("losses"), list) else []
     train = _segment_losses(losses, steps)
-    val = {int(it): float(v) for it, v in (state.get("val_losses") or [])
-           if isinstance(it, int) and isinstance(v, (int, float))}
+    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
+    val = {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
+           and isinstance(p[0], int) and isinstance(p[1], (int, float))}
     rows = [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
 
     precision_line = ""
@@ -494,7 +495,8 @@ class Pusher:
                 if self._closed.is_set():
                     return
                 job = self._queue.popleft()
-                batch = list(dict.fromkeys([*self._carry, *([job] if job else [])]))
+                batch = [f for f in dict.fromkeys([*self._carry, *([job] if job else [])])
+                         if _pushable(f)]
                 self._carry, self._inflight = [], batch
             ok, sha = self._push(batch)
             with self._cond:
@@ -557,13 +559,7 @@ class Pusher:
         after a lost answer neither duplicates nor fails on files already there)."""
         head = self._api.repo_info(self.repo_id, revision=self.branch).sha
         remote = self._remote_steps(head)
-        local = {}
-        for folder in batch:
-            match = _STEP_DIR.fullmatch(folder.name)
-            if match is None or not (folder / MANIFEST).is_file():
-                raise HubError(f"{folder} is not a finished checkpoint folder (step-NNNNNNN with "
-                               f"{MANIFEST})")
-            local[int(match.group(1))] = folder
+        local = {int(_STEP_DIR.fullmatch(f.name).group(1)): f for f in batch}
         newest = max(local)
         ranked = sorted(set(remote) | set(local), reverse=True)
         keep = {newest} | set(ranked[: self.keep_remote] if self.keep_remote else ranked)
@@ -589,6 +585,15 @@ class Pusher:
                                    if deleted else "")),
         )
         return info.oid
+
+
+def _pushable(folder: Path) -> bool:
+    """A finished checkpoint folder; anything else is dropped with a warning, never carried."""
+    if _STEP_DIR.fullmatch(folder.name) and (folder / MANIFEST).is_file():
+        return True
+    log.warning("not pushing %s: it is gone or not a finished checkpoint folder (step-NNNNNNN "
+                "with %s)", folder, MANIFEST)
+    return False
 
 
 @contextlib.contextmanager

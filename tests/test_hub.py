@@ -281,6 +281,18 @@ def test_wait_retries_failed_pushes_once_more(hub, run_dir):
     assert remote_steps(hub, repo) == ["step-0000010"]
 
 
+def test_a_folder_that_is_not_a_checkpoint_is_dropped_not_carried(hub, run_dir, tmp_path, caplog):
+    repo = hub.repo_id("dropped")
+    p = pusher(hub, repo)
+    with caplog.at_level(logging.WARNING, logger="adamw_lm.hub"):
+        p.submit(tmp_path / "step-0000005")  # gone before its push
+        p.submit(tmp_path)  # not a checkpoint folder
+        p.submit(step_dir(run_dir, 10))
+        assert p.wait(progress=False) == []
+    assert caplog.text.count("not pushing") == 2
+    assert remote_steps(hub, repo) == ["step-0000010"]
+
+
 def test_close_leaves_pending_pushes_and_returns_them(hub, run_dir):
     repo = hub.repo_id("close")
     p = pusher(hub, repo)
