@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import httpx2
 import yaml
 from huggingface_hub import (
     CommitOperationAdd,
@@ -55,6 +54,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from tqdm.auto import tqdm
+
+try:  # huggingface_hub 2.x sends its requests with httpx2, 1.x with httpx
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - depends on the installed client
+    from httpx import TransportError
 
 from .checkpoint import (
     ADAPTER_CONFIG,
@@ -173,7 +177,7 @@ def _transient(error: BaseException) -> bool:
     if status is not None:
         # 412: someone else committed since we read the branch head; re-plan and commit again.
         return status in _RETRY_STATUS or status == 412
-    return any(isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
+    return any(isinstance(e, (TransportError, ConnectionError, TimeoutError))
                for e in _causes(error))
 
 
@@ -204,11 +208,15 @@ def _hub_error(error: BaseException, spec: HubSpec | str, endpoint: str) -> HubE
         )
     if status is not None:
         return HubError(f"Hub repo {where}: the Hub answered HTTP {status}")
-    if any(isinstance(e, (httpx2.TransportError, LocalEntryNotFoundError, OSError))
+    if any(isinstance(e, (TransportError, LocalEntryNotFoundError, OSError))
            for e in _causes(error)):
-        return HubError(f"cannot reach the Hub at {endpoint} for {where}: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-    return HubError(f"Hub repo {where}: {type(error).__name__}: {str(error).splitlines()[0]}")
+        return HubError(f"cannot reach the Hub at {endpoint} for {where}: {_first_line(error)}")
+    return HubError(f"Hub repo {where}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # -- the model card --------------------------------------------------------------------------
@@ -230,15 +238,40 @@ def _public(value: Any) -> Any:
     return value
 
 
-def _segment_losses(losses: list[Any], steps: list[int]) -> dict[int, float]:
-    """Mean training loss over the iterations since the previous listed checkpoint."""
-    means, previous = {}, 0
+def _loss_rows(state: dict[str, Any], steps: list[int]) -> list[str]:
+    """Table rows: mean training loss since the previous row, validation loss at the step."""
+    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
+    train, previous = {}, 0
     for step in sorted(steps):
         window = losses[previous:step]
         if window and all(isinstance(x, (int, float)) for x in window):
-            means[step] = float(sum(window) / len(window))
+            train[step] = float(sum(window) / len(window))
         previous = step
-    return means
+    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
+    val = {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
+           and isinstance(p[0], int) and isinstance(p[1], (int, float))}
+    return [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
+
+
+def _optimizer_line(folder: Path) -> str:
+    """The optimizer, its moment precisions and its state size, from the safetensors header."""
+    from safetensors import safe_open
+
+    path = folder / OPTIMIZER
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    plan = json.loads(metadata.get("precision_plan", "{}"))
+    counts = collections.Counter(str(p) if p else "param dtype" for p in plan.values())
+    return (f"- Optimizer: `{metadata.get('optimizer', '?')}`, moments in "
+            + ", ".join(f"{p} x {n} parameters" for p, n in sorted(counts.items()))
+            + f"; optimizer state {_size(path.stat().st_size)}")
+
+
+def _size(n: float) -> str:
+    units, k = ("bytes", "KiB", "MiB", "GiB"), 0
+    while n >= 1024 and k < len(units) - 1:
+        n, k = n / 1024, k + 1
+    return f"{n} bytes" if k == 0 else f"{n:.1f} {units[k]}"
 
 
 def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main") -> ModelCard:
@@ -247,52 +280,30 @@ def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main
     state = state if isinstance(state, dict) else {}
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     adapter = _json_capped(folder / ADAPTER_CONFIG, _MAX_MANIFEST, f"{folder / ADAPTER_CONFIG}")
-    fine_tune = adapter.get("fine_tune_type", "lora") if isinstance(adapter, dict) else "lora"
+    fine_tune = str(adapter.get("fine_tune_type", "lora")) if isinstance(adapter, dict) else "lora"
     model = config.get("model")
     base_model = model if isinstance(model, str) and not _is_local_path(model) else None
-
-    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
-    train = _segment_losses(losses, steps)
-    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
-    val = {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
-           and isinstance(p[0], int) and isinstance(p[1], (int, float))}
-    rows = [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
-
-    precision_line = ""
-    optimizer_file = folder / OPTIMIZER
-    if optimizer_file.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(optimizer_file), framework="numpy") as f:
-            metadata = f.metadata() or {}
-        plan = json.loads(metadata.get("precision_plan", "{}"))
-        counts = collections.Counter(str(p) if p else "float32/param dtype" for p in plan.values())
-        precision_line = (
-            f"- Optimizer: `{metadata.get('optimizer', '?')}`, moment precision "
-            + ", ".join(f"{p} x {n}" for p, n in sorted(counts.items()))
-            + f"; optimizer state {optimizer_file.stat().st_size / 2**20:.1f} MiB on disk\n"
-        )
+    name = repo_id.split("/")[1]
     revision = "" if branch == "main" else f"@{branch}"
-    data = ModelCardData(
-        library_name="mlx",
-        base_model=base_model,
-        tags=["mlx", "adamw-lm", str(fine_tune)],
-    )
+    data = ModelCardData(library_name="mlx", base_model=base_model,
+                         tags=["mlx", "adamw-lm", fine_tune])
     recipe = yaml.safe_dump(_public(config), sort_keys=False).strip() if config else "(none)"
     body = f"""
-# {repo_id.split("/")[1]}
+# {name}
 
-A {fine_tune} fine-tuning run of {f"`{base_model}`" if base_model else "a local base model"} made
-with [adamw_lm](https://github.com/ml-explore/mlx-lm) on MLX. Each `checkpoints/step-NNNNNNN`
-folder holds adapters, optimizer state and trainer state with a sha256 manifest, so the run can
-be continued exactly; the top-level adapters are the newest checkpoint's, in mlx-lm's format.
+A {fine_tune} fine-tuning run of {f"`{base_model}`" if base_model else "a local base model"} with
+adamw_lm on MLX. Each `checkpoints/step-NNNNNNN` folder holds the adapters, the optimizer state
+and the trainer state with a sha256 manifest, so that the run can be continued exactly; the
+top-level adapters are the newest checkpoint's, in mlx-lm's format.
 
-- Checkpoints on the Hub: {", ".join(str(s) for s in sorted(steps))}
-{precision_line}
+- Checkpoints here: {", ".join(str(s) for s in sorted(steps))}
+{_optimizer_line(folder) if (folder / OPTIMIZER).is_file() else ""}
+
 ## Use the adapters
 
 ```bash
-mlx_lm.generate --model {base_model or "BASE_MODEL"} --adapter-path <snapshot of {repo_id}> --prompt "..."
+hf download {repo_id} adapters.safetensors adapter_config.json --local-dir {name}
+mlx_lm.generate --model {base_model or "BASE_MODEL"} --adapter-path {name} --prompt "..."
 ```
 
 ## Continue the run
@@ -308,7 +319,7 @@ or the data were local folders on the first machine.
 
 | step | train loss | val loss |
 |---:|---:|---:|
-{chr(10).join(rows)}
+{chr(10).join(_loss_rows(state, steps))}
 
 ## Recipe
 
@@ -528,7 +539,8 @@ class Pusher:
         return True, self._retrying(lambda: self._commit(batch))
 
     def _retrying(self, attempt: Callable[[], _T]) -> _T:
-        for n in range(self.retries + 1):
+        n = 0
+        while True:
             try:
                 return attempt()
             except Exception as e:
@@ -538,12 +550,11 @@ class Pusher:
                 after = _retry_after(e)
                 if after is not None:
                     delay = max(delay, after)
-                log.info("push to %s failed (%s: %s); retry %d/%d in %.1fs", self.repo_id,
-                         type(e).__name__, str(e).splitlines()[0] if str(e) else "", n + 1,
-                         self.retries, delay)
+                n += 1
+                log.info("push to %s failed (%s); retry %d/%d in %.1fs", self.repo_id,
+                         _first_line(e), n, self.retries, delay)
                 if self._closed.wait(delay):
                     raise
-        raise AssertionError("unreachable")
 
     def _remote_steps(self, revision: str) -> dict[int, str]:
         try:

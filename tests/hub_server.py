@@ -14,7 +14,7 @@ PUT is checked against the announced sha256 and size.
 Faults are injected per route with :meth:`LocalHub.fail`; each fault fires a bounded number of
 times. Every request is logged (:meth:`LocalHub.requests`) so tests can see retries and waits.
 
-    python tests/hub_server.py   # serves until Ctrl-C and prints its url and a write token
+    python tests/hub_server.py [ROOT]  # serves until killed; prints {"url", "token", "user"}
 """
 
 from __future__ import annotations
@@ -672,11 +672,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    import sys
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        hub = LocalHub(Path(folder)).start()
-        print(f"local Hub at {hub.url}; HF_TOKEN={hub.add_token('user')} (user 'user')")
+        hub = LocalHub(Path(sys.argv[1] if len(sys.argv) > 1 else folder)).start()
+        # One JSON line on stdout, for scripts that start the server as a subprocess.
+        print(json.dumps({"url": hub.url, "token": hub.add_token("user"), "user": "user"}),
+              flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
