@@ -446,12 +446,16 @@ class Pusher:
             if self._closed.is_set():
                 raise HubError(f"push of {folder} after close(): this Pusher has stopped")
             self._queue.append(Path(folder))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="adamw-lm-hub-push",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+            self._kick()
         return True
+
+    def _kick(self) -> None:
+        """Start the worker if it is not running; call with ``self._cond`` held."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, daemon=True,
+                                            name=f"adamw-lm-hub-push {self.repo_id}")
+            self._thread.start()
+        self._cond.notify_all()
 
     def pinned(self) -> set[Path]:
         """Local folders not yet on the Hub: queued, being pushed, or failed. Do not delete them."""
@@ -464,16 +468,18 @@ class Pusher:
             found = [*self._carry, *self._inflight, *(p for p in self._queue if p is not None)]
         return list(dict.fromkeys(found))
 
-    def wait(self, progress: bool = True, timeout: float | None = None) -> list[Path]:
-        """Wait for every queued push (retrying failed ones once more); return what is not pushed.
+    def wait(self, progress: bool = True, timeout: float | None = None,
+             retry_failed: bool = True) -> list[Path]:
+        """Wait for every queued push; return what is not pushed (oldest first).
 
-        Shows a tqdm bar when ``progress``. A ``KeyboardInterrupt`` reaches the caller, which can
-        then :meth:`close` and report :meth:`unpushed`.
+        With ``retry_failed`` (the end of a run), failed pushes get one more try first. Shows a
+        tqdm bar when ``progress``. A ``KeyboardInterrupt`` reaches the caller, which can then
+        :meth:`close` and report :meth:`unpushed`.
         """
         with self._cond:
-            if self._carry and not self._queue and self._thread is not None:
+            if retry_failed and self._carry and not self._queue and not self._closed.is_set():
                 self._queue.append(None)  # one more try for the failed ones
-                self._cond.notify_all()
+                self._kick()
             total = len(self._queue) + bool(self._inflight)
         bar = tqdm(total=total, desc=f"pushing to {self.repo_id}", unit="checkpoint",
                    disable=not progress or total == 0)
@@ -500,10 +506,13 @@ class Pusher:
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
+        # Runs while there is work; submit() starts a new worker when needed, so an idle
+        # Pusher holds no thread.
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed.is_set())
-                if self._closed.is_set():
+                if self._closed.is_set() or not self._queue:
+                    self._thread = None
+                    self._cond.notify_all()
                     return
                 job = self._queue.popleft()
                 batch = [f for f in dict.fromkeys([*self._carry, *([job] if job else [])])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -131,11 +132,15 @@ def test_push_then_pull_gives_the_same_folder_and_it_loads(hub, run_dir, tiny_mo
         assert mx.array_equal(a, b).item(), key
 
 
-def test_pushes_go_in_order_one_commit_each(hub, run_dir):
+def test_pushes_go_in_order_one_commit_each_and_an_idle_pusher_holds_no_thread(hub, run_dir):
     repo = hub.repo_id("order")
     push_all(pusher(hub, repo), run_dir)
     titles = [c.title for c in reversed(hub.server.history(repo))]
     assert titles == ["initial commit"] + [f"adamw-lm: checkpoint step-{s:07d}" for s in STEPS]
+    workers = [t for t in threading.enumerate() if t.name == f"adamw-lm-hub-push {repo}"]
+    for t in workers:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in workers)
 
 
 def test_remote_rotation_deletes_old_steps_in_the_same_commit(hub, run_dir):
@@ -253,8 +258,7 @@ def test_exhausted_retries_warn_keep_pinned_and_the_next_push_carries_it(hub, ru
     hub.server.fail("commit", "status", status=500, times=FAST["retries"] + 1)
     with caplog.at_level(logging.WARNING, logger="adamw_lm.hub"):
         p.submit(first)
-        with p._cond:
-            p._cond.wait_for(lambda: not p._queue and not p._inflight, timeout=30)
+        assert p.wait(progress=False, retry_failed=False) == [first]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(first) in warnings[0] and "not on the Hub" in warnings[0]
     assert p.pinned() == {first} and p.unpushed() == [first]
@@ -274,9 +278,7 @@ def test_wait_retries_failed_pushes_once_more(hub, run_dir):
     p.prepare()
     hub.server.fail("commit", "status", status=500, times=FAST["retries"] + 1)
     p.submit(step_dir(run_dir, 10))
-    with p._cond:
-        p._cond.wait_for(lambda: not p._queue and not p._inflight, timeout=30)
-    assert p.unpushed() == [step_dir(run_dir, 10)]
+    assert p.wait(progress=False, retry_failed=False) == [step_dir(run_dir, 10)]
     assert p.wait(progress=False) == []
     assert remote_steps(hub, repo) == ["step-0000010"]
 
