@@ -75,6 +75,7 @@ log = logging.getLogger("adamw_lm.hub")
 
 _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 _STEP_DIR = re.compile(r"step-(\d{7,})")
+_PLAIN_NAME = re.compile(r"[\w.-]+")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Remote files are untrusted: read at most this much of each small file before parsing.
 _MAX_LATEST = 64
@@ -749,9 +750,9 @@ def pull(
                        f"{_MAX_MANIFEST} bytes): not a complete checkpoint")
     manifest = _json_capped(manifest_file, _MAX_MANIFEST, f"{prefix}/{MANIFEST} on {remote.where}")
     listed = manifest.get("files") if isinstance(manifest, dict) else None
+    # Plain names only: they become download patterns, where * ? [ would match other files.
     if not isinstance(listed, dict) or not all(
-        isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
-        for n in listed
+        isinstance(n, str) and _PLAIN_NAME.fullmatch(n) and n not in (".", "..") for n in listed
     ):
         raise HubError(f"Hub repo {remote.where}: {prefix}/{MANIFEST} does not list plain file "
                        f"names: not an adamw_lm checkpoint")

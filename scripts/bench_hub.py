@@ -31,6 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(folder: Path) -> tuple[subprocess.Popen, dict]:
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"), str(folder)],
                               stdout=subprocess.PIPE, text=True)
@@ -54,7 +63,7 @@ def main() -> None:
     os.environ.update({"HF_TOKEN": hub_info["token"], "HF_HOME": str(work / "hf_home"),
                        "HF_HUB_DISABLE_XET": "1", "HF_ENDPOINT": hub_info["url"]})
     try:
-        run(args, work, hub_info)
+        run(args, work, {**hub_info, "pid": server.pid})
     finally:
         server.terminate()
         server.wait()
@@ -99,15 +108,18 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
 
     train(work / "warmup", None)
     times: dict[str, list[float]] = {"no push": [], "push": []}
-    waits = []
+    waits: list[float] = []
+    server_cpu: list[float] = []  # the local Hub's work, which a real Hub does elsewhere
     for r in range(args.rounds):
         order = ("no push", "push") if r % 2 == 0 else ("push", "no push")
         for mode in order:
             pusher = Pusher(f"{user}/bench-{r}", endpoint=url) if mode == "push" else None
+            cpu = cpu_seconds(hub_info["pid"])
             per_step, waited = train(work / f"run-{r}-{mode.replace(' ', '-')}", pusher)
             times[mode].append(per_step)
             if pusher is not None:
                 waits.append(waited)
+                server_cpu.append(cpu_seconds(hub_info["pid"]) - cpu)
 
     folder = checkpoint.latest_checkpoint(work / "run-0-push")
     size = sum(f.stat().st_size for f in folder.iterdir())
@@ -138,6 +150,10 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
           f"{statistics.median(waits):.2f} |")
     paired = [p / n for p, n in zip(times["push"], times["no push"])]
     print(f"\nPaired ratios per round (push ÷ no push): {', '.join(f'{r:.3f}' for r in paired)}")
+    pushes_per_run = args.steps // args.every
+    print(f"CPU time of the local Hub server per push (on this machine's cores here, on the Hub's "
+          f"in real use): {statistics.median(server_cpu) / pushes_per_run:.2f} s; training time "
+          f"per push interval: {no_push * args.every:.2f} s")
     adapters = (folder / checkpoint.ADAPTERS).stat().st_size
     print("\n| upload of one checkpoint folder | s, median | folder MB/s | bytes sent MB/s |")
     print("|---|---:|---:|---:|")

@@ -132,6 +132,27 @@ def test_push_then_pull_gives_the_same_folder_and_it_loads(hub, run_dir, tiny_mo
         assert mx.array_equal(a, b).item(), key
 
 
+def test_files_above_the_lfs_threshold_go_through_lfs_whatever_their_type(hub, run_dir, tmp_path):
+    from hub_server import LocalHub
+
+    small_lfs = LocalHub(tmp_path / "server", lfs_threshold=512).start()
+    try:
+        small_lfs.tokens[hub.token] = (hub.user, True)
+        repo = f"{hub.user}/lfs-threshold"
+        p = Pusher(repo, endpoint=small_lfs.url, **FAST)
+        assert push_all(p, run_dir, steps=(10,)) == []
+        state = step_dir(run_dir, 10) / "trainer_state.json"
+        assert state.stat().st_size > 512
+        commit = small_lfs.history(repo)[0]
+        assert commit.files["checkpoints/step-0000010/trainer_state.json"].lfs
+        assert not commit.files["checkpoints/latest"].lfs
+        folder = pull(repo, endpoint=small_lfs.url)
+        assert (folder / "trainer_state.json").read_bytes() == state.read_bytes()
+        assert checkpoint.verify(folder)["step"] == 10
+    finally:
+        small_lfs.stop()
+
+
 def test_pushes_go_in_order_one_commit_each_and_an_idle_pusher_holds_no_thread(hub, run_dir):
     repo = hub.repo_id("order")
     push_all(pusher(hub, repo), run_dir)
@@ -391,6 +412,19 @@ def test_a_file_tampered_on_the_hub_is_caught(hub, run_dir):
     hub.server.commit_files(repo, {name: bytes(data) + b"more"})
     with pytest.raises(HubError, match=r"optimizer.safetensors is \d+ bytes, its manifest.json"):
         pull(repo, endpoint=hub.url)
+
+
+def test_a_manifest_that_names_a_pattern_downloads_nothing(hub, run_dir):
+    repo = hub.repo_id("pattern")
+    push_all(pusher(hub, repo), run_dir, steps=(10,))
+    prefix = "checkpoints/step-0000010"
+    manifest = json.loads(hub.server.files(repo)[f"{prefix}/manifest.json"])
+    manifest["files"]["*"] = {"size": 4, "sha256": "0" * 64}
+    hub.server.commit_files(repo, {f"{prefix}/manifest.json": json.dumps(manifest).encode(),
+                                   f"{prefix}/*": b"glob", f"{prefix}/huge.bin": b"x" * 1000})
+    with pytest.raises(HubError, match="does not list plain file names"):
+        pull(repo, endpoint=hub.url)
+    assert not hub.cache.exists() or not list(hub.cache.rglob("huge.bin"))
 
 
 def test_a_latest_or_card_that_lies_is_not_believed(hub, run_dir, caplog):
