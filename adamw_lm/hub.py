@@ -430,6 +430,9 @@ class Pusher:
         self._api.create_repo(self.repo_id, private=self.private, exist_ok=True)
         # create_repo(exist_ok=True) succeeds on a repo we can only read; this does not.
         self._api.auth_check(self.repo_id, write=True)
+        if self.private and self._api.repo_info(self.repo_id).private is False:
+            log.warning("Hub repo %s exists and is public: the checkpoints pushed there (adapters, "
+                        "optimizer state, config) are public too", self.repo_id)
         if self.branch != "main":
             self._api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
         self._prepared = True
@@ -588,10 +591,13 @@ class Pusher:
         for step in sorted(s for s in local if s in keep):
             ops += _folder_additions(local[step], f"{CHECKPOINTS_DIR}/{_step_name(step)}")
         newest_folder = local[newest]
+        top = [_copy_of(ops, newest_folder / name, name) for name in (ADAPTERS, ADAPTER_CONFIG)]
+        # Upload the folder first: the commit then finds the top-level copy of the adapters
+        # already stored (same sha256) instead of sending its bytes a second time.
+        self._api.preupload_lfs_files(self.repo_id, additions=list(ops), revision=self.branch)
         ops += [
+            *top,
             CommitOperationAdd(f"{CHECKPOINTS_DIR}/{LATEST}", f"{_step_name(newest)}\n".encode()),
-            CommitOperationAdd(ADAPTERS, str(newest_folder / ADAPTERS)),
-            CommitOperationAdd(ADAPTER_CONFIG, str(newest_folder / ADAPTER_CONFIG)),
             CommitOperationAdd("README.md", str(model_card(
                 newest_folder, self.repo_id, sorted(keep), self.branch)).encode()),
         ]
@@ -606,6 +612,17 @@ class Pusher:
                                    if deleted else "")),
         )
         return info.oid
+
+
+def _copy_of(ops: list, source: Path, path_in_repo: str) -> CommitOperationAdd:
+    """An addition of ``source`` at ``path_in_repo`` that reuses the sha256 of ``source``'s own
+    addition in ``ops`` (full fine-tunes: the adapters are all the weights, hashed once)."""
+    op = CommitOperationAdd(path_in_repo, str(source))
+    for other in ops:
+        if (isinstance(other, CommitOperationAdd) and other.path_or_fileobj == str(source)
+                and other.upload_info.is_hashed):
+            op.upload_info.sha256 = other.upload_info.sha256
+    return op
 
 
 def _pushable(folder: Path) -> bool:

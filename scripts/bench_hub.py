@@ -1,18 +1,21 @@
 """What a background push costs a training run, and how fast it uploads.
 
-1. Step time with a push after every checkpoint ÷ without: the same training loop (a stack of
-   ``--width`` x ``--width`` linear layers, all trainable, AdamW with ``--precision`` moments)
-   saves a checkpoint every ``--every`` steps; in the "push" runs each saved folder is handed to
-   ``adamw_lm.hub.Pusher``. Runs alternate (no push, push, push, no push, ...) ``--rounds`` times;
-   the ratio is of the median time per step, saves included, pushes waited for after the clock.
+1. Step time with a push running ÷ without, in one training run: a stack of ``--width`` x
+   ``--width`` linear layers, all trainable (as in a full fine-tune), AdamW with ``--precision``
+   moments, saves a checkpoint every ``--every`` steps. After each save the run either hands the
+   folder to ``adamw_lm.hub.Pusher`` (and trains on while it uploads) or not, in the order
+   no push, push, push, no push, ... for ``--intervals`` intervals; the ratio is of the median
+   time of the ``--every`` steps that follow a save. Saves are outside the clock, and before a
+   "no push" interval the previous push is waited for (outside the clock too).
 2. Push throughput: one checkpoint folder through ``Pusher`` (one commit, sha256s from the
    manifest) next to a bare ``HfApi.upload_folder`` of the same folder, each to a fresh repo.
 
 Both talk to the local Hub of the tests (``tests/hub_server.py``), run as a subprocess on
-127.0.0.1 so that its work is not on this process's interpreter lock. Prints markdown tables.
+127.0.0.1 so that its work is not on this process's interpreter lock (it still runs on this
+machine's cores, which a real Hub does not). Prints markdown tables.
 
-    python scripts/bench_hub.py [--width 1024] [--layers 4] [--precision none] [--steps 20]
-        [--every 5] [--rounds 3]
+    python scripts/bench_hub.py [--width 1024] [--layers 4] [--precision none] [--every 5]
+        [--intervals 24] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +34,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,9 +62,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precision", default="none", help="none (mlx-exact), bf16, int8, int4")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--every", type=int, default=5, help="steps between checkpoints")
+    parser.add_argument("--intervals", type=int, default=24, help="checkpoint intervals timed")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of the throughput test")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_hub_"))
@@ -67,6 +77,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
@@ -88,82 +99,82 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def train(run_dir: Path, pusher: Pusher | None) -> tuple[float, float]:
-        """Seconds per step (saves included) and the seconds waited for pushes afterwards."""
+    def steps() -> float:
         tic = time.perf_counter()
-        for step in range(1, args.steps + 1):
+        for _ in range(args.every):
             loss, grads = loss_and_grad(model)
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state)
-            if step % args.every == 0:
-                folder = checkpoint.save(run_dir, step, model, optimizer, {"iteration": step},
-                                         {"fine_tune_type": "full"})
-                if pusher is not None:
-                    pusher.submit(folder)
-        per_step = (time.perf_counter() - tic) / args.steps
-        tic = time.perf_counter()
-        if pusher is not None:
-            assert pusher.wait(progress=False) == [], "a push failed"
-        return per_step, time.perf_counter() - tic
+        return (time.perf_counter() - tic) / args.every
 
-    train(work / "warmup", None)
+    run_dir = work / "run"
+    pusher = Pusher(f"{user}/bench", endpoint=url)
+    pusher.prepare()
+    steps()  # warm-up
     times: dict[str, list[float]] = {"no push": [], "push": []}
-    waits: list[float] = []
-    server_cpu: list[float] = []  # the local Hub's work, which a real Hub does elsewhere
-    for r in range(args.rounds):
-        order = ("no push", "push") if r % 2 == 0 else ("push", "no push")
-        for mode in order:
-            pusher = Pusher(f"{user}/bench-{r}", endpoint=url) if mode == "push" else None
-            cpu = cpu_seconds(hub_info["pid"])
-            per_step, waited = train(work / f"run-{r}-{mode.replace(' ', '-')}", pusher)
-            times[mode].append(per_step)
-            if pusher is not None:
-                waits.append(waited)
-                server_cpu.append(cpu_seconds(hub_info["pid"]) - cpu)
+    server_cpu = []  # the local Hub's work per push, which a real Hub does on its own machines
+    pattern = ("no push", "push", "push", "no push")
+    for i in range(args.intervals):
+        mode = pattern[i % len(pattern)]
+        if mode == "no push":
+            assert pusher.wait(progress=False) == [], "a push failed"
+        folder = checkpoint.save(run_dir, (i + 1) * args.every, model, optimizer,
+                                 {"iteration": (i + 1) * args.every}, {"fine_tune_type": "full"},
+                                 keep_last=2 if mode == "no push" else None)
+        cpu = cpu_seconds(hub_info["pid"])
+        if mode == "push":
+            pusher.submit(folder)
+        times[mode].append(steps())
+        if mode == "push":
+            assert pusher.wait(progress=False) == [], "a push failed"
+            server_cpu.append(cpu_seconds(hub_info["pid"]) - cpu)
 
-    folder = checkpoint.latest_checkpoint(work / "run-0-push")
+    folder = checkpoint.latest_checkpoint(run_dir)
     size = sum(f.stat().st_size for f in folder.iterdir())
     api = HfApi(endpoint=url)
-    pushes, bare = [], []
+    # name -> [(wall s, client CPU s, server CPU s)]
+    uploads: dict[str, list[tuple[float, float, float]]] = {"pusher": [], "bare": []}
+
+    def timed(name: str, upload) -> None:
+        tic, cpu, server = time.perf_counter(), own_cpu_seconds(), cpu_seconds(hub_info["pid"])
+        upload()
+        uploads[name].append((time.perf_counter() - tic, own_cpu_seconds() - cpu,
+                              cpu_seconds(hub_info["pid"]) - server))
+
+    def push(pusher: Pusher) -> None:
+        pusher.submit(folder)
+        assert pusher.wait(progress=False) == []
+
     for r in range(args.rounds):
         pusher = Pusher(f"{user}/throughput-{r}", endpoint=url)
         pusher.prepare()
-        tic = time.perf_counter()
-        pusher.submit(folder)
-        assert pusher.wait(progress=False) == []
-        pushes.append(time.perf_counter() - tic)
-        repo = f"{user}/bare-{r}"
-        api.create_repo(repo, private=True)
-        tic = time.perf_counter()
-        api.upload_folder(repo_id=repo, folder_path=folder, path_in_repo=f"checkpoints/{folder.name}")
-        bare.append(time.perf_counter() - tic)
+        api.create_repo(f"{user}/bare-{r}", private=True)
+        timed("pusher", lambda: push(pusher))
+        timed("bare", lambda: api.upload_folder(repo_id=f"{user}/bare-{r}", folder_path=folder,
+                                                path_in_repo=f"checkpoints/{folder.name}"))
 
     no_push, push = statistics.median(times["no push"]), statistics.median(times["push"])
     params = args.layers * (args.width * args.width + args.width)
     print(f"\n{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()}), "
           f"{params / 1e6:.1f}M trainable parameters, {args.precision} moments, checkpoint "
-          f"{size / 1e6:.0f} MB every {args.every} of {args.steps} steps, {args.rounds} rounds\n")
-    print("| run | time per step (ms), median | ÷ no push | waited for pushes after the last step (s) |")
+          f"{size / 1e6:.0f} MB every {args.every} steps, {args.intervals} intervals, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| steps after a checkpoint | time per step (ms), median | ÷ no push | intervals |")
     print("|---|---:|---:|---:|")
-    print(f"| no push | {no_push * 1e3:.1f} | 1.00 | |")
-    print(f"| push every checkpoint | {push * 1e3:.1f} | {push / no_push:.3f} | "
-          f"{statistics.median(waits):.2f} |")
-    paired = [p / n for p, n in zip(times["push"], times["no push"])]
-    print(f"\nPaired ratios per round (push ÷ no push): {', '.join(f'{r:.3f}' for r in paired)}")
-    pushes_per_run = args.steps // args.every
-    print(f"CPU time of the local Hub server per push (on this machine's cores here, on the Hub's "
-          f"in real use): {statistics.median(server_cpu) / pushes_per_run:.2f} s; training time "
-          f"per push interval: {no_push * args.every:.2f} s")
-    adapters = (folder / checkpoint.ADAPTERS).stat().st_size
-    print("\n| upload of one checkpoint folder | s, median | folder MB/s | bytes sent MB/s |")
-    print("|---|---:|---:|---:|")
-    # Pusher also sends the top-level copy of the adapters (an LFS server takes it twice).
-    for name, values, sent in (
-        ("Pusher (one commit: folder, latest, adapters, card)", pushes, size + adapters),
-        ("bare HfApi.upload_folder (folder only)", bare, size),
+    print(f"| no push | {no_push * 1e3:.1f} | 1.00 | {len(times['no push'])} |")
+    print(f"| a push running in the background | {push * 1e3:.1f} | {push / no_push:.3f} | "
+          f"{len(times['push'])} |")
+    print(f"\nCPU time of the local Hub server per push: {statistics.median(server_cpu):.2f} s, "
+          f"against {no_push * args.every:.2f} s of training per interval")
+    print("\n| upload of one checkpoint folder | s | MB/s | client CPU (s) | local Hub CPU (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label in (
+        ("pusher", "Pusher (one commit: folder, latest, top-level adapters, card)"),
+        ("bare", "bare HfApi.upload_folder (the folder only)"),
     ):
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {size / 1e6 / median:.0f} | {sent / 1e6 / median:.0f} |")
+        wall, cpu, server = (statistics.median(v) for v in zip(*uploads[name]))
+        print(f"| {label} | {wall:.2f} | {size / 1e6 / wall:.0f} | {cpu:.2f} | {server:.2f} |")
+    print("\nMedians; the run's Pusher is set up before the clock, both repos exist beforehand.")
 
 
 if __name__ == "__main__":
