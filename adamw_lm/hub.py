@@ -26,9 +26,10 @@ import math
 import random
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from huggingface_hub import (
@@ -41,17 +42,17 @@ from huggingface_hub import (
     hf_hub_download,
     snapshot_download,
 )
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import (
     are_progress_bars_disabled,
     disable_progress_bars,
     enable_progress_bars,
-)
-from huggingface_hub.errors import (
-    RemoteEntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from tqdm.auto import tqdm
 
@@ -276,7 +277,7 @@ def _size(n: float) -> str:
 
 
 def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main") -> ModelCard:
-    """The card of a run whose newest checkpoint is ``folder`` and whose Hub copy holds ``steps``."""
+    """The card of a run whose newest checkpoint is ``folder``; the Hub copy holds ``steps``."""
     state = _json_capped(folder / TRAINER_STATE, _MAX_TRAINER_STATE, f"{folder / TRAINER_STATE}")
     state = state if isinstance(state, dict) else {}
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
@@ -375,7 +376,9 @@ class Pusher:
     ):
         self.spec = parse_spec(repo_id)
         if self.spec.revision is not None:
-            raise HubError(f"push to {repo_id!r}: give the branch as branch=, not @{self.spec.revision}")
+            raise HubError(
+                f"push to {repo_id!r}: give the branch as branch=, not @{self.spec.revision}"
+            )
         for name, value in (("push_every", push_every), ("keep_remote", keep_remote)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

@@ -11,11 +11,13 @@
    manifest) next to a bare ``HfApi.upload_folder`` of the same folder, each to a fresh repo.
 
 Both talk to the local Hub of the tests (``tests/hub_server.py``), run as a subprocess on
-127.0.0.1 so that its work is not on this process's interpreter lock (it still runs on this
-machine's cores, which a real Hub does not). Prints markdown tables.
+127.0.0.1 so that its work is not on this process's interpreter lock. It still runs on this
+machine's cores, which a real Hub does not: by default at nice 19, so that it takes them only
+when training leaves them idle (``--server-nice 0`` to compete as an equal). Prints markdown
+tables, with the CPU time each side spent per push.
 
     python scripts/bench_hub.py [--width 1024] [--layers 4] [--precision none] [--every 5]
-        [--intervals 24] [--rounds 3]
+        [--intervals 24] [--rounds 3] [--server-nice 19]
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, dict]:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"), str(folder)],
-                              stdout=subprocess.PIPE, text=True)
+def start_server(folder: Path, niceness: int) -> tuple[subprocess.Popen, dict]:
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "hub_server.py"), str(folder)],
+        stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(niceness),
+    )
     return server, json.loads(server.stdout.readline())
 
 
@@ -65,10 +69,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="steps between checkpoints")
     parser.add_argument("--intervals", type=int, default=24, help="checkpoint intervals timed")
     parser.add_argument("--rounds", type=int, default=3, help="repeats of the throughput test")
+    parser.add_argument("--server-nice", type=int, default=19,
+                        help="niceness of the local Hub: a real Hub's work is not on our cores")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_hub_"))
-    server, hub_info = start_server(work / "server")
+    server, hub_info = start_server(work / "server", args.server_nice)
     # huggingface_hub reads these when it is imported, below.
     os.environ.update({"HF_TOKEN": hub_info["token"], "HF_HOME": str(work / "hf_home"),
                        "HF_HUB_DISABLE_XET": "1", "HF_ENDPOINT": hub_info["url"]})
@@ -141,7 +147,7 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
         uploads[name].append((time.perf_counter() - tic, own_cpu_seconds() - cpu,
                               cpu_seconds(hub_info["pid"]) - server))
 
-    def push(pusher: Pusher) -> None:
+    def push_once(pusher: Pusher) -> None:
         pusher.submit(folder)
         assert pusher.wait(progress=False) == []
 
@@ -149,16 +155,17 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
         pusher = Pusher(f"{user}/throughput-{r}", endpoint=url)
         pusher.prepare()
         api.create_repo(f"{user}/bare-{r}", private=True)
-        timed("pusher", lambda: push(pusher))
-        timed("bare", lambda: api.upload_folder(repo_id=f"{user}/bare-{r}", folder_path=folder,
-                                                path_in_repo=f"checkpoints/{folder.name}"))
+        timed("pusher", lambda p=pusher: push_once(p))
+        timed("bare", lambda r=r: api.upload_folder(repo_id=f"{user}/bare-{r}", folder_path=folder,
+                                                    path_in_repo=f"checkpoints/{folder.name}"))
 
     no_push, push = statistics.median(times["no push"]), statistics.median(times["push"])
     params = args.layers * (args.width * args.width + args.width)
-    print(f"\n{platform.machine()} {platform.system()}, mlx {mx.__version__} ({mx.default_device()}), "
+    print(f"\n{platform.machine()} {platform.system()}, mlx {mx.__version__} "
+          f"({mx.default_device()}), "
           f"{params / 1e6:.1f}M trainable parameters, {args.precision} moments, checkpoint "
-          f"{size / 1e6:.0f} MB every {args.every} steps, {args.intervals} intervals, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+          f"{size / 1e6:.0f} MB every {args.every} steps, {args.intervals} intervals, local Hub at "
+          f"nice {args.server_nice}, load average {os.getloadavg()[0]:.1f}\n")
     print("| steps after a checkpoint | time per step (ms), median | ÷ no push | intervals |")
     print("|---|---:|---:|---:|")
     print(f"| no push | {no_push * 1e3:.1f} | 1.00 | {len(times['no push'])} |")
@@ -172,7 +179,7 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
         ("pusher", "Pusher (one commit: folder, latest, top-level adapters, card)"),
         ("bare", "bare HfApi.upload_folder (the folder only)"),
     ):
-        wall, cpu, server = (statistics.median(v) for v in zip(*uploads[name]))
+        wall, cpu, server = (statistics.median(v) for v in zip(*uploads[name], strict=True))
         print(f"| {label} | {wall:.2f} | {size / 1e6 / wall:.0f} | {cpu:.2f} | {server:.2f} |")
     print("\nMedians; the run's Pusher is set up before the clock, both repos exist beforehand.")
 

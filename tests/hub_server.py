@@ -118,7 +118,8 @@ def _git_oid(data: bytes) -> str:
 
 
 def _lfs_pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    spec = "version https://git-lfs.github.com/spec/v1"
+    return f"{spec}\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
 def _now() -> str:
@@ -337,7 +338,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "slow":
                 time.sleep(fault.delay)
             if fault is not None and fault.kind == "status":
-                headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+                headers = ({} if fault.retry_after is None
+                           else {"Retry-After": f"{fault.retry_after:g}"})
                 raise HubHTTPError(fault.status, f"injected {fault.status}", None, headers)
             if fault is not None and fault.kind == "drop" and not fault.apply:
                 raise ConnectionAbortedError
@@ -432,7 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubHTTPError(401, "You must be authenticated to create a repo")
         namespace = data.get("organization") or user[0]
         if namespace != user[0] or not user[1]:
-            raise HubHTTPError(403, f"You don't have the rights to create a model under {namespace}")
+            raise HubHTTPError(403, f"You don't have the rights to create a repo under {namespace}")
         repo_id = f"{namespace}/{data['name']}"
         with self.hub._lock:
             if repo_id in self.hub.repos:
@@ -440,7 +442,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubHTTPError(409, "You already created this model repo", None, None,
                                    {"url": f"{self.hub.url}/{repo_id}"})
             repo = Repo(repo_id, namespace, data.get("visibility", "public") != "public")
-            attributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
+            attributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n"
+                                 for s in LFS_SUFFIXES)
             gitattributes = self.hub._store(attributes.encode(), lfs=False)
             self.hub._new_commit(repo, "main", {".gitattributes": gitattributes},
                                  "initial commit", "", namespace)
@@ -536,7 +539,7 @@ class _Handler(BaseHTTPRequestHandler):
             head = found.branches[rev]
             parent = header.get("parentCommit")
             if parent is not None and parent != head:
-                raise HubHTTPError(412, "A commit has happened since. Please refresh and try again.")
+                raise HubHTTPError(412, "A commit has happened since. Please refresh and retry.")
             table = dict(found.commits[head].files)
             for line in lines[1:]:
                 key, value = line["key"], line["value"]

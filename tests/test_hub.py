@@ -128,7 +128,7 @@ def test_push_then_pull_gives_the_same_folder_and_it_loads(hub, run_dir, tiny_mo
     original, _ = lora_model(tiny_model_path), make_optimizer()
     original.load_weights(str(latest / "adapters.safetensors"), strict=False)
     for (key, a), (_, b) in zip(tree_flatten(model.trainable_parameters()),
-                                tree_flatten(original.trainable_parameters())):
+                                tree_flatten(original.trainable_parameters()), strict=True):
         assert mx.array_equal(a, b).item(), key
 
 
@@ -268,7 +268,8 @@ def test_a_timed_out_commit_is_retried(hub, run_dir):
     finally:
         set_client_factory(default_client_factory)
     time.sleep(1.2)  # the late first commit lands on a moved head and is refused (412)
-    assert [c.title for c in hub.server.history(repo)].count("adamw-lm: checkpoint step-0000010") == 1
+    titles = [c.title for c in hub.server.history(repo)]
+    assert titles.count("adamw-lm: checkpoint step-0000010") == 1
     assert remote_steps(hub, repo) == ["step-0000010"]
 
 
@@ -443,8 +444,8 @@ def test_a_latest_or_card_that_lies_is_not_believed(hub, run_dir, caplog):
     repo = hub.repo_id("liar")
     push_all(pusher(hub, repo), run_dir, steps=(10, 20))
     for lie in (b"step-0009999\n", b"../../../etc/passwd\n", b"step-0000020" + b" " * 100):
-        hub.server.commit_files(repo, {"checkpoints/latest": lie,
-                                       "README.md": b"---\nlibrary_name: mlx\n---\nlatest: step 9999\n"})
+        card = b"---\nlibrary_name: mlx\n---\nlatest: step 9999\n"
+        hub.server.commit_files(repo, {"checkpoints/latest": lie, "README.md": card})
         with caplog.at_level(logging.WARNING, logger="adamw_lm.hub"):
             caplog.clear()
             assert pull(repo, endpoint=hub.url).name == "step-0000020"

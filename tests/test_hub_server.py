@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import httpx2
+import hub_server
 import pytest
 from huggingface_hub import (
     CommitOperationAdd,
-    CommitOperationDelete,
     HfApi,
     hf_hub_download,
     snapshot_download,
@@ -17,8 +17,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-import hub_server
 
 
 def test_commits_branches_tags_and_listings(hub):
