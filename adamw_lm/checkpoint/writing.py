@@ -1,0 +1,412 @@
+"""Durable, atomic checkpoint writing: hashed writes, fsync, temporaries, ``latest``, rotation."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+import stat
+from concurrent.futures import Future
+from importlib.metadata import version as _package_version
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from .format import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    CHECKPOINTS_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    MAX_COUNT,
+    OPTIMIZER,
+    TEMPORARY,
+    TRAINER_STATE,
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    check_trainer_state,
+    dir_name,
+    step_dirs,
+)
+from .state import optimizer_metadata, plan_of
+from .threads import threads
+from .untrusted import (
+    MAX_JSON_BYTES,
+    MAX_TRAINER_STATE_BYTES,
+    Folder,
+    parse_json,
+    read_json,
+)
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
+# Below this a buffer is hashed inline: handing it to a thread costs more than hashing it.
+_THREADED_HASH_BYTES = 1 << 20
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that computes the sha256 of what passes through it.
+
+    ``mx.save_safetensors`` writes to file objects, so mlx's own writer is used and a file's
+    checksum costs no extra read. Large buffers are hashed on a worker thread while this one writes
+    them (hashlib and file writes both release the GIL): max(write, hash) rather than the sum.
+    Meanwhile an fsync in the background sends what is written so far to the disk, so that the
+    final fsync has little left to do.
+    """
+
+    def __init__(self, file: io.BufferedWriter):
+        self._file = file
+        self._sync: Future | None = None
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= _THREADED_HASH_BYTES:
+            hashed = threads("hash").submit(self.sha256.update, view)
+            try:
+                self._file.write(view)
+            finally:
+                hashed.result()
+            if self._sync is None or self._sync.done():
+                # A failed writeback's error is reported once only, so it is raised here.
+                self.wait()
+                self._sync = threads("sync").submit(os.fsync, self._file.fileno())
+        else:
+            self.sha256.update(view)
+            self._file.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def wait(self) -> None:
+        """Wait for the background fsync: it must end before the file is closed."""
+        if self._sync is not None:
+            self._sync.result()
+
+
+def _fsync(fd: int) -> None:
+    # On macOS fsync leaves data in the drive's cache; F_FULLFSYNC is the durable flush there.
+    if fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
+        # File systems without F_FULLFSYNC raise OSError: fall back to fsync below.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+    os.fsync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (created / renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(
+    path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None
+) -> dict[str, Any]:
+    with _create(path) as f:
+        out = _HashingFile(f)
+        try:
+            mx.save_safetensors(out, arrays, metadata=metadata)
+        finally:
+            out.wait()
+        f.flush()
+        _fsync(f.fileno())
+    return {"size": out.size, "sha256": out.sha256.hexdigest()}
+
+
+def _create(path: Path) -> io.BufferedWriter:
+    """A new file for writing: never an existing entry, never through a link."""
+    return os.fdopen(os.open(path, _CREATE_FLAGS, 0o666), "wb")
+
+
+def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    with _create(path) as f:
+        f.write(data)
+        f.flush()
+        _fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_adapter_config(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    from mlx_lm.utils import save_config  # imported here: importing mlx_lm.utils takes ~1 s
+
+    # mlx-lm's own writer (save_config pops keys, so it gets a copy): the file is what mlx_lm lora
+    # writes. It opens by name, which is safe here: ``path`` is in a folder this save just created
+    # under a fresh name. JSON this small is cheap to read back for its checksum.
+    save_config(dict(config), path)
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        _fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _to_json(obj: Any, what: str) -> bytes:
+    try:
+        return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serializable (dict, list, str, number): {e}") from e
+
+
+def _loadable(data: bytes, what: str, cap: int, nonfinite: bool = False) -> Any:
+    """``data`` parsed as a load parses it: a save never writes what a load would refuse."""
+    if len(data) > cap:
+        raise ValueError(f"{what} would be {len(data)} bytes; a checkpoint holds at most {cap}")
+    try:
+        return parse_json(data, what, nonfinite=nonfinite)
+    except CorruptCheckpointError as e:
+        raise ValueError(f"{e}; a load would refuse it") from None
+
+
+def _versions() -> dict[str, str]:
+    return {"adamw_lm": __version__, "mlx": mx.__version__, "mlx_lm": _package_version("mlx-lm")}
+
+
+def _temporary(root: Path, kind: str, name: str) -> Path:
+    # Unguessable, so nothing can be planted under the name before it is created (exclusively).
+    return root / f".{kind}-{name}-{secrets.token_hex(8)}-{os.getpid()}"
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder tree (without following links)."""
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if is_dir:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of this process: saves of one run_dir do not overlap
+    if os.name != "posix":
+        return False  # os.kill(pid, 0) would signal the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove temporaries left by saves that crashed (their writer process is gone)."""
+    for entry in root.iterdir():
+        match = TEMPORARY.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove(entry)
+
+
+def _open_root(run_dir: Path) -> Path:
+    """The real ``run_dir/checkpoints`` folder, created if needed; writes happen only there."""
+    root = run_dir / CHECKPOINTS_DIR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        real = Path(os.path.realpath(root))
+        if not real.is_relative_to(os.path.realpath(run_dir)):
+            raise CheckpointWriteError(
+                f"{root} is a link that leads out of the run folder {run_dir}; checkpoints are "
+                f"written only inside the run folder (remove the link or name another run_dir)"
+            )
+        probe = _temporary(real, "tmp", "probe")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoints under run_dir {str(run_dir)!r}: {e.strerror or e} "
+            f"({e.filename or root}); expected a writable directory"
+        ) from e
+    return real
+
+
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    trainer_state: Mapping[str, Any],
+    adapter_config: Mapping[str, Any],
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    val_loss: float | None = None,
+) -> Path:
+    """Write a checkpoint of ``step`` atomically and return its folder.
+
+    Args:
+        run_dir: the run's folder; checkpoints go to ``run_dir/checkpoints/step-NNNNNNN``.
+        step: the training step (``>= 0``); saving a step that exists replaces it.
+        model: its trainable parameters are saved as ``adapters.safetensors``.
+        optimizer: its state is saved as ``optimizer.safetensors`` (initialized first if needed).
+        trainer_state: JSON-serializable; saved with the versions of adamw_lm, mlx and mlx_lm
+            added to its ``versions``.
+        adapter_config: mlx-lm's adapter config (``fine_tune_type``, ``num_layers``,
+            ``lora_parameters``, ...).
+        keep_last: keep this many newest checkpoints (by step).
+        keep_best: also keep this many with the lowest ``val_loss``.
+        val_loss: recorded in the manifest for ``keep_best``; a non-finite one is recorded as null.
+
+    Rotation runs when ``keep_last`` or ``keep_best`` is given; the checkpoint just written (the one
+    ``latest`` names) is never deleted. Temporaries of crashed saves are removed first.
+
+    Raises:
+        CheckpointWriteError: ``run_dir`` is not writable or a write failed; nothing was lost.
+        ValueError, TypeError: bad arguments, raised before anything is written; this includes a
+            trainer state or adapter config that a load would refuse (e.g. an ``iteration`` other
+            than ``step``, NaN outside the loss lists, deeper than the JSON depth limit).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_COUNT:
+        raise ValueError(f"step must be an int from 0 to {MAX_COUNT}; got {step!r}")
+    for name, keep in (("keep_last", keep_last), ("keep_best", keep_best)):
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"{name} must be None or an int >= 1; got {keep!r}")
+    if val_loss is not None and not math.isfinite(float(val_loss)):
+        val_loss = None
+    versions = {**trainer_state.get("versions", {}), **_versions()}
+    state_bytes = _to_json({**trainer_state, "versions": versions}, "trainer_state")
+    try:
+        check_trainer_state(
+            Path(TRAINER_STATE),
+            _loadable(state_bytes, TRAINER_STATE, MAX_TRAINER_STATE_BYTES, nonfinite=True),
+            step,
+        )
+    except CorruptCheckpointError as e:
+        raise ValueError(f"trainer_state would not load back: {e}") from None
+    if not isinstance(adapter_config, Mapping):
+        raise TypeError(f"adapter_config must be a dict; got {type(adapter_config).__name__}")
+    _loadable(_to_json(dict(adapter_config), "adapter_config"), ADAPTER_CONFIG, MAX_JSON_BYTES)
+    trainable = model.trainable_parameters()
+    adapters = dict(tree_flatten(trainable))
+    if not adapters:
+        raise ValueError("model has no trainable parameters; apply LoRA layers or unfreeze some")
+    optimizer.init(trainable)  # what its first update would do; makes a step-0 state complete
+    state = dict(tree_flatten(optimizer.state))
+    for key, value in state.items():
+        if not isinstance(value, mx.array):
+            raise TypeError(
+                f"optimizer.state[{key!r}] is a {type(value).__name__}; expected arrays only"
+            )
+    plan = plan_of(optimizer, trainable)
+
+    root = _open_root(Path(run_dir))
+    _clean_stale(root)
+    name = dir_name(step)
+    tmp = _temporary(root, "tmp", name)
+    try:
+        tmp.mkdir()
+        files = _write_checkpoint_files(tmp, adapters, state, optimizer_metadata(optimizer, plan))
+        files[ADAPTER_CONFIG] = _write_adapter_config(tmp / ADAPTER_CONFIG, adapter_config)
+        files[TRAINER_STATE] = _write_bytes(tmp / TRAINER_STATE, state_bytes)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "val_loss": None if val_loss is None else float(val_loss),
+            "adamw_lm_version": __version__,
+            "files": dict(sorted(files.items())),
+            # One entry per rank once optimizer state is sharded; "parameters" will then name each
+            # shard's part of the precision plan.
+            "optimizer_shards": [{"file": OPTIMIZER, "rank": 0, "world_size": 1}],
+        }
+        _write_bytes(tmp / MANIFEST, _to_json(manifest, "manifest"))
+        _fsync_dir(tmp)
+        _commit(root, tmp, name)
+        _point_latest(root, name)
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {name} under {root}: {e.strerror or e} "
+            f"({e.filename or tmp}); the previous checkpoints are untouched"
+        ) from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    if keep_last is not None or keep_best is not None:
+        _rotate(root, keep_last or 0, keep_best or 0, keep=name)
+    return Path(run_dir) / CHECKPOINTS_DIR / name
+
+
+def _write_checkpoint_files(
+    folder: Path, adapters: dict, state: dict, metadata: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    # mlx calls stay on this thread: on Metal and CUDA, mlx's streams belong to the thread that
+    # made them. Only hashing and fsync (no mlx) run on worker threads.
+    mx.eval(adapters, state)
+    return {
+        ADAPTERS: _write_safetensors(folder / ADAPTERS, adapters, None),
+        OPTIMIZER: _write_safetensors(folder / OPTIMIZER, state, metadata),
+    }
+
+
+def _commit(root: Path, tmp: Path, name: str) -> None:
+    final = root / name
+    trash = None
+    if os.path.lexists(final):
+        # No portable atomic swap of folders: move the old one aside first. A crash in between
+        # loses only the replaced copy; latest_checkpoint then falls back to an older checkpoint.
+        trash = _temporary(root, "trash", name)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if trash is not None:
+        _remove(trash)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = _temporary(root, "tmp", LATEST)
+    _write_bytes(tmp, (name + "\n").encode("ascii"))
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _rotate(root: Path, keep_last: int, keep_best: int, keep: str) -> None:
+    complete = []
+    for step, folder in step_dirs(root):
+        try:
+            manifest = read_json(Folder(folder), MANIFEST, str(folder / MANIFEST))
+        except CheckpointError:
+            continue  # not a checkpoint this package wrote: not ours to delete
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            complete.append((step, folder, manifest.get("val_loss")))
+    kept = {keep} | {folder.name for _, folder, _ in complete[:keep_last]}
+    scored = [c for c in complete if isinstance(c[2], (int, float)) and math.isfinite(c[2])]
+    best = sorted(scored, key=lambda c: (c[2], -c[0]))[:keep_best]
+    kept |= {folder.name for _, folder, _ in best}
+    for _, folder, _ in complete:
+        if folder.name not in kept:
+            # Renamed first so a crash mid-delete never leaves a half-deleted step-* folder.
+            trash = _temporary(root, "trash", folder.name)
+            os.rename(folder, trash)
+            _remove(trash)
