@@ -70,18 +70,21 @@ from .checkpoint import (
     OPTIMIZER,
     TRAINER_STATE,
     CheckpointError,
+    CorruptCheckpointError,
+)
+from .checkpoint.format import STEP_DIR, dir_name
+from .checkpoint.untrusted import (
+    MAX_JSON_BYTES,
+    MAX_LATEST_BYTES,
+    MAX_TRAINER_STATE_BYTES,
+    parse_json,
 )
 
 log = logging.getLogger("adamw_lm.hub")
 
 _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
-_STEP_DIR = re.compile(r"step-(\d{7,})")
 _PLAIN_NAME = re.compile(r"[\w.-]+")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# Remote files are untrusted: read at most this much of each small file before parsing.
-_MAX_LATEST = 64
-_MAX_MANIFEST = 1 << 20
-_MAX_TRAINER_STATE = 64 << 20
 _MAX_RETRY_AFTER = 900.0
 _T = TypeVar("_T")
 
@@ -123,23 +126,13 @@ def parse_spec(text: str) -> HubSpec:
     return HubSpec(repo_id, revision or None)
 
 
-def _step_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def _read_capped(path: Path, cap: int, what: str) -> bytes:
+def _read_json(path: Path, cap: int, label: str, nonfinite: bool = False) -> Any:
+    """Parse a small JSON file like the checkpoint loader does: size cap first, strict parser."""
     with open(path, "rb") as f:
         data = f.read(cap + 1)
     if len(data) > cap:
-        raise HubError(f"{what} is larger than {cap} bytes: not a file adamw_lm wrote")
-    return data
-
-
-def _json_capped(path: Path, cap: int, what: str) -> Any:
-    try:
-        return json.loads(_read_capped(path, cap, what))
-    except (ValueError, RecursionError) as e:
-        raise HubError(f"{what} is not valid JSON ({type(e).__name__})") from e
+        raise CorruptCheckpointError(f"{label} is over the {cap}-byte limit for this file")
+    return parse_json(data, label, nonfinite=nonfinite)
 
 
 # -- errors and retries ----------------------------------------------------------------------
@@ -278,10 +271,11 @@ def _size(n: float) -> str:
 
 def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main") -> ModelCard:
     """The card of a run whose newest checkpoint is ``folder``; the Hub copy holds ``steps``."""
-    state = _json_capped(folder / TRAINER_STATE, _MAX_TRAINER_STATE, f"{folder / TRAINER_STATE}")
+    state = _read_json(folder / TRAINER_STATE, MAX_TRAINER_STATE_BYTES, str(folder / TRAINER_STATE),
+                       nonfinite=True)
     state = state if isinstance(state, dict) else {}
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    adapter = _json_capped(folder / ADAPTER_CONFIG, _MAX_MANIFEST, f"{folder / ADAPTER_CONFIG}")
+    adapter = _read_json(folder / ADAPTER_CONFIG, MAX_JSON_BYTES, str(folder / ADAPTER_CONFIG))
     fine_tune = str(adapter.get("fine_tune_type", "lora")) if isinstance(adapter, dict) else "lora"
     model = config.get("model")
     base_model = model if isinstance(model, str) and not _is_local_path(model) else None
@@ -579,20 +573,20 @@ class Pusher:
             names = [e.path.rsplit("/", 1)[-1] for e in entries]
         except RemoteEntryNotFoundError:
             return {}
-        return {int(m.group(1)): n for n in names if (m := _STEP_DIR.fullmatch(n))}
+        return {int(m.group(1)): n for n in names if (m := STEP_DIR.fullmatch(n))}
 
     def _commit(self, batch: list[Path]) -> str:
         """One commit for ``batch``, planned against the branch head as it is now (so a retry
         after a lost answer neither duplicates nor fails on files already there)."""
         head = self._api.repo_info(self.repo_id, revision=self.branch).sha
         remote = self._remote_steps(head)
-        local = {int(_STEP_DIR.fullmatch(f.name).group(1)): f for f in batch}
+        local = {int(STEP_DIR.fullmatch(f.name).group(1)): f for f in batch}
         newest = max(local)
         ranked = sorted(set(remote) | set(local), reverse=True)
         keep = {newest} | set(ranked[: self.keep_remote] if self.keep_remote else ranked)
         ops: list[CommitOperationAdd | CommitOperationDelete] = []
         for step in sorted(s for s in local if s in keep):
-            ops += _folder_additions(local[step], f"{CHECKPOINTS_DIR}/{_step_name(step)}")
+            ops += _folder_additions(local[step], f"{CHECKPOINTS_DIR}/{dir_name(step)}")
         newest_folder = local[newest]
         top = [_copy_of(ops, newest_folder / name, name) for name in (ADAPTERS, ADAPTER_CONFIG)]
         # Upload the folder first: the commit then finds the top-level copy of the adapters
@@ -600,7 +594,7 @@ class Pusher:
         self._api.preupload_lfs_files(self.repo_id, additions=list(ops), revision=self.branch)
         ops += [
             *top,
-            CommitOperationAdd(f"{CHECKPOINTS_DIR}/{LATEST}", f"{_step_name(newest)}\n".encode()),
+            CommitOperationAdd(f"{CHECKPOINTS_DIR}/{LATEST}", f"{dir_name(newest)}\n".encode()),
             CommitOperationAdd("README.md", str(model_card(
                 newest_folder, self.repo_id, sorted(keep), self.branch)).encode()),
         ]
@@ -609,9 +603,9 @@ class Pusher:
         deleted = sorted(s for s in remote if s not in keep)
         info = self._api.create_commit(
             self.repo_id, ops, revision=self.branch, parent_commit=head,
-            commit_message=f"adamw-lm: checkpoint {_step_name(newest)}",
-            commit_description=(f"Adds {', '.join(_step_name(s) for s in sorted(local))}"
-                                + (f"; removes {', '.join(_step_name(s) for s in deleted)}"
+            commit_message=f"adamw-lm: checkpoint {dir_name(newest)}",
+            commit_description=(f"Adds {', '.join(dir_name(s) for s in sorted(local))}"
+                                + (f"; removes {', '.join(dir_name(s) for s in deleted)}"
                                    if deleted else "")),
         )
         return info.oid
@@ -630,7 +624,7 @@ def _copy_of(ops: list, source: Path, path_in_repo: str) -> CommitOperationAdd:
 
 def _pushable(folder: Path) -> bool:
     """A finished checkpoint folder; anything else is dropped with a warning, never carried."""
-    if _STEP_DIR.fullmatch(folder.name) and (folder / MANIFEST).is_file():
+    if STEP_DIR.fullmatch(folder.name) and (folder / MANIFEST).is_file():
         return True
     log.warning("not pushing %s: it is gone or not a finished checkpoint folder (step-NNNNNNN "
                 "with %s)", folder, MANIFEST)
@@ -654,7 +648,7 @@ def _quiet_client():
 def _folder_additions(folder: Path, prefix: str) -> list[CommitOperationAdd]:
     """Every file of a checkpoint folder; sha256s come from its manifest, so nothing is hashed
     twice (the Hub checks them against the bytes it receives)."""
-    manifest = _json_capped(folder / MANIFEST, _MAX_MANIFEST, f"{folder / MANIFEST}")
+    manifest = _read_json(folder / MANIFEST, MAX_JSON_BYTES, str(folder / MANIFEST))
     listed = manifest.get("files", {}) if isinstance(manifest, dict) else {}
     ops = []
     for entry in sorted(folder.iterdir()):
@@ -703,7 +697,7 @@ class _Remote:
         self.steps: dict[int, str] = {}
         for path in self.files:
             parts = path.split("/")
-            if len(parts) == 3 and (m := _STEP_DIR.fullmatch(parts[1])):
+            if len(parts) == 3 and (m := STEP_DIR.fullmatch(parts[1])):
                 self.steps[int(m.group(1))] = parts[1]
         where = f"{spec}" + ("" if spec.revision else " (main)")
         if not self.steps:
@@ -724,9 +718,12 @@ class _Remote:
 
     def latest(self) -> int:
         """The step ``checkpoints/latest`` names; the highest step if it is missing or wrong."""
-        found = self.download(f"{CHECKPOINTS_DIR}/{LATEST}", _MAX_LATEST)
-        text = found.read_bytes()[:_MAX_LATEST].decode("ascii", "replace").strip() if found else ""
-        match = _STEP_DIR.fullmatch(text)
+        found = self.download(f"{CHECKPOINTS_DIR}/{LATEST}", MAX_LATEST_BYTES)
+        text = ""
+        if found is not None:
+            with open(found, "rb") as f:
+                text = f.read(MAX_LATEST_BYTES).decode("ascii", "replace")
+        match = STEP_DIR.fullmatch(text.strip())
         if match and int(match.group(1)) in self.steps:
             return int(match.group(1))
         highest = max(self.steps)
@@ -764,11 +761,11 @@ def pull(
         raise HubNotFoundError(f"Hub repo {remote.where} has no checkpoint for step {step}; "
                                f"it has steps {have}")
     prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
-    manifest_file = remote.download(f"{prefix}/{MANIFEST}", _MAX_MANIFEST)
+    manifest_file = remote.download(f"{prefix}/{MANIFEST}", MAX_JSON_BYTES)
     if manifest_file is None:
         raise HubError(f"Hub repo {remote.where}: {prefix} has no {MANIFEST} (of at most "
-                       f"{_MAX_MANIFEST} bytes): not a complete checkpoint")
-    manifest = _json_capped(manifest_file, _MAX_MANIFEST, f"{prefix}/{MANIFEST} on {remote.where}")
+                       f"{MAX_JSON_BYTES} bytes): not a complete checkpoint")
+    manifest = _read_json(manifest_file, MAX_JSON_BYTES, f"{prefix}/{MANIFEST} on {remote.where}")
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     # Plain names only: they become download patterns, where * ? [ would match other files.
     if not isinstance(listed, dict) or not all(
@@ -811,12 +808,12 @@ def list_remote(
         prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
         size = sum(s for p, s in remote.files.items() if p.startswith(prefix + "/"))
         val = train = None
-        manifest = remote.download(f"{prefix}/{MANIFEST}", _MAX_MANIFEST)
+        manifest = remote.download(f"{prefix}/{MANIFEST}", MAX_JSON_BYTES)
         if manifest is not None:
-            val = _finite(_get(manifest, _MAX_MANIFEST, "val_loss"))
-        state = remote.download(f"{prefix}/{TRAINER_STATE}", _MAX_TRAINER_STATE)
+            val = _finite(_get(manifest, MAX_JSON_BYTES, "val_loss"))
+        state = remote.download(f"{prefix}/{TRAINER_STATE}", MAX_TRAINER_STATE_BYTES)
         if state is not None:
-            losses = _get(state, _MAX_TRAINER_STATE, "losses")
+            losses = _get(state, MAX_TRAINER_STATE_BYTES, "losses")
             train = _finite(losses[-1]) if isinstance(losses, list) and losses else None
         found.append(RemoteCheckpoint(step, prefix, step == latest, size, val, train))
     return found
@@ -824,8 +821,8 @@ def list_remote(
 
 def _get(path: Path, cap: int, key: str) -> Any:
     try:
-        data = _json_capped(path, cap, str(path))
-    except HubError:
+        data = _read_json(path, cap, str(path), nonfinite=True)
+    except CheckpointError:
         return None
     return data.get(key) if isinstance(data, dict) else None
 

@@ -427,7 +427,7 @@ def test_a_file_tampered_on_the_hub_is_caught(hub, run_dir):
         pull(repo, endpoint=hub.url)
 
 
-def test_a_manifest_that_names_a_pattern_downloads_nothing(hub, run_dir):
+def test_a_manifest_that_names_a_pattern_or_is_not_json_downloads_nothing(hub, run_dir):
     repo = hub.repo_id("pattern")
     push_all(pusher(hub, repo), run_dir, steps=(10,))
     prefix = "checkpoints/step-0000010"
@@ -438,6 +438,13 @@ def test_a_manifest_that_names_a_pattern_downloads_nothing(hub, run_dir):
     with pytest.raises(HubError, match="does not list plain file names"):
         pull(repo, endpoint=hub.url)
     assert not hub.cache.exists() or not list(hub.cache.rglob("huge.bin"))
+
+    for bad, problem in ((b"[" * 5000 + b"]" * 5000, "nested deeper"),
+                         (b'{"files": NaN}', "NaN"), (b"\xff", "not UTF-8")):
+        hub.server.commit_files(repo, {f"{prefix}/manifest.json": bad})
+        with pytest.raises(checkpoint.CorruptCheckpointError, match=problem) as error:
+            pull(repo, endpoint=hub.url)
+        assert f"{prefix}/manifest.json on {repo}" in str(error.value)
 
 
 def test_a_latest_or_card_that_lies_is_not_believed(hub, run_dir, caplog):
