@@ -336,12 +336,14 @@ def _fmt(value: float | None) -> str:
 class Pusher:
     """Push finished checkpoint folders to a Hub repo in the background, in order, with retries.
 
-    ``submit`` returns at once; one worker thread uploads. Each push is one commit that adds
-    ``checkpoints/step-NNNNNNN/...`` exactly as on disk, points ``checkpoints/latest`` at it,
-    refreshes the top-level adapters and the model card, and deletes the remote step folders
-    beyond ``keep_remote`` (the one just pushed is always kept). A push that still fails after
-    ``retries`` retries logs one warning naming the checkpoint, keeps it :meth:`pinned`, and is
-    sent again with the next push (or by :meth:`wait`).
+    ``submit`` (call it from one thread) returns at once; one worker thread uploads, and only
+    while there is something to upload. Folders are compared as given: pass the paths that
+    ``checkpoint.save`` returned, and check those against :meth:`pinned`. Each push is one
+    commit that adds ``checkpoints/step-NNNNNNN/...`` exactly as on disk, points
+    ``checkpoints/latest`` at it, refreshes the top-level adapters and the model card, and
+    deletes the remote step folders beyond ``keep_remote`` (the one just pushed is always kept).
+    A push that still fails after ``retries`` retries logs one warning naming the checkpoint,
+    keeps it :meth:`pinned`, and is sent again with the next push (or by :meth:`wait`).
 
     Args:
         repo_id: ``USER/REPO``; created (``private``) on the first push if missing.
