@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import logging
 import math
@@ -86,6 +87,8 @@ _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 _PLAIN_NAME = re.compile(r"[\w.-]+")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER = 900.0
+#: The loss plot next to the model card.
+LOSS_PLOT = "loss.png"
 _T = TypeVar("_T")
 
 
@@ -242,9 +245,7 @@ def _loss_rows(state: dict[str, Any], steps: list[int]) -> list[str]:
         if window and all(isinstance(x, (int, float)) for x in window):
             train[step] = float(sum(window) / len(window))
         previous = step
-    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
-    val = {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
-           and isinstance(p[0], int) and isinstance(p[1], (int, float))}
+    val = _val_losses(state)
     return [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
 
 
@@ -269,11 +270,51 @@ def _size(n: float) -> str:
     return f"{n} bytes" if k == 0 else f"{n:.1f} {units[k]}"
 
 
-def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main") -> ModelCard:
-    """The card of a run whose newest checkpoint is ``folder``; the Hub copy holds ``steps``."""
+def _trainer_state(folder: Path) -> dict[str, Any]:
     state = _read_json(folder / TRAINER_STATE, MAX_TRAINER_STATE_BYTES, str(folder / TRAINER_STATE),
                        nonfinite=True)
-    state = state if isinstance(state, dict) else {}
+    return state if isinstance(state, dict) else {}
+
+
+def loss_plot(folder: Path) -> bytes | None:
+    """A PNG of the training and validation losses in ``folder``'s trainer state; ``None`` when
+    it has no losses or matplotlib (the ``plot`` extra) is not installed."""
+    state = _trainer_state(folder)
+    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
+    points = [(i + 1, float(x)) for i, x in enumerate(losses)
+              if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not points:
+        return None
+    try:
+        from matplotlib.figure import Figure  # no pyplot: this runs on the push thread
+    except ImportError:
+        return None
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.add_subplot()
+    axes.plot(*zip(*points, strict=True), lw=0.8, label="train")
+    val = _val_losses(state)
+    if val:
+        axes.plot(*zip(*sorted(val.items()), strict=True), "o-", label="validation")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _val_losses(state: dict[str, Any]) -> dict[int, float]:
+    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
+    return {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
+            and isinstance(p[0], int) and isinstance(p[1], (int, float))}
+
+
+def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main",
+               plot: str | None = None) -> ModelCard:
+    """The card of a run whose newest checkpoint is ``folder``; the Hub copy holds ``steps``;
+    ``plot`` names a loss plot image next to the card."""
+    state = _trainer_state(folder)
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     adapter = _read_json(folder / ADAPTER_CONFIG, MAX_JSON_BYTES, str(folder / ADAPTER_CONFIG))
     fine_tune = str(adapter.get("fine_tune_type", "lora")) if isinstance(adapter, dict) else "lora"
@@ -313,6 +354,7 @@ or the data were local folders on the first machine.
 
 ## Losses
 
+{f"![training and validation loss]({plot})" + chr(10) if plot else ""}
 | step | train loss | val loss |
 |---:|---:|---:|
 {chr(10).join(_loss_rows(state, steps))}
@@ -594,11 +636,15 @@ class Pusher:
         # Upload the folder first: the commit then finds the top-level copy of the adapters
         # already stored (same sha256) instead of sending its bytes a second time.
         self._api.preupload_lfs_files(self.repo_id, additions=list(ops), revision=self.branch)
+        plot = loss_plot(newest_folder)
+        if plot is not None:
+            top.append(CommitOperationAdd(LOSS_PLOT, plot))
+        card = model_card(newest_folder, self.repo_id, sorted(keep), self.branch,
+                          plot=LOSS_PLOT if plot is not None else None)
         ops += [
             *top,
             CommitOperationAdd(f"{CHECKPOINTS_DIR}/{LATEST}", f"{dir_name(newest)}\n".encode()),
-            CommitOperationAdd("README.md", str(model_card(
-                newest_folder, self.repo_id, sorted(keep), self.branch)).encode()),
+            CommitOperationAdd("README.md", str(card).encode()),
         ]
         ops += [CommitOperationDelete(f"{CHECKPOINTS_DIR}/{remote[s]}/", is_folder=True)
                 for s in sorted(remote) if s not in keep]
@@ -840,9 +886,11 @@ __all__ = [
     "HubError",
     "HubNotFoundError",
     "HubSpec",
+    "LOSS_PLOT",
     "Pusher",
     "RemoteCheckpoint",
     "list_remote",
+    "loss_plot",
     "model_card",
     "parse_spec",
     "pull",

@@ -26,6 +26,7 @@ from adamw_lm.hub import (
     HubNotFoundError,
     Pusher,
     list_remote,
+    loss_plot,
     model_card,
     pull,
 )
@@ -489,6 +490,9 @@ def test_model_card(hub, run_dir, tiny_model_path):
     assert f"moments in int8 x 28 parameters; optimizer state {state / 1024:.1f} KiB" in text
     assert "learning_rate: 0.01" in text  # the recipe
     assert str(tiny_model_path) not in text and str(run_dir) not in text  # no local paths
+    plot = hub.server.files(repo, "exp")["loss.png"]
+    assert plot.startswith(b"\x89PNG\r\n\x1a\n")
+    assert "![training and validation loss](loss.png)" in text
 
 
 def test_model_card_names_a_hub_base_model(run_dir, tmp_path):
@@ -498,9 +502,15 @@ def test_model_card_names_a_hub_base_model(run_dir, tmp_path):
     state["config"]["model"] = "mlx-community/Qwen3-0.6B-4bit"
     (folder / "trainer_state.json").write_text(json.dumps(state))
     card = model_card(folder, "alice/run", [10])
+    assert loss_plot(folder) is not None
     assert card.data.base_model == "mlx-community/Qwen3-0.6B-4bit"
     assert "mlx_lm.generate --model mlx-community/Qwen3-0.6B-4bit" in card.text
     assert "adamw-lm resume hub:alice/run\n" in card.text
+    assert "loss.png" not in card.text  # no plot was named
+
+    state["losses"] = []  # e.g. the trainer callback, which records reported losses only
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    assert loss_plot(folder) is None
 
 
 def test_no_token_is_pushed_or_stored(hub, run_dir):
