@@ -105,18 +105,22 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
+    losses: list[float] = []  # in the trainer state, as the trainer's: the card plots them
+
     def steps() -> float:
         tic = time.perf_counter()
         for _ in range(args.every):
             loss, grads = loss_and_grad(model)
             optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
+            mx.eval(loss, model.parameters(), optimizer.state)
+            losses.append(loss.item())
         return (time.perf_counter() - tic) / args.every
 
     run_dir = work / "run"
     pusher = Pusher(f"{user}/bench", endpoint=url)
     pusher.prepare()
     steps()  # warm-up
+    losses.clear()
     times: dict[str, list[float]] = {"no push": [], "push": []}
     server_cpu = []  # the local Hub's work per push, which a real Hub does on its own machines
     pattern = ("no push", "push", "push", "no push")
@@ -124,8 +128,10 @@ def run(args: argparse.Namespace, work: Path, hub_info: dict) -> None:
         mode = pattern[i % len(pattern)]
         if mode == "no push":
             assert pusher.wait(progress=False) == [], "a push failed"
-        folder = checkpoint.save(run_dir, (i + 1) * args.every, model, optimizer,
-                                 {"iteration": (i + 1) * args.every}, {"fine_tune_type": "full"},
+        step = len(losses)
+        folder = checkpoint.save(run_dir, step, model, optimizer,
+                                 {"iteration": step, "losses": list(losses)},
+                                 {"fine_tune_type": "full"},
                                  keep_last=2 if mode == "no push" else None)
         cpu = cpu_seconds(hub_info["pid"])
         if mode == "push":
