@@ -1,8 +1,9 @@
 """``adamw-lm``: a thin command line over the library.
 
-    adamw-lm train CONFIG.yaml [--key value ...]    # keys as in mlx_lm lora's YAML; dotted for sections
-    adamw-lm resume RUN_DIR [--convert-precision]
-    adamw-lm plan --model PATH_OR_CONFIG --fine-tune-type lora|full [--precision ...]
+    adamw-lm train [CONFIG.yaml] [options]      # every `mlx_lm lora` option, in any order, plus
+                                                # --section.key value for our sections
+    adamw-lm resume RUN_DIR [--iters N] [--step N] [--convert-precision]
+    adamw-lm plan --model PATH_OR_CONFIG --fine-tune-type lora|dora|full [--all-parameters]
     adamw-lm inspect CHECKPOINT_OR_RUN_DIR
     adamw-lm tiny-model OUT_DIR [--size small|medium] [--seed N]
 
@@ -13,35 +14,195 @@ SIGTERM saves a checkpoint, prints the resume command and exits with 130 (SIGINT
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import logging
 import signal
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
+RUN_COMMANDS = ("train", "resume")
 
-def _parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-    """``["--iters", "20", "--grad-checkpoint", "--optimizer.state_precision", "int8"]`` → dict."""
+#: Our own options of ``train`` / ``resume``: option -> whether it takes an int value (else a switch).
+_OWN_OPTIONS = {
+    "train": {"--overwrite": False, "--no-progress": False},
+    "resume": {"--no-progress": False, "--convert-precision": False, "--step": True},
+}
+
+#: On resume these are the user's word again for what a saved config cannot grant by itself
+#: (the trainer ignores their saved values); there they are switches, as --trust-remote-code is.
+_RESUME_SWITCHES = {"--hf-dataset": "hf_dataset"}
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """A ``train`` / ``resume`` command line, sorted out."""
+
+    command: str
+    path: Optional[str] = None  # train: the config file; resume: the run folder
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False
+    no_progress: bool = False
+    convert_precision: bool = False
+    step: Optional[int] = None
+
+
+def _mlx_lm_parser() -> argparse.ArgumentParser:
+    from mlx_lm.lora import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False  # a bad value raises ArgumentError, which we turn into one line
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    # argparse has no public listing of its actions; `_actions` is the long-standing way to read them.
+    return {s: a for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")}
+
+
+def _config_keys() -> list[str]:
+    from .config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)] + ["optimizer_config"]
+
+
+def _unknown(option: str, command: str, mlx_options: dict[str, argparse.Action]) -> str:
+    from .config import RENAMED_KEYS
+
+    renamed = RENAMED_KEYS.get(option[2:].replace("-", "_"))
+    if renamed:
+        return f"unknown option {option}; mlx-lm renamed it to --{renamed.replace('_', '-')}"
+    known = [*mlx_options, *_OWN_OPTIONS[command], *("--" + k.replace("_", "-") for k in _config_keys())]
+    if command == "resume":
+        known += list(_RESUME_SWITCHES)
+    close = difflib.get_close_matches(option, [k for k in known if k.startswith("--")], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f" (see adamw-lm {command} --help)"
+    return f"unknown option {option}{hint}"
+
+
+class _Line:
+    """A cursor over the tokens of a command line."""
+
+    def __init__(self, tokens: Sequence[str]):
+        self.tokens, self.i = list(tokens), 0
+
+    def __bool__(self) -> bool:
+        return self.i < len(self.tokens)
+
+    def take(self) -> str:
+        self.i += 1
+        return self.tokens[self.i - 1]
+
+    def value_follows(self) -> bool:
+        return bool(self) and not self.tokens[self.i].startswith("--")
+
+    def value(self, option: str, inline: Optional[str]) -> str:
+        """``--option=value`` or ``--option value`` (which may be negative: ``--num-layers -1``)."""
+        from .config import ConfigError
+
+        if inline is not None:
+            return inline
+        if not self.value_follows():
+            raise ConfigError(f"option {option} expects a value")
+        return self.take()
+
+
+def _switch(option: str, inline: Optional[str]) -> bool:
     from .config import ConfigError, parse_override
 
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r} (overrides look like --key value)")
-        key, _, inline = token[2:].partition("=")
-        if inline:
-            overrides[key] = parse_override(inline)
-            i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            overrides[key] = parse_override(tokens[i + 1])
-            i += 2
+    flag = True if inline is None else parse_override(inline)
+    if not isinstance(flag, bool):
+        raise ConfigError(
+            f"option {option} is a switch: give it alone, or {option}=true / false; got {inline!r}")
+    return flag
+
+
+def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
+    """Sort a ``train`` / ``resume`` command line into a path, config overrides and our own flags.
+
+    mlx-lm's own parser (``mlx_lm.lora.build_parser``) says which of its options take a value and
+    converts that value; ``--key value`` / ``--key=value`` also set any config key, dotted for a
+    section (``--optimizer.state_precision int8``). Options and the path may come in any order.
+    """
+    from .config import ConfigError, parse_override
+
+    mlx_parser = _mlx_lm_parser()
+    mlx_options = _options(mlx_parser)
+    own = _OWN_OPTIONS[command]
+    args = RunArgs(command)
+    positionals: list[str] = []
+    config_option: Optional[str] = None
+    line = _Line(tokens)
+    while line:
+        token = line.take()
+        if not token.startswith("-") or token == "-":
+            positionals.append(token)
+            continue
+        if token.startswith("--"):
+            option, has_inline, text = token.partition("=")
+            inline = text if has_inline else None
+            if "." not in option:
+                option = "--" + option[2:].replace("_", "-")  # --batch_size is --batch-size
+        else:  # a short option: -c CONFIG, -cCONFIG, -c=CONFIG
+            option, inline = token[:2], token[2:].removeprefix("=") or None
+
+        other = next((c for c in RUN_COMMANDS if c != command and option in _OWN_OPTIONS[c]), None)
+        if option in own:
+            dest = option[2:].replace("-", "_")
+            if not own[option]:
+                setattr(args, dest, _switch(option, inline))
+                continue
+            text = line.value(option, inline)
+            try:
+                setattr(args, dest, int(text))
+            except ValueError:
+                raise ConfigError(f"option {option} expects an int, got {text!r}") from None
+        elif other is not None and option not in mlx_options:
+            raise ConfigError(f"option {option} belongs to `adamw-lm {other}`, not `{command}`")
+        elif command == "resume" and option in _RESUME_SWITCHES:
+            args.overrides[_RESUME_SWITCHES[option]] = _switch(option, inline)
+        elif option in mlx_options:
+            action = mlx_options[option]
+            if action.nargs == 0:
+                args.overrides[action.dest] = _switch(option, inline)
+                continue
+            text = line.value(option, inline)
+            if action.dest != "config":
+                try:  # mlx-lm's own conversion and checks (int, float, sizes such as 2GB, choices)
+                    parsed = mlx_parser.parse_args([f"{action.option_strings[-1]}={text}"])
+                except argparse.ArgumentError as e:
+                    raise ConfigError(str(e)) from None
+                args.overrides[action.dest] = getattr(parsed, action.dest)
+            elif command == "resume":
+                raise ConfigError("resume reads the config saved in the run's checkpoint: "
+                                  "give the run folder, and --key value to change what may change")
+            elif config_option is not None:
+                raise ConfigError(f"two config files given: --config {config_option} and --config {text}")
+            else:
+                config_option = text
+        elif option.startswith("--") and option[2:].split(".")[0].replace("-", "_") in _config_keys():
+            key = option[2:].replace("-", "_")
+            if inline is None and not line.value_follows():
+                args.overrides[key] = True  # a bare key is a switch, as `--grad-checkpoint` is
+            else:
+                args.overrides[key] = parse_override(line.value(option, inline))
         else:
-            overrides[key] = True
-            i += 1
-    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
-    if "config" in overrides:
-        raise ConfigError("--config names the YAML file: give it once, before any --key value override")
-    return overrides
+            raise ConfigError(_unknown(option, command, mlx_options))
+
+    what = "a config file" if command == "train" else "the run folder"
+    if len(positionals) > 1:
+        raise ConfigError(f"unexpected argument {positionals[1]!r}: {command} takes one path ({what}), "
+                          f"and options as --key value")
+    args.path = positionals[0] if positionals else None
+    if command == "train" and config_option is not None:
+        if args.path is not None:
+            raise ConfigError(f"two config files given: {args.path} and --config {config_option}")
+        args.path = config_option
+    if command == "resume" and args.path is None:
+        raise ConfigError("resume needs the run folder: adamw-lm resume RUN_DIR [--key value ...]")
+    return args
 
 
 def _exit_code(result: Any) -> int:
@@ -52,55 +213,59 @@ def _exit_code(result: Any) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def _run(args: RunArgs) -> int:
     from . import trainer
-    from .config import ConfigError, load_config
+    from .config import load_config
 
-    if args.config and args.config_option:
-        raise ConfigError(f"two config files given: {args.config} and --config {args.config_option}")
-    config = load_config(args.config or args.config_option, _parse_overrides(extra))
-    return _exit_code(trainer.run(config, overwrite=args.overwrite, progress=not args.no_progress))
-
-
-def _cmd_resume(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from . import trainer
-
-    result = trainer.resume(
-        args.run_dir, convert_precision=args.convert_precision,
-        overrides=_parse_overrides(extra), progress=not args.no_progress,
-    )
-    return _exit_code(result)
+    if args.command == "train":
+        config = load_config(args.path, args.overrides)
+        return _exit_code(trainer.run(config, overwrite=args.overwrite, progress=not args.no_progress))
+    step = {} if args.step is None else {"step": args.step}
+    return _exit_code(trainer.resume(
+        args.path, convert_precision=args.convert_precision, overrides=args.overrides,
+        progress=not args.no_progress, **step,
+    ))
 
 
-def _cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def plan_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`adamw_lm.memory.plan_from_config` for ``adamw-lm plan``."""
+    from .config import ConfigError
+
+    if args.all_parameters and args.fine_tune_type != "full":
+        raise ConfigError("--all-parameters counts a full fine-tune of every parameter: "
+                          "give it with --fine-tune-type full")
+    if args.all_parameters and args.num_layers is not None:
+        raise ConfigError("--all-parameters trains every parameter; --num-layers picks blocks: give one")
+    num_layers = None if args.all_parameters else args.num_layers
+    if num_layers is None and not args.all_parameters:
+        num_layers = 16  # mlx_lm lora's default, for full as for lora: what `train` trains
+    return {"fine_tune_type": args.fine_tune_type, "rank": args.rank, "num_layers": num_layers,
+            "weight_update": args.weight_update}
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
     from . import memory
     from .config import ConfigError
 
-    num_layers = args.num_layers
-    if num_layers is None and args.fine_tune_type != "full":
-        num_layers = 16  # mlx_lm lora's default
     precisions = memory.DEFAULT_PRECISIONS
     if args.precision:
         precisions = tuple(None if p.lower() == "none" else p for p in args.precision)
     try:
-        plan = memory.plan_from_config(
-            args.model, fine_tune_type=args.fine_tune_type, rank=args.rank,
-            num_layers=num_layers, precisions=precisions,
-        )
+        plan = memory.plan_from_config(args.model, precisions=precisions, **plan_options(args))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(plan.to_markdown())
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import checkpoint
 
     print(checkpoint.describe(args.path))
     return 0
 
 
-def _cmd_tiny_model(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import build_tiny_model
 
     path = build_tiny_model(args.out_dir, size=args.size, seed=args.seed)
@@ -108,26 +273,44 @@ def _cmd_tiny_model(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+_RUN_EPILOG = (
+    "Every option of `mlx_lm lora` (see `mlx_lm.lora --help`) is accepted, in any order, as are "
+    "--key value / --key=value for any config key and --section.key value for a key of a "
+    "section (--optimizer.state_precision int8, --checkpoint.keep_last 2, --lora-parameters.rank 16)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``adamw-lm`` parser: subcommands, and the help of ``train`` / ``resume``.
+
+    ``train`` and ``resume`` lines are read by :func:`parse_run_args`, which knows mlx-lm's options.
+    """
     parser = argparse.ArgumentParser(prog="adamw-lm", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a YAML config (mlx_lm lora keys)", allow_abbrev=False)
-    p.add_argument("config", nargs="?", help="YAML config; --key value pairs override its keys")
+    p = sub.add_parser("train", help="fine-tune from a YAML config and/or mlx_lm lora options",
+                       allow_abbrev=False, epilog=_RUN_EPILOG)
+    p.add_argument("config", nargs="?", help="YAML config (mlx_lm lora keys); options override its keys")
     p.add_argument("-c", "--config", dest="config_option", metavar="CONFIG",
                    help="the YAML config, as `mlx_lm lora --config` takes it")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that already holds checkpoints (deletes them)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(fn=_cmd_train)
+    p.add_argument("--no-progress", action="store_true", help="report lines without a progress bar")
 
-    p = sub.add_parser("resume", help="continue a run exactly where it stopped", allow_abbrev=False)
+    p = sub.add_parser("resume", help="continue a run exactly where it stopped", allow_abbrev=False,
+                       epilog=_RUN_EPILOG + " Only what keeps it the same run may change "
+                       "(--iters, intervals, locations).")
     p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="resume from the checkpoint of this iteration, not the latest")
     p.add_argument("--convert-precision", action="store_true",
                    help="allow resuming with another optimizer.state_precision (converts the moments)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(fn=_cmd_resume)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="needed again on resume: a saved config cannot grant it")
+    p.add_argument("--report-to", help="needed again on resume (wandb, swanlab)")
+    p.add_argument("--hf-dataset", action="store_true",
+                   help="needed again on resume to load the saved hf_dataset")
+    p.add_argument("--no-progress", action="store_true", help="report lines without a progress bar")
 
     p = sub.add_parser("plan", help="memory table for a model, from its config.json alone",
                        allow_abbrev=False)
@@ -135,10 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--num-layers", type=int, default=None,
-                   help="last N blocks trained, as mlx_lm lora (default 16 for lora/dora; "
-                        "for full: every parameter, embeddings and head included)")
+                   help="the last N blocks are trained, as mlx_lm lora (default 16, -1: all); with "
+                        "full, embeddings and head stay frozen, as in `train`")
+    p.add_argument("--all-parameters", action="store_true",
+                   help="with --fine-tune-type full: every parameter, embeddings and head included")
     p.add_argument("--precision", nargs="+", default=None,
                    help="state precisions to show: none fp32 bf16 int8 int4 (default: all)")
+    p.add_argument("--weight-update", choices=["nearest", "stochastic", "exact"], default=None,
+                   help="AdamW's weight_update for bf16/fp16 weights ('exact' adds 2 bytes per "
+                        "parameter of state; default: AdamW's)")
     p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser("inspect", help="what a checkpoint holds, and whether it verifies")
@@ -153,19 +341,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLine(logging.Handler):
+    """``adamw-lm: warning: ...`` on stderr (looked up at each message, so redirection holds)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"adamw-lm: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def configure_messages() -> None:
+    """Warnings of the ``adamw_lm`` logger, and ``warnings.warn`` from our own code, as one line each."""
+    logger = logging.getLogger("adamw_lm")
+    if any(isinstance(h, _OneLine) for h in logger.handlers):
+        return
+    logger.addHandler(_OneLine())
+    logger.setLevel(logging.WARNING)
+    package = Path(__file__).resolve().parent
+    show = warnings.showwarning
+
+    def show_ours(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: Optional[str] = None) -> None:
+        if Path(filename).resolve().is_relative_to(package):
+            logger.warning("%s", message)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_ours
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``adamw-lm`` console script."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "resume"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_messages()
+    command = argv[0] if argv else None
     try:
-        code = args.fn(args, extra)
+        if command in RUN_COMMANDS and not {"-h", "--help"} & set(argv[1:]):
+            code = _run(parse_run_args(command, argv[1:]))
+        else:
+            args = build_parser().parse_args(argv)  # plan / inspect / tiny-model, and every --help
+            command = args.command
+            code = args.fn(args)
     except (ConfigError, CheckpointError, OSError) as e:
-        print(f"adamw-lm {args.command}: error: {e}", file=sys.stderr)
+        print(f"adamw-lm {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("adamw-lm: interrupted", file=sys.stderr)
@@ -175,4 +394,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

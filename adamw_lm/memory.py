@@ -27,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .weight_update import DEFAULT_WEIGHT_UPDATE, buffer_nbytes, check_weight_update
+
 #: State precisions from most to least precise; ``"auto"`` lowers tensors along it.
 STATE_LADDER: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
 
@@ -66,6 +68,19 @@ def state_bytes(precision: str | None, shape: Sequence[int], dtype: mx.Dtype = m
     raise ValueError(f"no state size is known for precision {precision!r}; known: {known}")
 
 
+def weight_buffer_bytes(
+    weight_update: str | None, precision: str | None, size: int, dtype: mx.Dtype
+) -> int:
+    """Bytes of the extra weight buffer (optimizer state) a parameter of ``size`` elements and
+    ``dtype`` has at state ``precision`` under ``weight_update`` (see :mod:`adamw_lm.weight_update`;
+    ``None``: AdamW's default): 2 per element for ``"exact"`` on bfloat16 / float16 weights, else
+    0. Precision ``None`` is mlx's update, which has none."""
+    check_weight_update(weight_update)
+    if precision is None:
+        return 0
+    return buffer_nbytes(weight_update or DEFAULT_WEIGHT_UPDATE, size, dtype)
+
+
 def stored_precision(precision: str | None, size: int, min_quantize_size: int) -> str | None:
     """The precision a tensor of ``size`` elements is stored at: below ``min_quantize_size``
     elements, precisions lower than ``"fp32"`` fall back to ``"fp32"``."""
@@ -93,6 +108,7 @@ def choose_precisions(
     min_quantize_size: int = MIN_QUANTIZE_SIZE,
     ladder: Sequence[str] = STATE_LADDER,
     dtypes: Mapping[str, mx.Dtype] | None = None,
+    weight_update: str | None = None,
 ) -> dict[str, str | None]:
     """Per-tensor state precisions whose total :func:`state_bytes` is at most ``budget_bytes``.
 
@@ -109,8 +125,10 @@ def choose_precisions(
             count against the budget but never move.
         min_quantize_size: tensors with fewer elements stay ``"fp32"`` when the ladder goes lower.
         ladder: precisions from the highest to the lowest.
-        dtypes: ``{path: dtype}`` of the parameters, needed only for paths pinned to ``None``
-            (default float32).
+        dtypes: ``{path: dtype}`` of the parameters (default float32), for paths pinned to
+            ``None`` and for weight buffers.
+        weight_update: the optimizer's ``weight_update``; the ``"exact"`` buffers of bfloat16 /
+            float16 weights count against the budget (:func:`weight_buffer_bytes`).
 
     Raises:
         ValueError: bad arguments, or no plan fits (the message gives the bytes the smallest needs).
@@ -131,7 +149,10 @@ def choose_precisions(
         return math.prod(named_shapes[path])
 
     def cost(path: str, precision: str | None) -> int:
-        return state_bytes(precision, named_shapes[path], dtypes.get(path, mx.float32))
+        dtype = dtypes.get(path, mx.float32)
+        return state_bytes(precision, named_shapes[path], dtype) + weight_buffer_bytes(
+            weight_update, precision, size_of(path), dtype
+        )
 
     plan: dict[str, str | None] = {
         path: stored_precision(overrides[path], size_of(path), min_quantize_size)
@@ -224,25 +245,33 @@ def _rows(
     trainable: Iterable[mx.array],
     precisions: Sequence[str | None],
     min_quantize_size: int,
+    weight_update: str | None,
 ) -> tuple[MemoryRow, ...]:
     trainable = list(trainable)
     weight_bytes = sum(a.nbytes for a in weights)
     grad_bytes = sum(a.nbytes for a in trainable)
 
     def state(precision: str | None) -> int:
-        return sum(
-            state_bytes(stored_precision(precision, a.size, min_quantize_size), a.shape, a.dtype)
-            for a in trainable
-        )
+        total = 0
+        for a in trainable:
+            stored = stored_precision(precision, a.size, min_quantize_size)
+            total += state_bytes(stored, a.shape, a.dtype)
+            total += weight_buffer_bytes(weight_update, stored, a.size, a.dtype)
+        return total
 
     return tuple(MemoryRow(p, weight_bytes, grad_bytes, state(p)) for p in precisions)
 
 
-def _check_precisions(precisions: Sequence[str | None]) -> None:
+def _check_precisions(precisions: Sequence[str | None], weight_update: str | None) -> None:
     if not precisions:
         raise ValueError("precisions must name at least one precision")
     for precision in precisions:
         state_bytes(precision, ())
+    check_weight_update(weight_update)
+
+
+def _weight_update_note(weight_update: str | None) -> str:
+    return f", weight_update {weight_update!r}" if weight_update else ""
 
 
 def plan_for_model(
@@ -250,14 +279,16 @@ def plan_for_model(
     precisions: Sequence[str | None] = DEFAULT_PRECISIONS,
     *,
     min_quantize_size: int = MIN_QUANTIZE_SIZE,
+    weight_update: str | None = None,
 ) -> MemoryPlan:
     """The memory plan of a live model as it is set up now, or of a parameter tree.
 
     For an ``nn.Module`` its trainable parameters are the trained ones (so apply LoRA and freeze
     before calling); for a tree every array is trained. Quantized layers count their logical
-    parameters in ``total_parameters`` and their stored bytes in ``weights``.
+    parameters in ``total_parameters`` and their stored bytes in ``weights``. ``weight_update``
+    (``AdamW``'s) adds its buffers to the state (:func:`weight_buffer_bytes`).
     """
-    _check_precisions(precisions)
+    _check_precisions(precisions, weight_update)
     if isinstance(model, nn.Module):
         from mlx_lm.utils import get_total_parameters
 
@@ -272,10 +303,10 @@ def plan_for_model(
     else:
         raise TypeError(f"model must be an mlx.nn.Module or a tree of arrays; got {type(model)}")
     return MemoryPlan(
-        description,
+        description + _weight_update_note(weight_update),
         total,
         sum(a.size for a in trainable),
-        _rows(params, trainable, precisions, min_quantize_size),
+        _rows(params, trainable, precisions, min_quantize_size, weight_update),
     )
 
 
@@ -343,6 +374,7 @@ def plan_from_config(
     *,
     lora_keys: Sequence[str] | None = None,
     min_quantize_size: int = MIN_QUANTIZE_SIZE,
+    weight_update: str | None = None,
 ) -> MemoryPlan:
     """The memory plan of fine-tuning the model described by a ``config.json`` (no weights needed).
 
@@ -354,20 +386,22 @@ def plan_from_config(
             ``mlx_lm.lora``.
         rank: LoRA rank.
         num_layers: the last ``num_layers`` transformer blocks are trained, as in ``mlx_lm.lora``
-            (``full`` trains those blocks' parameters only; ``<= 0`` means all blocks). ``None``:
-            all blocks, and with ``full`` every parameter (embeddings, final norm and head too).
+            and ``adamw-lm train`` (``full`` trains those blocks' parameters only, embeddings and
+            head stay frozen; ``<= 0`` means all blocks). ``None``: all blocks, and with ``full``
+            every parameter (embeddings, final norm and head too: ``plan --all-parameters``).
         precisions: one row per state precision.
         weight_dtype: dtype of the stored weights (and of quantization scales); default the
             config's ``torch_dtype`` (or ``dtype``), else ``"bfloat16"``.
         lora_keys: module keys inside a block that get LoRA (mlx-lm's ``lora_parameters.keys``);
             default every linear layer of the block, as mlx-lm does.
         min_quantize_size: tensors with fewer elements keep fp32 moments under lower precisions.
+        weight_update: ``AdamW``'s; its buffers count as state (:func:`weight_buffer_bytes`).
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import get_total_parameters
 
     data, where = _read_config(config)
-    _check_precisions(precisions)
+    _check_precisions(precisions, weight_update)
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError(f"fine_tune_type must be one of {FINE_TUNE_TYPES}; got {fine_tune_type!r}")
     if fine_tune_type != "full" and not (isinstance(rank, int) and rank > 0):
@@ -396,7 +430,7 @@ def plan_from_config(
 
     n_blocks = len(model.layers)
     if num_layers is not None and num_layers > n_blocks:
-        raise ValueError(f"num_layers={num_layers} but the model has only {n_blocks} layers")
+        raise ValueError(f"num_layers={num_layers} but the model has only {n_blocks} layers (-1: all of them)")
     trained = n_blocks if num_layers is None or num_layers <= 0 else num_layers
     model.freeze()
     if fine_tune_type == "full":
@@ -415,13 +449,14 @@ def plan_from_config(
         name = {"lora": "LoRA", "dora": "DoRA"}[fine_tune_type]
         what = f"{name} rank {rank} on the last {trained} of {n_blocks} layers"
 
-    weights = [a for _, a in tree_flatten(model.parameters())]
+    weight_arrays = [a for _, a in tree_flatten(model.parameters())]
     trainable = [a for _, a in tree_flatten(model.trainable_parameters())]
     return MemoryPlan(
-        f"{data['model_type']}, {what}, weights {', '.join(details)}",
+        f"{data['model_type']}, {what}, weights {', '.join(details)}"
+        + _weight_update_note(weight_update),
         get_total_parameters(model),
         sum(a.size for a in trainable),
-        _rows(weights, trainable, precisions, min_quantize_size),
+        _rows(weight_arrays, trainable, precisions, min_quantize_size, weight_update),
     )
 
 
@@ -437,4 +472,5 @@ __all__ = [
     "plan_from_config",
     "state_bytes",
     "stored_precision",
+    "weight_buffer_bytes",
 ]

@@ -4,34 +4,99 @@ With ``state_precision=None`` every parameter is updated by ``mlx.optimizers.Ada
 ``apply_single``, so results are bit-for-bit those of mlx. Any other precision keeps the moments in a
 storage format from :mod:`adamw_lm.codecs` and runs decode → AdamW (in float32) → encode as one compiled
 function per slice of ``chunk_size`` elements, so neither a full-model nor a full-tensor float32 copy
-of the moments ever exists.
+of the moments ever exists; bfloat16 / float16 weights are written back as ``weight_update`` says
+(:mod:`adamw_lm.weight_update`).
+
+The optimizer owns its state's format: :class:`StateFormat` names how one parameter's state is
+stored, :func:`zeros_state` makes it and :func:`convert_state` turns one format into another, so a
+checkpoint stores arrays and JSON only.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import re
 import threading
-from typing import Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import regex
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
 from .memory import STATE_LADDER, choose_precisions, stored_precision
+from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
-LearningRate = Union[float, Callable[[mx.array], mx.array]]
+#: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
+PATTERN_TIMEOUT_S = 0.1
 
 #: Precisions below float32; tensors smaller than ``min_quantize_size`` fall back to "fp32".
 LOW_PRECISIONS = tuple(name for name in PRECISIONS if name != "fp32")
 
 
-def _check_precision(value: str | None, what: str, auto: bool = False) -> None:
-    if value is not None and value not in PRECISIONS and not (auto and value == "auto"):
-        allowed = ", ".join(["None"] + [repr(p) for p in PRECISIONS] + (["'auto'"] if auto else []))
-        raise ValueError(f"{what} must be one of {allowed}; got {value!r}")
+class StateFormat(NamedTuple):
+    """How the optimizer state of one parameter is stored: the moments' precision (``None``: in
+    the parameter's dtype, as mlx) and the weight update that applies to it (``None`` for float32
+    parameters; ``"exact"`` adds a buffer, see :mod:`adamw_lm.weight_update`)."""
+
+    precision: str | None
+    weight_update: str | None = None
+
+    @classmethod
+    def of(cls, precision: str | None, dtype: mx.Dtype, weight_update: str | None) -> StateFormat:
+        """The format of a parameter of ``dtype`` at ``precision`` under an optimizer's
+        ``weight_update``: ``None`` for float32 parameters, ``"nearest"`` at precision ``None``
+        (mlx's update)."""
+        if dtype not in weights.LOW_DTYPES:
+            return cls(precision, None)
+        return cls(precision, "nearest" if precision is None else weight_update)
+
+    def buffer(self, dtype: mx.Dtype) -> str | None:
+        """The state key of the weight's buffer for a parameter of ``dtype``, if it has one."""
+        return weights.buffer_name(self.weight_update, dtype)
+
+
+def zeros_state(fmt: StateFormat, parameter: mx.array) -> dict:
+    """The initial (all-zero) state of ``parameter`` stored as ``fmt``."""
+    if fmt.precision is None:
+        return {"m": mx.zeros_like(parameter), "v": mx.zeros_like(parameter)}
+    codecs = PRECISIONS[fmt.precision]
+    return {
+        "m": codecs.m.zeros(parameter.shape),
+        "v": codecs.v.zeros(parameter.shape),
+        **weights.zeros(fmt.weight_update, parameter),
+    }
+
+
+def convert_state(
+    state: dict, old: StateFormat, new: StateFormat, parameter: mx.array, key: mx.array
+) -> dict:
+    """The state of ``parameter`` stored as ``old``, re-stored as ``new``.
+
+    Moments are decoded to float32 and encoded again (stochastic codecs draw from ``key``). A
+    weight buffer that ``new`` has and ``old`` had not starts at zero, which is exact: the master
+    weight is then the parameter itself. One that ``old`` had and ``new`` has not is dropped: the
+    weight keeps its rounded value, and what the buffer held (under half a unit in the last
+    place) is lost.
+    """
+    converted = {}
+    for moment, moment_key in zip(("m", "v"), mx.random.split(key)):
+        if old.precision is None:
+            x = state[moment].astype(mx.float32)
+        else:
+            x = getattr(PRECISIONS[old.precision], moment).decode(state[moment], parameter.shape)
+        if new.precision is None:
+            converted[moment] = x.astype(parameter.dtype)
+        else:
+            codec = getattr(PRECISIONS[new.precision], moment)
+            converted[moment] = codec.encode(x, moment_key if codec.stochastic else None)
+    buffer = new.buffer(parameter.dtype)
+    if buffer is not None:
+        kept = old.buffer(parameter.dtype) == buffer
+        converted[buffer] = state[buffer] if kept else zeros_state(new, parameter)[buffer]
+    return converted
 
 
 class AdamW(optim.AdamW):
@@ -51,8 +116,10 @@ class AdamW(optim.AdamW):
             whatever the parameter's dtype; lower precisions are listed in
             :data:`adamw_lm.codecs.PRECISIONS`; ``"auto"`` picks one per parameter so that the whole
             state fits ``memory_budget`` (see :func:`adamw_lm.memory.choose_precisions`).
-        precision_overrides: ``{regex: precision}``; the first pattern that ``re.search`` finds in a
-            parameter's path (e.g. ``"embed_tokens"``, ``"norm"``) decides that parameter's precision.
+        precision_overrides: ``{regex: precision}``; the first pattern found in a parameter's path
+            (e.g. ``"embed_tokens"``, ``"norm"``) decides that parameter's precision. Patterns may
+            come from a stranger's checkpoint: a search that takes longer than
+            :data:`PATTERN_TIMEOUT_S` (catastrophic backtracking) raises ``ValueError``.
         min_quantize_size: tensors with fewer elements keep float32 moments under a low precision.
         seed: seeds the random key (kept in the state) used for stochastic rounding.
         memory_budget: bytes the whole optimizer state may take (``state_nbytes()``); required by,
@@ -63,6 +130,17 @@ class AdamW(optim.AdamW):
             depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
         streams: how many mlx streams the slices are spread over, in turn; results do not
             depend on it. ``None``: :func:`default_streams`.
+        weight_update: how a new weight is written into a bfloat16 / float16 parameter whose
+            precision is not ``None`` (see :mod:`adamw_lm.weight_update`): ``"nearest"`` (mlx's
+            rounding; steps much smaller than the weight are lost), ``"stochastic"`` (unbiased
+            rounding, no extra memory) or ``"exact"`` (a 2-byte buffer per element in the state:
+            16+16 float32 master weights for bfloat16, Kahan compensation for float16).
+            ``None``: ``"nearest"`` under ``state_precision=None`` (the only mode it allows: it is
+            mlx's own update), else :data:`adamw_lm.weight_update.DEFAULT_WEIGHT_UPDATE`.
+            Parameters a precision override pins to ``None`` and float32 parameters are unaffected.
+
+    The arguments after ``bias_correction`` are checked and kept, as given but for a resolved
+    ``weight_update``, in ``self.settings``, a frozen :class:`adamw_lm.optim_settings.Settings`.
 
     Under a precision other than ``None``, a step whose gradients hold a NaN or an infinity leaves
     parameters and moments unchanged and is counted in ``state["skipped_steps"]``; ``None`` keeps
@@ -84,59 +162,20 @@ class AdamW(optim.AdamW):
         memory_budget: int | None = None,
         chunk_size: int | None = None,
         streams: int | None = None,
+        weight_update: str | None = None,
     ):
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{i}] (beta{i + 1}) must be in [0, 1); got {beta}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0; got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-        if not callable(learning_rate) and not learning_rate >= 0.0:
-            raise ValueError(f"learning_rate must be >= 0 (or a schedule); got {learning_rate}")
-        _check_precision(state_precision, "state_precision", auto=True)
-        if state_precision == "auto":
-            if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-                raise ValueError(
-                    f"state_precision='auto' needs memory_budget, an int number of bytes; "
-                    f"got {memory_budget!r}"
-                )
-            if memory_budget <= 0:
-                raise ValueError(f"memory_budget must be > 0 bytes; got {memory_budget}")
-        elif memory_budget is not None:
-            raise ValueError(
-                f"memory_budget is only used with state_precision='auto'; "
-                f"got state_precision={state_precision!r}"
-            )
-        overrides = dict(precision_overrides or {})
-        for pattern, precision in overrides.items():
-            _check_precision(precision, f"precision_overrides[{pattern!r}]")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
-        if chunk_size is not None and (chunk_size < 1 or chunk_size % 256):
-            raise ValueError(f"chunk_size must be a positive multiple of 256; got {chunk_size}")
-        if streams is not None and (isinstance(streams, bool) or streams < 1):
-            raise ValueError(f"streams must be an int >= 1 (or None); got {streams!r}")
-        if min_quantize_size < 0:
-            raise ValueError(f"min_quantize_size must be >= 0; got {min_quantize_size}")
-
+        check_adamw_arguments(learning_rate, betas, eps, weight_decay)
+        settings = Settings(
+            state_precision, precision_overrides or {}, min_quantize_size, seed, memory_budget,
+            chunk_size, streams, weight_update,
+        )  # fmt: skip
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction)
         if callable(learning_rate) and not self.state["learning_rate"].item() >= 0.0:
             raise ValueError(
                 f"learning_rate schedule must give values >= 0; "
                 f"got {self.state['learning_rate'].item()} at step 0"
             )
-        self.state_precision = state_precision
-        self.precision_overrides = overrides
-        self.min_quantize_size = min_quantize_size
-        self.seed = seed
-        self.memory_budget = memory_budget
-        self.chunk_size = chunk_size
-        self.streams = streams
+        self.settings = settings
         self._plan: dict[str, str | None] = {}
         self._compiled: dict[tuple, Callable] = {}
 
@@ -144,7 +183,16 @@ class AdamW(optim.AdamW):
 
     def _override_pattern(self, path: str) -> str | None:
         """The first ``precision_overrides`` pattern found in ``path``, if any."""
-        return next((pat for pat in self.precision_overrides if re.search(pat, path)), None)
+        for pattern in self.settings.precision_overrides:
+            try:
+                if regex.search(pattern, path, timeout=PATTERN_TIMEOUT_S):
+                    return pattern
+            except TimeoutError:
+                raise ValueError(
+                    f"precision_overrides pattern {pattern!r} took over {PATTERN_TIMEOUT_S} s "
+                    f"to search the path {path!r} (catastrophic backtracking?); simplify it"
+                ) from None
+        return None
 
     def precision_for(self, path: str, parameter: mx.array) -> str | None:
         """The precision that the parameter at ``path`` gets under this optimizer's settings.
@@ -154,8 +202,8 @@ class AdamW(optim.AdamW):
         """
         pattern = self._override_pattern(path)
         if pattern is not None:
-            precision = self.precision_overrides[pattern]
-        elif self.state_precision == "auto":
+            precision = self.settings.precision_overrides[pattern]
+        elif self.settings.state_precision == "auto":
             if path not in self._plan:
                 raise ValueError(
                     f"state_precision='auto' decides {path!r} together with the whole tree: "
@@ -163,8 +211,8 @@ class AdamW(optim.AdamW):
                 )
             return self._plan[path]
         else:
-            precision = self.state_precision
-        return stored_precision(precision, parameter.size, self.min_quantize_size)
+            precision = self.settings.state_precision
+        return stored_precision(precision, parameter.size, self.settings.min_quantize_size)
 
     def plan(self, parameters: dict) -> dict[str, str | None]:
         """``{path: precision}`` for every array in the tree ``parameters``.
@@ -173,7 +221,7 @@ class AdamW(optim.AdamW):
         scalars included, fits ``memory_budget``; ``ValueError`` if even the lowest cannot.
         """
         flat = tree_flatten(parameters)
-        if self.state_precision != "auto":
+        if self.settings.state_precision != "auto":
             return {path: self.precision_for(path, p) for path, p in flat}
         pins = {
             path: self.precision_for(path, p)
@@ -184,20 +232,22 @@ class AdamW(optim.AdamW):
         # skipped-step count and random key that init adds).
         scalars = {k: a for k, a in self.state.items() if isinstance(a, mx.array)}
         scalars.setdefault("skipped_steps", mx.array(0, mx.uint32))
-        scalars.setdefault("key", mx.random.key(self.seed))
+        scalars.setdefault("key", mx.random.key(self.settings.seed))
         scalar_bytes = sum(a.nbytes for a in scalars.values())
         try:
             return choose_precisions(
                 {path: p.shape for path, p in flat},
-                max(self.memory_budget - scalar_bytes, 0),
+                max(self.settings.memory_budget - scalar_bytes, 0),
                 overrides=pins,
-                min_quantize_size=self.min_quantize_size,
+                min_quantize_size=self.settings.min_quantize_size,
                 ladder=[p for p in STATE_LADDER if p in PRECISIONS],
                 dtypes={path: p.dtype for path, p in flat},
+                weight_update=self.settings.weight_update,
             )
         except ValueError as e:
             raise ValueError(
-                f"state_precision='auto' with memory_budget={self.memory_budget} bytes, of which "
+                f"state_precision='auto' with memory_budget={self.settings.memory_budget} bytes, "
+                f"of which "
                 f"{scalar_bytes} go to the state's scalars: {e}"
             ) from e
 
@@ -205,6 +255,34 @@ class AdamW(optim.AdamW):
     def precision_plan(self) -> dict[str, str | None]:
         """``{path: precision}`` of the parameters this optimizer holds state for (empty before init)."""
         return dict(self._plan)
+
+    def weight_update_for(self, precision: str | None, dtype: mx.Dtype) -> str | None:
+        """How a parameter of ``dtype`` at state ``precision`` is written: ``None`` when as computed
+        (float32), ``"nearest"`` under precision ``None`` (mlx's update), else ``weight_update``."""
+        return self._format(precision, dtype).weight_update
+
+    def _format(self, precision: str | None, dtype: mx.Dtype) -> StateFormat:
+        return StateFormat.of(precision, dtype, self.settings.weight_update)
+
+    def state_formats(self, parameters: dict) -> dict[str, StateFormat]:
+        """``{path: StateFormat}``: how the state of each array of ``parameters`` is stored (see
+        :meth:`plan`); :func:`convert_state` turns one format into another."""
+        plan = self.plan(parameters)
+        return {path: self._format(plan[path], p.dtype) for path, p in tree_flatten(parameters)}
+
+    def hyperparameters(self) -> dict:
+        """The settings that, with the learning rate, define this optimizer, as JSON values."""
+        return {
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "bias_correction": self.bias_correction,
+            "state_precision": self.settings.state_precision,
+            "precision_overrides": dict(self.settings.precision_overrides),
+            "min_quantize_size": self.settings.min_quantize_size,
+            "seed": self.settings.seed,
+            "weight_update": self.settings.weight_update,
+        }
 
     # -- mlx.optimizers.Optimizer interface ---------------------------------------------------------
 
@@ -218,8 +296,8 @@ class AdamW(optim.AdamW):
                 self._init_param(path, parameter, state)
 
         tree_map_with_path(fill, parameters, self._state)
-        if any(PRECISIONS[p].stochastic for p in self._plan.values() if p is not None):
-            self._state.setdefault("key", mx.random.key(self.seed))
+        if any(self._random(path, p.dtype) for path, p in tree_flatten(parameters)):
+            self._state.setdefault("key", mx.random.key(self.settings.seed))
         if any(p is not None for p in self._plan.values()):
             self._state.setdefault("skipped_steps", mx.array(0, mx.uint32))
 
@@ -228,11 +306,16 @@ class AdamW(optim.AdamW):
 
     def _init_param(self, path: str, parameter: mx.array, state: dict) -> None:
         precision = self._plan.get(path, self.precision_for(path, parameter))
+        state.update(zeros_state(self._format(precision, parameter.dtype), parameter))
+
+    def _random(self, path: str, dtype: mx.Dtype) -> bool:
+        """Whether the update of the parameter at ``path`` draws random bits."""
+        precision = self._plan.get(path)
         if precision is None:
-            super().init_single(parameter, state)
-        else:
-            codecs = PRECISIONS[precision]
-            state.update(m=codecs.m.zeros(parameter.shape), v=codecs.v.zeros(parameter.shape))
+            return False
+        return PRECISIONS[precision].stochastic or (
+            self.weight_update_for(precision, dtype) == "stochastic"
+        )
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # Same order as mlx's Optimizer.apply_gradients (schedule at the old step, then increment),
@@ -250,65 +333,51 @@ class AdamW(optim.AdamW):
             finite = mx.isfinite(sum(_sum_wide(g) for _, g in flat))
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)
-        keys = {}
+        keys, weight_keys = {}, {}
         if "key" in self.state:
-            stochastic = [p for p, _ in low if PRECISIONS[self._plan[p]].stochastic]
+            dtypes: dict[str, mx.Dtype] = {}
+            tree_map_with_path(
+                lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters
+            )
+            stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
             split = mx.random.split(self.state["key"], len(stochastic) + 1)
             self.state["key"] = split[0]
             keys = {path: split[i + 1] for i, path in enumerate(stochastic)}
+            # The moments of a bf16 pair use both halves of their key's hash: the weight
+            # rounds with bits of a key drawn from it.
+            weight_keys = {
+                path: mx.random.split(keys[path], 1)[0]
+                for path in stochastic
+                if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
+            }
 
-        # Each slice's update waits for the previous one in its lane: evaluated in sequence, one
-        # slice's decoded moments and temporaries are freed before the next one's exist.
-        lanes = _lanes(self.streams)
-        chains: list[list[mx.array]] = [[] for _ in lanes]
-        turns = itertools.count()  # slices take the lanes in turn, across parameters too
+        slices = _Slices(self.settings.streams, self.settings.chunk_size or _default_chunk_size())
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
             if precision is None:
                 return super(AdamW, self).apply_single(g, p, s)
             codecs = PRECISIONS[precision]
-            update = self._update_fn(codecs)
-            key = keys.get(path)
-            chunk = self.chunk_size or _default_chunk_size()
-            parts = []
-            for start in range(0, g.size, chunk):
-                stop = min(start + chunk, g.size)
-                lane = next(turns) % len(lanes)
-                previous = chains[lane]
-                # Slicing too happens in the lane: a view made on another stream would wait there.
-                with mx.stream(lanes[lane]):
-                    if stop - start == g.size:
-                        args = (g, p, s["m"], s["v"])
-                    else:
-                        args = (
-                            g.reshape(-1)[start:stop],
-                            p.reshape(-1)[start:stop],
-                            _slice_stored(codecs.m, s["m"], start, stop),
-                            _slice_stored(codecs.v, s["v"], start, stop),
-                        )
-                    g_part = mx.depends(args[0], previous) if previous else args[0]
-                    out = update(g_part, *args[1:], coefficients, key, mx.array(start, mx.uint32))
-                previous[:] = [a for _, a in tree_flatten(out)]
-                parts.append(out)
-            if len(parts) == 1:
-                new_p, s["m"], s["v"] = parts[0]
-                return new_p
-            s["m"] = _join_stored([m for _, m, _ in parts], p.shape)
-            s["v"] = _join_stored([v for _, _, v in parts], p.shape)
-            new_p = mx.concatenate([q for q, _, _ in parts]).reshape(p.shape)
-            # The joins join the chains too, or they would all run last, with every slice alive.
-            joined = [new_p, *(a for _, a in tree_flatten([s["m"], s["v"]]))]
-            for chain in chains:
-                chain[:] = joined
-            return new_p
+            mode = self.weight_update_for(precision, p.dtype)
+            buffer = weights.buffer_name(mode, p.dtype)
+            tensors = {"g": g, "p": p, "m": s["m"], "v": s["v"]}
+            if buffer:
+                tensors["buffer"] = s[buffer]
+            new = slices.update(
+                self._update_fn(codecs, mode), tensors, codecs,
+                coefficients, keys.get(path), weight_keys.get(path),
+            )  # fmt: skip
+            s["m"], s["v"] = new["m"], new["v"]
+            if buffer:
+                s[buffer] = new["buffer"]
+            return new["p"]
 
         return tree_map_with_path(apply, gradients, parameters, self.state)
 
-    def _update_fn(self, precision: Precision) -> Callable:
-        config = (precision.name, self.eps)
+    def _update_fn(self, precision: Precision, mode: str | None) -> Callable:
+        config = (precision.name, mode, self.eps)
         if config not in self._compiled:
-            self._compiled[config] = mx.compile(_fused_update(precision, self.eps))
+            self._compiled[config] = mx.compile(_fused_update(precision, mode, self.eps))
         return self._compiled[config]
 
     def _coefficients(self, finite: mx.array) -> _Coefficients:
@@ -372,8 +441,52 @@ def _default_chunk_size() -> int:
     return 1 << 18 if mx.default_device() == mx.cpu else 1 << 22
 
 
-def _slice_stored(codec: MomentCodec, stored: Stored, start: int, stop: int) -> Stored:
-    """Elements ``[start, stop)`` of a stored moment (``start`` a multiple of the codec's block)."""
+class _Slices:
+    """Updates the tensors of one step in slices of ``chunk`` elements spread over streams.
+
+    Slices take the streams ("lanes") in turn, across tensors too, and each waits for the previous
+    slice of its lane: evaluated in sequence, one slice's decoded moments and temporaries are freed
+    before the next one's exist.
+    """
+
+    def __init__(self, streams: int | None, chunk: int):
+        self.lanes = _lanes(streams)
+        self.chains: list[list[mx.array]] = [[] for _ in self.lanes]
+        self.turns = itertools.count()
+        self.chunk = chunk
+
+    def update(self, fn: Callable, tensors: dict, codecs: Precision, *constants) -> dict:
+        """``fn(tensors, *constants, offset)`` over the slices of ``tensors`` (``"m"`` and ``"v"``
+        stored by ``codecs``, the others of the parameter's shape), joined."""
+        shape, size = tensors["p"].shape, tensors["p"].size
+        parts = []
+        for start in range(0, size, self.chunk):
+            stop = min(start + self.chunk, size)
+            lane = next(self.turns) % len(self.lanes)
+            previous = self.chains[lane]
+            # Slicing too happens in the lane: a view made on another stream would wait there.
+            with mx.stream(self.lanes[lane]):
+                part = tensors if stop - start == size else {
+                    name: _slice_stored(getattr(codecs, name, None), a, start, stop)
+                    for name, a in tensors.items()
+                }  # fmt: skip
+                if previous:
+                    part = {**part, "g": mx.depends(part["g"], previous)}
+                out = fn(part, *constants, mx.array(start, mx.uint32))
+            previous[:] = [a for _, a in tree_flatten(out)]
+            parts.append(out)
+        if len(parts) == 1:
+            return parts[0]
+        joined = {name: _join_stored([part[name] for part in parts], shape) for name in parts[0]}
+        # The joins join the chains too, or they would all run last, with every slice alive.
+        for chain in self.chains:
+            chain[:] = [a for _, a in tree_flatten(joined)]
+        return joined
+
+
+def _slice_stored(codec: MomentCodec | None, stored: Stored, start: int, stop: int) -> Stored:
+    """Elements ``[start, stop)`` of a stored moment (``start`` a multiple of the codec's block), or
+    of a plain tensor (``codec`` ``None``)."""
     if isinstance(stored, dict):
         first, last = start // codec.block, -(-stop // codec.block)
         return {name: a[first:last] for name, a in stored.items()}
@@ -400,26 +513,46 @@ class _Coefficients(NamedTuple):
     root_scale: mx.array  # 1, or rsqrt(1 - beta2^t) with bias correction
 
 
-def _fused_update(precision: Precision, eps: float) -> Callable:
-    """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller."""
+def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:
+    """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller.
 
-    def update(g, p, m_stored, v_stored, k: _Coefficients, key, offset):
+    Takes and gives ``{"g": gradient (in only), "p": parameter, "m": ..., "v": ...}`` and, when
+    ``mode`` has one, the weight's ``"buffer"``.
+    """
+
+    def update(tensors: dict, k: _Coefficients, key, weight_key, offset) -> dict:
+        g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
+        m_stored, v_stored = tensors["m"], tensors["v"]
         shape = g.shape
         # A skipped step zeroes the gradient and its coefficients keep everything as it is
         # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
         g32 = mx.where(k.finite, g.astype(mx.float32), 0.0)
         m = k.beta1 * precision.m.decode(m_stored, shape) + k.one_minus_beta1 * g32
         v = k.beta2 * precision.v.decode(v_stored, shape) + k.one_minus_beta2 * (g32 * g32)
-        w = p.astype(mx.float32) * k.decay - k.step_size * m / (mx.sqrt(v) * k.root_scale + eps)
+        w = weights.read(p, buffer) * k.decay - k.step_size * m / (
+            mx.sqrt(v) * k.root_scale + eps
+        )
+        new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # One key for both moments: a stochastic pair draws disjoint bits of one hash, which
         # the compiler computes once.
-        return (
-            w.astype(p.dtype),
-            precision.m.encode(m, key, offset),
-            precision.v.encode(v, key, offset),
-        )
+        new = {
+            "p": new_p,
+            "m": precision.m.encode(m, key, offset),
+            "v": precision.v.encode(v, key, offset),
+        }
+        if new_buffer is not None:
+            new["buffer"] = new_buffer
+        return new
 
     return update
 
 
-__all__ = ["AdamW", "LOW_PRECISIONS", "default_streams"]
+__all__ = [
+    "AdamW",
+    "LOW_PRECISIONS",
+    "PATTERN_TIMEOUT_S",
+    "StateFormat",
+    "convert_state",
+    "default_streams",
+    "zeros_state",
+]

@@ -1,7 +1,9 @@
 """A resumable fine-tuning loop built from mlx-lm's own parts.
 
-Model loading, LoRA/DoRA layers, datasets, batching, the loss and evaluation are mlx-lm's. What this
-module adds is what makes a run *the same run* after a stop: every random draw is a function of
+Model loading, LoRA/DoRA layers, datasets, batching, the loss and evaluation are mlx-lm's
+(:mod:`adamw_lm.loading`, :mod:`adamw_lm.batches`); reports go through ``TrainingCallback`` s
+(:mod:`adamw_lm.reports`). :func:`setup` builds what the loop needs, :func:`train_loop` is the loop,
+:func:`run` and :func:`resume` hold the run folder's lock around them. What this module adds is what makes a run *the same run* after a stop: every random draw is a function of
 ``(seed, iteration)``, the data order of ``(seed, epoch)``, and the whole state — adapters, optimizer
 state, position — goes into an atomic checkpoint (:mod:`adamw_lm.checkpoint`).
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -19,23 +20,27 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches
-from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import save_config
 
 from . import checkpoint
+from .batches import BatchStream, iteration_seed
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
+from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
 from .optim import AdamW
-
-METRICS_FILE = "metrics.jsonl"
+from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
+from .reports import header as reports_header
+from .reports import unused_precision_warnings
+from .runfiles import read_text_nofollow, replace_file, replace_via_path
+from .runlock import LOCK_FILE, RunLock
 
 
 @dataclass
@@ -47,202 +52,22 @@ class RunResult:
     checkpoint: Optional[Path]
     stop_signal: Optional[int] = None  # SIGINT / SIGTERM when the run was stopped before its end
     losses: list[float] = field(default_factory=list)
+    test_loss: Optional[float] = None  # with ``test: true``
 
     @property
     def interrupted(self) -> bool:
         return self.stop_signal is not None
 
-
-# -- set-up -------------------------------------------------------------------------------------
-
-
-def _is_local(spec: str) -> bool:
-    """Whether a ``model`` / ``data`` value names a local path rather than a Hub id (``org/name``)."""
-    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
-
-
-def load_model(config: TrainConfig) -> tuple[nn.Module, Any]:
-    """``mlx_lm.load`` with a clear error for a model path that does not exist."""
-    from mlx_lm import load
-
-    path = Path(config.model).expanduser()
-    if _is_local(config.model) and not path.exists():
-        raise ConfigError(f"config key 'model': {config.model} does not exist (expected a model folder with config.json)")
-    if path.exists() and not (path / "config.json").is_file():
-        raise ConfigError(f"config key 'model': {config.model} has no config.json (expected an mlx-lm model folder)")
-    try:
-        return load(
-            str(path) if path.exists() else config.model,
-            tokenizer_config={"trust_remote_code": config.trust_remote_code},
-            trust_remote_code=config.trust_remote_code,
-        )
-    except Exception as e:
-        if path.exists():
-            raise
-        # A Hub repo id: not found, offline, gated... say which key and what happened.
-        raise ConfigError(f"config key 'model': could not load {config.model!r} from the Hugging Face Hub "
-                          f"({type(e).__name__}: {e})") from None
+    def summary(self) -> str:
+        """One line for the end of a command: what was done and where the results are."""
+        if self.interrupted:
+            return f"Stopped at iteration {self.iteration}; resume with: adamw-lm resume {self.run_dir}"
+        if self.checkpoint is None:  # test-only mode: nothing was trained or saved
+            return f"Test loss {self.test_loss:.3f} of the adapters in {self.run_dir}"
+        return f"Done: iteration {self.iteration}; checkpoint {self.checkpoint}; adapters in {self.run_dir}"
 
 
-def setup_trainable(model: nn.Module, config: TrainConfig) -> None:
-    """Freeze the model and open up what ``fine_tune_type`` trains, exactly as ``mlx_lm lora`` does."""
-    model.freeze()
-    if config.num_layers > len(model.layers):
-        raise ConfigError(
-            f"config key 'num_layers' is {config.num_layers} but the model has {len(model.layers)} layers"
-        )
-    if config.fine_tune_type == "full":
-        for layer in model.layers[-max(config.num_layers, 0):]:
-            layer.unfreeze()
-    else:
-        try:
-            linear_to_lora_layers(
-                model, config.num_layers, config.lora_parameters,
-                use_dora=config.fine_tune_type == "dora",
-            )
-        except KeyError as e:
-            raise ConfigError(f"config key 'lora_parameters': {e}") from None
-
-
-def adapter_config(config: TrainConfig) -> dict[str, Any]:
-    """The ``adapter_config.json`` that ``mlx_lm.load(..., adapter_path=...)`` and ``mlx_lm.fuse`` read."""
-    data = config.mlx_lm_args().__dict__
-    if config.fine_tune_type == "full":
-        data["lora_parameters"] = None
-    return data
-
-
-def _format_keys(config: TrainConfig, record: dict[str, Any]) -> tuple[str, ...]:
-    """The keys every record needs, in the format mlx-lm's ``create_dataset`` picks from the first."""
-    prompt = config.prompt_feature or "prompt"
-    completion = config.completion_feature or "completion"
-    chat = config.chat_feature or "messages"
-    text = config.text_feature or "text"
-    for keys in ((prompt, completion), (chat,), (text,)):
-        if all(k in record for k in keys):
-            return keys
-    raise ConfigError(
-        f"no known data format: expected keys {text!r} (text), {chat!r} (chat) or {prompt!r} + "
-        f"{completion!r} (completions); found {sorted(record)}"
-    )
-
-
-def _check_jsonl(path: Path, config: TrainConfig) -> None:
-    """Every line a JSON object in one format, before mlx-lm reads it (it stops at the first bad
-    line without saying which, and processes records lazily, mid-run)."""
-    keys: Optional[tuple[str, ...]] = None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            where = f"{path}, line {number}"
-            if not line.strip():
-                raise ConfigError(f"{where}: empty line (every line must be one JSON object)")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            try:
-                keys = keys or _format_keys(config, record)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            missing = [k for k in keys if k not in record]
-            if missing:
-                raise ConfigError(f"{where}: missing {missing} (line 1 set the format to keys {list(keys)})")
-
-
-def load_data(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """Train/valid/test sets through mlx-lm's ``load_dataset``, after checking local files line by line."""
-    data = Path(config.data).expanduser()
-    if config.hf_dataset is None:
-        if _is_local(config.data):
-            if not data.is_dir():
-                raise ConfigError(f"config key 'data': folder {config.data} does not exist (expected train.jsonl, valid.jsonl)")
-            if not (data / "train.jsonl").is_file():
-                raise ConfigError(f"config key 'data': {data / 'train.jsonl'} does not exist")
-            for name in ("train", "valid", "test"):
-                if (data / f"{name}.jsonl").is_file():
-                    _check_jsonl(data / f"{name}.jsonl", config)
-    args = config.mlx_lm_args()
-    args.data = str(data) if data.exists() else config.data
-    try:
-        train_set, valid_set, test_set = load_dataset(args, tokenizer)
-    except ImportError as e:
-        raise ConfigError(f"config key 'data': {config.data!r} is not a local folder, and loading a Hugging "
-                          f"Face dataset needs the `datasets` package ({e})") from None
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"config key 'data' ({config.data}): {e}") from None
-    if len(train_set) < config.batch_size:
-        raise ConfigError(
-            f"config key 'batch_size' is {config.batch_size} but the training set has only {len(train_set)} examples"
-        )
-    return CacheDataset(train_set), CacheDataset(valid_set), CacheDataset(test_set)
-
-
-def build_optimizer(config: TrainConfig) -> AdamW:
-    """The run's :class:`~adamw_lm.AdamW`; schedules are rebuilt from the config, never pickled."""
-    try:
-        lr = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"config key 'lr_schedule' {config.lr_schedule}: {e}") from None
-    o = config.optimizer
-    try:
-        return AdamW(
-            lr, o.betas, o.eps, o.weight_decay, o.bias_correction,
-            state_precision=o.state_precision, precision_overrides=o.overrides,
-            min_quantize_size=o.min_quantize_size, memory_budget=o.memory_budget, seed=config.seed,
-        )
-    except ValueError as e:
-        raise ConfigError(f"config section 'optimizer': {e}") from None
-
-
-# -- data order ---------------------------------------------------------------------------------
-
-
-class BatchStream:
-    """mlx-lm's batches in an order that is a function of ``(seed, epoch)``, with a position to save.
-
-    ``iterate_batches`` seeds NumPy's global RNG and draws its permutation on the first batch; one call
-    per epoch with seed ``seed + epoch`` therefore makes the order independent of anything else that
-    used NumPy's RNG in between (evaluation does).
-    """
-
-    def __init__(self, dataset: Any, config: TrainConfig, epoch: int = 0, offset: int = 0):
-        self.dataset, self.config = dataset, config
-        self.epoch, self.offset = epoch, 0
-        self._it = self._epoch_iter()
-        for _ in range(offset):
-            next(self)
-
-    def _epoch_iter(self) -> Iterator:
-        return iterate_batches(
-            self.dataset, self.config.batch_size, self.config.max_seq_length,
-            loop=False, seed=self.config.seed + self.epoch,
-        )
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> tuple[mx.array, mx.array]:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._it = self._epoch_iter()
-            batch = next(self._it)
-        self.offset += 1
-        return batch
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The global mlx seed set before each iteration (dropout draws from it)."""
-    return (seed * 1_000_003 + iteration) % (2**63)
-
-
-# -- the loop -----------------------------------------------------------------------------------
+# -- set-up of a run ----------------------------------------------------------------------------
 
 
 class _StopRequest:
@@ -269,30 +94,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(run_dir: Path, iteration: int) -> None:
-    """Drop records written after the checkpoint we resume from, so the log reads as one run.
-
-    A line torn by a crash is dropped too."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that the saved config resumes from any working directory."""
     data = config.to_dict()
@@ -316,55 +117,114 @@ def _reporting_callback(config: TrainConfig) -> Optional[TrainingCallback]:
         raise ConfigError(f"config key 'report_to' ({config.report_to!r}): {e}") from None
 
 
-def run(
-    config: TrainConfig,
-    *,
-    resume_from: Optional[Path] = None,
-    convert_precision: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    callback: Optional[TrainingCallback] = None,
-) -> RunResult:
-    """Train ``config``, checkpointing as configured; continue from the checkpoint ``resume_from``.
+#: The trainer state a run starts from (a new run) and saves in every checkpoint.
+_FRESH_STATE = {"iteration": 0, "epoch": 0, "offset": 0, "losses": [], "val_losses": [],
+                "report_start": 0, "trained_tokens": 0}
 
-    A new run refuses a run folder that already holds checkpoints unless ``overwrite`` (which then
-    removes them and the metrics log). ``callback`` is an mlx-lm ``TrainingCallback``.
-    """
-    if mx.distributed.init().size() > 1:
-        raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
-    config = _absolute_paths(config)
-    run_dir = config.run_dir
-    replace_old_run = resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists()
-    if replace_old_run and not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
-            "or start over with --overwrite"
-        )
-    np.random.seed(config.seed)
-    mx.random.seed(config.seed)
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built by :func:`setup`."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: AdamW
+    train_set: CacheDataset
+    valid_set: CacheDataset
+    test_set: CacheDataset
+    state: dict[str, Any]
+    batches: BatchStream
+    metrics: MetricsLog
+    reports: Fanout
+    header: list[str] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_precision: bool = False,
+          callback: Optional[TrainingCallback] = None) -> Setup:
+    """Load the model and data, open the trainable layers, build the optimizer and restore a
+    checkpoint, in ``mlx_lm lora``'s order; touches nothing in the run folder."""
     model, tokenizer = load_model(config)
     train_set, valid_set, test_set = load_data(config, tokenizer)
+    # Where mlx_lm lora seeds (after loading, before the LoRA layers draw their initial values):
+    # the same config gives the same adapters.
+    mx.random.seed(config.seed)
     setup_trainable(model, config)
     optimizer = build_optimizer(config)
-    reporter = _reporting_callback(config)
-    callbacks = [c for c in (callback, reporter) if c is not None]
-
-    state: dict[str, Any] = {"iteration": 0, "epoch": 0, "offset": 0, "losses": [], "val_losses": []}
+    state = {k: (list(v) if isinstance(v, list) else v) for k, v in _FRESH_STATE.items()}
     if resume_from is not None:
         saved = checkpoint.load(resume_from, model, optimizer, convert_precision=convert_precision)
-        state.update({k: saved[k] for k in state})
-        _truncate_metrics(run_dir, state["iteration"])
+        state.update({k: saved[k] for k in state if k in saved})
+        if "report_start" not in saved:  # written before the window was saved: restart it here
+            state["report_start"] = state["iteration"]
     elif config.resume_adapter_file:
         checkpoint.load_adapters_only(config.resume_adapter_file, model)
-    if replace_old_run:  # only now that model, data and optimizer have all been set up without error
-        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-
     batches = BatchStream(train_set, config, state["epoch"], state["offset"])
+    if state["epoch"] * batches.batches_per_epoch + state["offset"] != state["iteration"]:
+        raise ConfigError(
+            f"{resume_from}: saved data position (epoch {state['epoch']}, batch {state['offset']}) is not "
+            f"iteration {state['iteration']} with {batches.batches_per_epoch} batches per epoch "
+            "(was the training set changed?)"
+        )
+    window = state["iteration"] - state["report_start"]  # losses since the last report, to average
+    if not 0 <= window <= min(state["iteration"], len(state["losses"])):
+        raise checkpoint.CorruptCheckpointError(
+            f"{resume_from}: report window start {state['report_start']} does not fit iteration "
+            f"{state['iteration']} and {len(state['losses'])} logged losses")
+    metrics = MetricsLog(config.run_dir)
+    reports = Fanout([metrics, _reporting_callback(config), callback])
+    lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
+    return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
+                 reports, lines)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+class _ReportWindow:
+    """Tokens and time since the last train-loss report; its start iteration is saved with the run."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def report(self, it: int, learning_rate: float) -> dict[str, Any]:
+        start = self.state["report_start"]
+        self.state["trained_tokens"] += self.tokens
+        info = {
+            "iteration": it,
+            # The same window as an uninterrupted run, even across a resume.
+            "train_loss": float(np.mean(self.state["losses"][start - it:])),
+            "learning_rate": learning_rate,
+            "iterations_per_second": (it - start) / max(self.seconds, 1e-9),
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+            "trained_tokens": self.state["trained_tokens"],
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+        self.state["report_start"] = it
+        self.tokens, self.seconds = 0, 0.0
+        return info
+
+
+def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
+    """The training loop: step, report, validate, checkpoint; stops cleanly on SIGINT / SIGTERM."""
+    from tqdm import tqdm
+
+    config, model, optimizer, state, batches = s.config, s.model, s.optimizer, s.state, s.batches
+    start = state["iteration"]
+    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
+               file=sys.stderr)
+    reports = Fanout([s.reports, TerminalReport(bar)])
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accum = config.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -381,43 +241,35 @@ def run(
             grad = None
         return loss, toks, grad
 
-    def save(iteration: int) -> Path:
+    def save(it: int) -> Path:
         last = state["val_losses"][-1] if state["val_losses"] else None
-        trainer_state = {
-            **state, "iteration": iteration, **batches.position(), "seed": config.seed,
-            "config": config.to_dict(),
-        }
-        return checkpoint.save(
-            run_dir, iteration, model, optimizer, trainer_state, adapter_config(config),
+        trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
+                         "config": config.to_dict()}
+        saved = checkpoint.save(
+            s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.
-            val_loss=last[1] if last and last[0] == iteration else None,
+            val_loss=last[1] if last and last[0] == it else None,
         )
+        write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
+        return saved
 
-    def validate(iteration: int) -> None:
+    def validate(it: int) -> None:
         tic = time.perf_counter()
         val_loss = evaluate(
-            model, valid_set, config.batch_size, config.val_batches, config.max_seq_length,
+            model, s.valid_set, config.batch_size, config.val_batches, config.max_seq_length,
             loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
         )
         model.train()
-        state["val_losses"].append([iteration, val_loss])
-        _append_metrics(run_dir, {"iteration": iteration, "val_loss": val_loss})
-        info = {"iteration": iteration, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
-        for c in callbacks:
-            c.on_val_loss_report(info)
+        state["val_losses"].append([it, val_loss])
+        reports.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": time.perf_counter() - tic})
 
-    from tqdm import tqdm
-
-    validating = len(valid_set) > 0 and config.val_batches != 0
-    model.train()
+    validating = len(s.valid_set) > 0 and config.val_batches != 0
+    window = _ReportWindow(state)
     grad = None
     last_saved: Optional[Path] = None
-    start = state["iteration"]
-    window_tokens, window_time, window_start = 0, 0.0, start
-    trained_tokens = 0
     save_due = False
-    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True)
+    model.train()
     with _StopRequest() as stop, bar:
         if validating and start == 0:
             validate(0)  # the base model, as mlx-lm reports before its first step
@@ -429,37 +281,13 @@ def run(
             mx.eval(compiled_state, loss, toks, grad)
             if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
                 mx.clear_cache()
-            window_time += time.perf_counter() - tic
-            window_tokens += toks.item()
             state["losses"].append(loss.item())
             state["iteration"] = it
+            window.add(toks.item(), time.perf_counter() - tic)
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:
-                trained_tokens += window_tokens
-                record = {
-                    "iteration": it,
-                    "train_loss": float(np.mean(state["losses"][-(it - window_start):])),
-                    "learning_rate": optimizer.learning_rate.item(),
-                    "tokens_per_second": window_tokens / max(window_time, 1e-9),
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                }
-                _append_metrics(run_dir, record)
-                bar.set_postfix(
-                    loss=f"{record['train_loss']:.3f}", lr=f"{record['learning_rate']:.2e}",
-                    tok_s=f"{record['tokens_per_second']:.0f}", peak=f"{record['peak_memory_gb']:.2f}GB",
-                )
-                info = {
-                    "iteration": it, "train_loss": record["train_loss"],
-                    "learning_rate": record["learning_rate"],
-                    "iterations_per_second": (it - window_start) / max(window_time, 1e-9),
-                    "tokens_per_second": record["tokens_per_second"], "trained_tokens": trained_tokens,
-                    "peak_memory": record["peak_memory_gb"],
-                }
-                for c in callbacks:
-                    c.on_train_loss_report(info)
-                window_tokens, window_time, window_start = 0, 0.0, it
-
+                reports.on_train_loss_report(window.report(it, optimizer.learning_rate.item()))
             if validating and (it % config.steps_per_eval == 0 or it == config.iters):
                 validate(it)
             save_due = save_due or it % config.checkpoint_every == 0
@@ -467,67 +295,143 @@ def run(
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
                 last_saved = save(it)
                 save_due = False
+            if it % config.save_every == 0:  # as mlx_lm lora does, whatever checkpoint.every is
+                write_numbered_adapters(s.run_dir, model, it)
             if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
-                print(
-                    f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
-                    f"Resume with: adamw-lm resume {run_dir}",
-                    file=sys.stderr,
-                )
-                return RunResult(run_dir, it, last_saved, stop.signal, state["losses"])
-
-    _write_final_adapters(run_dir, model, config)
-    if config.test:
-        _test(model, test_set, config, run_dir, state["iteration"])
-    _plot(run_dir)
-    return RunResult(run_dir, state["iteration"], last_saved, None, state["losses"])
+                print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
+                      f"Resume with: adamw-lm resume {s.run_dir}", file=sys.stderr)
+                return RunResult(s.run_dir, it, last_saved, stop.signal, state["losses"])
+    test_loss = run_test(model, s.test_set, config, s.metrics, state["iteration"]) if config.test else None
+    return RunResult(s.run_dir, state["iteration"], last_saved, None, state["losses"], test_loss)
 
 
-def _test(model: nn.Module, test_set: Any, config: TrainConfig, run_dir: Path, iteration: int) -> float:
-    """mlx_lm lora's ``test: true``: loss and perplexity on the test set after training."""
+def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Optional[MetricsLog] = None,
+             iteration: int = 0) -> float:
+    """mlx_lm lora's ``test: true``: loss and perplexity on the test set."""
     model.eval()
     loss = evaluate(model, test_set, config.batch_size, config.test_batches, config.max_seq_length,
                     iterate_batches=partial(iterate_batches, seed=config.seed))
-    _append_metrics(run_dir, {"iteration": iteration, "test_loss": loss})
+    if metrics is not None:
+        metrics.write({"iteration": iteration, "test_loss": loss})
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
     return loss
 
 
-def _write_final_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None:
+def write_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None:
     """``adapters.safetensors`` + ``adapter_config.json`` in the run folder, where mlx_lm lora puts them."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = run_dir / ".adapters.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, run_dir / "adapters.safetensors")
-    tmp_config = run_dir / ".adapter_config.tmp.json"
-    save_config(adapter_config(config), tmp_config)
-    os.replace(tmp_config, run_dir / "adapter_config.json")
+    replace_file(run_dir / checkpoint.ADAPTERS, lambda f: mx.save_safetensors(f, weights))
+    replace_via_path(run_dir / checkpoint.ADAPTER_CONFIG, partial(save_config, adapter_config(config)))
 
 
-def _plot(run_dir: Path) -> Optional[Path]:
-    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed (the ``plot`` extra)."""
+def write_numbered_adapters(run_dir: Path, model: nn.Module, iteration: int) -> Path:
+    """mlx_lm lora's ``NNNNNNN_adapters.safetensors``, written every ``save_every`` iterations."""
+    path = run_dir / f"{iteration:07d}_adapters.safetensors"
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    replace_file(path, lambda f: mx.save_safetensors(f, weights))
+    return path
+
+
+def _check_run_dir(config: TrainConfig) -> None:
+    run_dir = config.run_dir
+    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
+        raise ConfigError(f"config key 'adapter_path': {run_dir} exists and is not a folder "
+                          "(the run folder holds checkpoints, metrics and adapters)")
+
+
+def _replaces_old_run(config: TrainConfig, resume_from: Optional[Path], overwrite: bool) -> bool:
+    """Whether a new run is about to replace the checkpoints of an old one (refused without
+    ``overwrite``)."""
+    run_dir = config.run_dir
+    replace_old_run = resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists()
+    if replace_old_run and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
+            "or start over with --overwrite"
+        )
+    return replace_old_run
+
+
+def run(
+    config: TrainConfig,
+    *,
+    resume_from: Optional[Path] = None,
+    convert_precision: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Optional[TrainingCallback] = None,
+) -> RunResult:
+    """Train ``config``, checkpointing as configured; continue from the checkpoint ``resume_from``.
+
+    A new run refuses a run folder that already holds checkpoints unless ``overwrite`` (which then
+    removes them and the metrics log). ``callback`` is an mlx-lm ``TrainingCallback``. The run
+    folder is locked for the whole run (:class:`~adamw_lm.runlock.RunLock`): a second writer is
+    refused. With ``train: false`` and ``test: true`` the adapters in ``adapter_path`` are only
+    evaluated on the test set, as ``mlx_lm lora`` does.
+    """
+    if mx.distributed.init().size() > 1:
+        raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
+    if not config.train:
+        if not config.test:
+            raise ConfigError("config keys 'train' and 'test' are both false: nothing to do")
+        return evaluate_adapters(config)
+    config = _absolute_paths(config)
+    run_dir = config.run_dir
+    _check_run_dir(config)
+    created = not run_dir.exists()
+    lock = RunLock(run_dir).acquire()
     try:
-        import matplotlib
+        try:
+            replace_old_run = _replaces_old_run(config, resume_from, overwrite)
+            s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
+                      callback=callback)
+        except BaseException:
+            if created:  # leave no trace of a run that never started
+                lock.release()
+                with contextlib.suppress(OSError):
+                    (run_dir / LOCK_FILE).unlink()
+                    run_dir.rmdir()
+            raise
+        if replace_old_run:  # only now that model, data and optimizer have all been set up
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        elif resume_from is not None:
+            truncate_metrics(run_dir, s.state["iteration"])
+        for line in s.header:
+            print(line, flush=True)
+        try:
+            result = train_loop(s, progress=progress)
+        finally:
+            s.metrics.close()
+        if not result.interrupted:
+            plot(run_dir)
+        return result
+    finally:
+        lock.release()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
-    train = [(r["iteration"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="." if len(points) < 50 else None)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+
+def evaluate_adapters(config: TrainConfig) -> RunResult:
+    """``train: false``, ``test: true``: the test loss of the adapters in ``adapter_path`` (none if
+    ``adapter_path`` is empty), as ``mlx_lm lora`` computes it."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    model, tokenizer = load_model(config)
+    _, _, test_set = load_data(config, tokenizer, need_train=False)
+    if len(test_set) == 0:
+        raise ConfigError(f"config key 'test' is true but {config.data} has no test set (test.jsonl)")
+    if config.adapter_path:
+        path = Path(config.adapter_path)
+        for name in (checkpoint.ADAPTERS, checkpoint.ADAPTER_CONFIG):
+            if not (path / name).is_file():
+                raise ConfigError(f"config key 'adapter_path': {path / name} does not exist "
+                                  "(test-only mode evaluates the adapters found there)")
+        try:
+            load_adapters(model, str(path))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"config key 'adapter_path': cannot load the adapters in {path}: {e}") from None
+    loss = run_test(model, test_set, config)
+    return RunResult(Path(config.adapter_path), 0, None, None, [], loss)
 
 
 #: What `resume` may change: where things are, how long to go on, how often to report and save.
@@ -536,37 +440,126 @@ RESUMABLE_OVERRIDES = (
     "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
-    "optimizer.memory_budget",
+    "optimizer.memory_budget", "optimizer.weight_update", "trust_remote_code", "hf_dataset",
 )
 
+#: Saved settings that can run code or send data out: a checkpoint may come from anyone, so these
+#: are taken from it only when the user says so again (the flag that restores each one).
+_NEEDS_CONSENT = {
+    "trust_remote_code": "--trust-remote-code",
+    "report_to": "--report-to NAME",
+    "hf_dataset": "--hf-dataset",
+}
 
-def resume(run_dir: str | Path, *, convert_precision: bool = False, overrides: Optional[dict[str, Any]] = None,
-           progress: bool = True, callback: Optional[TrainingCallback] = None) -> RunResult:
-    """Continue the run in ``run_dir`` from its latest complete checkpoint, with its saved config.
+_MAX_TRAINER_STATE_BYTES = 64 << 20
 
-    ``overrides`` may change only :data:`RESUMABLE_OVERRIDES` (a new precision also needs
-    ``convert_precision``); the folder may have been moved since the run started.
-    """
-    run_dir = Path(run_dir)
-    found = checkpoint.latest_checkpoint(run_dir)
-    if found is None:
-        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-    saved = json.loads((found / checkpoint.TRAINER_STATE).read_text())
-    if "config" not in saved:
+
+def _pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+    if step is None:
+        found = checkpoint.latest_checkpoint(run_dir)
+        if found is None:
+            raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        return found
+    folder = run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:07d}"
+    if not folder.is_dir():
+        steps = sorted(int(p.name[5:]) for p in (run_dir / checkpoint.CHECKPOINTS_DIR).glob("step-*")
+                       if p.name[5:].isdigit()) if (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir() else []
+        raise checkpoint.NoCheckpointError(
+            f"{run_dir}: no checkpoint at step {step} (checkpoints: {', '.join(map(str, steps)) or 'none'})"
+        )
+    checkpoint.verify(folder)
+    return folder
+
+
+def _saved_state(found: Path) -> dict[str, Any]:
+    text = read_text_nofollow(found / checkpoint.TRAINER_STATE, _MAX_TRAINER_STATE_BYTES + 1)
+    if len(text) > _MAX_TRAINER_STATE_BYTES:
+        raise checkpoint.CorruptCheckpointError(f"{found / checkpoint.TRAINER_STATE}: larger than "
+                                                f"{_MAX_TRAINER_STATE_BYTES} bytes")
+    try:
+        saved = json.loads(text)
+    except (ValueError, RecursionError):
+        raise checkpoint.CorruptCheckpointError(f"{found / checkpoint.TRAINER_STATE} is not valid JSON") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("iteration"), int):
+        raise checkpoint.CorruptCheckpointError(
+            f"{found / checkpoint.TRAINER_STATE}: expected an object with an integer 'iteration'")
+    if not isinstance(saved.get("config"), dict):
         raise ConfigError(
             f"{found} holds no run config (it was written by CheckpointCallback inside mlx-lm's own "
             "trainer): restore it with adamw_lm.checkpoint.load before calling that trainer again"
         )
+    return saved
+
+
+def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """Reset the saved settings in :data:`_NEEDS_CONSENT` that ``overrides`` does not give again;
+    return what was ignored, with the flag that restores it."""
+    ignored = []
+    defaults = TrainConfig()
+    for key, flag in _NEEDS_CONSENT.items():
+        if key in overrides:
+            if key == "hf_dataset" and overrides[key] is not True:
+                raise ConfigError("--hf-dataset on resume takes no value: it allows the saved hf_dataset")
+            continue
+        default = getattr(defaults, key)
+        if data.get(key, default) != default:
+            data[key] = default
+            ignored.append(f"{key} ({flag})")
+    return ignored
+
+
+def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision: bool = False,
+           overrides: Optional[dict[str, Any]] = None, progress: bool = True,
+           callback: Optional[TrainingCallback] = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its latest complete checkpoint (or the one at ``step``),
+    with its saved config.
+
+    ``overrides`` may change only :data:`RESUMABLE_OVERRIDES` (a new precision also needs
+    ``convert_precision``); the folder may have been moved since the run started. The saved
+    ``trust_remote_code``, ``report_to`` and ``hf_dataset`` are ignored unless ``overrides`` gives
+    them again (``{"hf_dataset": True}`` keeps the saved one).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
+        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
+    with RunLock(run_dir):
+        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
+
+
+def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
+                   progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
+    found = _pick_checkpoint(run_dir, step)
+    saved = _saved_state(found)
     data = saved["config"]
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if not key.startswith(RESUMABLE_OVERRIDES) or key == "checkpoint.dir":
             raise ConfigError(
                 f"--{key} cannot change on resume: the run would no longer be the same run "
                 f"(resume may change: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE_OVERRIDES)})"
             )
-        set_dotted(data, key, value)
-    data["checkpoint"]["dir"] = str(run_dir)
+    ignored = _consent(data, overrides)
+    for key, value in overrides.items():
+        if key != "hf_dataset":
+            set_dotted(data, key, value)
+    data["checkpoint"] = {**(data.get("checkpoint") or {}), "dir": str(run_dir)}
     config = from_dict(data)
+    if ignored:
+        print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
+              f"{', '.join(ignored)}; give the flag to use it.", file=sys.stderr)
+    iteration = saved["iteration"]
+    if config.iters < iteration:
+        raise ConfigError(f"--iters {config.iters} is lower than the checkpoint's iteration {iteration} "
+                          f"({found}): a run cannot go back; resume with --step N to restart from an earlier one")
+    if config.iters == iteration:
+        print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
+              f"Train longer with --iters N.", file=sys.stderr)
+        return RunResult(run_dir, iteration, found, None, list(saved.get("losses") or []))
+    later = [p.name for p in (run_dir / checkpoint.CHECKPOINTS_DIR).glob("step-*")
+             if p.name[5:].isdigit() and int(p.name[5:]) > iteration]
+    print(f"Resuming {run_dir} from iteration {iteration} ({found.name})"
+          + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
+             "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
                callback=callback)
 
@@ -647,4 +640,5 @@ class CheckpointCallback(TrainingCallback):
 __all__ = [
     "CheckpointCallback", "RunResult", "BatchStream", "run", "resume", "compare_runs",
     "load_model", "load_data", "setup_trainable", "build_optimizer", "adapter_config",
+    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES",
 ]

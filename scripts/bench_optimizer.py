@@ -9,9 +9,11 @@ a time: the peak of a step (``mx.get_peak_memory``) against what it holds (weigh
 state) and the size of the largest tensor in float32.
 
 Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI).
+``--weight-dtype bfloat16`` stores the weights in bfloat16 and compares the ``weight_update`` modes
+(nearest / stochastic / exact) at every state precision instead of the stream counts.
 
 Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
-                                        [--breakdown]
+                                        [--breakdown] [--weight-dtype float32]
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from mlx.utils import tree_flatten, tree_map
 from adamw_lm import AdamW
 from adamw_lm.optim import default_streams
 from adamw_lm.codecs import PRECISIONS
+from adamw_lm.weight_update import WEIGHT_UPDATES
 
 MB = 2**20
 
 
-def llama_like_tree(hidden: int, layers: int, seed: int = 0) -> dict:
+def llama_like_tree(hidden: int, layers: int, seed: int = 0, dtype=mx.float32) -> dict:
     """``layers`` blocks of q/k/v/o (hidden²), gate/up/down (hidden × 2.75·hidden) and a norm."""
     inter = int(2.75 * hidden)
     shapes = {
@@ -45,7 +48,10 @@ def llama_like_tree(hidden: int, layers: int, seed: int = 0) -> dict:
     keys = iter(mx.random.split(mx.random.key(seed), layers * len(shapes)))
     tree = {
         "layers": [
-            {name: 0.02 * mx.random.normal(shape, key=next(keys)) for name, shape in shapes.items()}
+            {
+                name: (0.02 * mx.random.normal(shape, key=next(keys))).astype(dtype)
+                for name, shape in shapes.items()
+            }
             for _ in range(layers)
         ]
     }
@@ -56,7 +62,9 @@ def llama_like_tree(hidden: int, layers: int, seed: int = 0) -> dict:
 def gradient_like(tree: dict, seed: int = 1) -> dict:
     flat = tree_flatten(tree)
     keys = iter(mx.random.split(mx.random.key(seed), len(flat)))
-    grads = tree_map(lambda p: 1e-3 * mx.random.normal(p.shape, key=next(keys)), tree)
+    grads = tree_map(
+        lambda p: (1e-3 * mx.random.normal(p.shape, key=next(keys))).astype(p.dtype), tree
+    )
     mx.eval(grads)
     return grads
 
@@ -65,12 +73,19 @@ def nbytes(tree) -> int:
     return sum(a.nbytes for _, a in tree_flatten(tree))
 
 
-def make_optimizers() -> dict[str, Callable[[], optim.Optimizer]]:
+def make_optimizers(weight_updates: bool = False) -> dict[str, Callable[[], optim.Optimizer]]:
     lr = 1e-3
     makers: dict[str, Callable[[], optim.Optimizer]] = {
         "mlx.optimizers.AdamW": lambda: optim.AdamW(lr),
         "None (bit-exact mlx)": lambda: AdamW(lr),
     }
+    if weight_updates:
+        for name in PRECISIONS:
+            for mode in WEIGHT_UPDATES:
+                makers[f"{name}, {mode}"] = lambda name=name, mode=mode: AdamW(
+                    lr, state_precision=name, weight_update=mode
+                )
+        return makers
     for name in PRECISIONS:
         makers[name] = lambda name=name: AdamW(lr, state_precision=name)
     if default_streams() > 1:
@@ -146,15 +161,16 @@ def main() -> None:
         "--breakdown", action="store_true",
         help="also time each codec's encode and decode alone, on every tensor of the tree",
     )  # fmt: skip
+    parser.add_argument("--weight-dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--hidden, --layers and --steps must be >= 1, --warmup >= 0")
 
-    weights = llama_like_tree(args.hidden, args.layers)
+    weights = llama_like_tree(args.hidden, args.layers, dtype=getattr(mx, args.weight_dtype))
     grads = gradient_like(weights)
     n_params = sum(p.size for _, p in tree_flatten(weights))
     largest = max(p.size for _, p in tree_flatten(weights)) * 4
-    makers = make_optimizers()
+    makers = make_optimizers(weight_updates=args.weight_dtype != "float32")
 
     runners = {name: Runner(make, weights, grads) for name, make in makers.items()}
     state_bytes = {
@@ -188,7 +204,8 @@ def main() -> None:
 
     base = median["mlx.optimizers.AdamW"]
     print(
-        f"{n_params / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}), "
+        f"{n_params / 1e6:.1f}M {args.weight_dtype} parameters ({args.layers} layers, hidden "
+        f"{args.hidden}), "
         f"largest tensor {largest / MB:.0f} MB in float32; median of {args.steps} steps after "
         f"{args.warmup} warm-up; mlx {mx.__version__}, {mx.default_device()}, "
         f"{platform.machine()}, {os.cpu_count()} cores; adamw_lm rows without a stream count use "

@@ -1,110 +1,175 @@
 #!/usr/bin/env python3
-"""Does low-precision optimizer state cost quality? Fine-tune the same tiny model on the same data
-with each state precision and compare final losses to the float32 baseline.
+"""Does low-precision optimizer state, or bfloat16 weights, cost fine-tuning quality?
 
-Builds the offline tiny Llama (``adamw_lm.tiny``), then for full fine-tuning and for LoRA runs
-mlx-lm's own trainer (``mlx_lm.tuner.trainer.train`` with ``TrainingArgs``, ``load_dataset`` and
-``linear_to_lora_layers``) with ``adamw_lm.AdamW`` at each precision, from the same seed
-(``np.random`` and ``mx.random``, so the same batches), and evaluates the final model on the whole
-training and validation sets. The baseline is ``state_precision=None`` (exactly
-``mlx.optimizers.AdamW``, float32 moments for this float32 model). ``"fp32"`` is a control: the
-same float32 AdamW through this package's fused update, which rounds differently in the last bit;
-its gap to the baseline is how far two runs drift apart from rounding alone.
+The protocol, built so that differences of a fraction of a percent can be seen:
 
-``--seeds N`` repeats every run for seeds ``--seed`` .. ``--seed + N - 1`` (each seed its own
-model initialisation, data order, LoRA initialisation and stochastic rounding) and reports the
-mean final losses and the mean ± standard deviation of the per-seed relative difference to the
-baseline, so that a systematic gap can be told from run-to-run noise.
+1. A base model is pretrained once: the offline tiny Llama (``adamw_lm.tiny``) trained ``--base-steps``
+   steps in float32 with ``mlx.optimizers.AdamW`` on the text of ``recipes/data``. It is cached in
+   ``--base-dir`` (default ``runs/bench_quality_base``), one folder per size / steps / lr, and
+   reused by later runs.
+2. It is fine-tuned on a different set, ``recipes/data/completions`` as plain text (prompt and
+   completion on two lines), with mlx-lm's own trainer (``mlx_lm.tuner.trainer.train``,
+   ``linear_to_lora_layers`` for LoRA), for every seed and every compared setting:
+   * the reference: float32 weights, ``state_precision=None`` (exactly ``mlx.optimizers.AdamW``);
+   * bfloat16 weights (the model cast as mlx-lm loads a bf16 checkpoint) with mlx's AdamW, and
+     with every state precision × ``weight_update``. LoRA adapters are float32 whatever the base's
+     dtype, so for LoRA the weight update changes nothing and only the state precisions are run.
+3. The final model is evaluated on the whole training and validation sets. The seed fixes the
+   batch order (``np.random``), the LoRA initialisation (``mx.random``) and the optimizer's
+   stochastic rounding (``AdamW(seed=)``); every setting of a seed sees the same batches. "vs
+   reference" is the relative difference to the reference *of the same seed*, mean ± standard
+   deviation over the seeds.
 
-Prints a markdown table; ``--plot`` writes the training-loss curves (of the first seed only; needs
-matplotlib, the ``plot`` extra).
+Prints a markdown table; ``--plot`` writes the validation losses per setting (mean ± std over
+seeds; needs matplotlib, the ``plot`` extra).
 
-Usage: python scripts/bench_quality.py [--size medium] [--steps 300] [--seeds 1]
-       [--modes full,lora] [--precisions None,fp32,bf16,int8,int4] [--plot loss.png]
+Usage: python scripts/bench_quality.py [--size small] [--steps 150] [--seeds 3]
+       [--modes full,lora] [--precisions None,fp32,bf16,int8,int4]
+       [--weight-updates nearest,stochastic,exact] [--plot docs/quality.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import tempfile
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.tuner.datasets import CacheDataset, load_dataset
-from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, evaluate, train
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from adamw_lm import AdamW
 from adamw_lm.tiny import TINY_SIZES, build_tiny_model
+from adamw_lm.weight_update import WEIGHT_UPDATES
 
 REPO = Path(__file__).resolve().parents[1]
-COMPARED = [None, "fp32", "bf16", "int8", "int4"]
-LABEL = {
-    None: "None (mlx AdamW)",
-    "fp32": "fp32 (control)",
-    "bf16": "bf16",
-    "int8": "int8",
-    "int4": "int4",
-}
+PRECISIONS = ["None", "fp32", "bf16", "int8", "int4"]
 
 
-class Recorder(TrainingCallback):
-    """Keeps the training losses mlx-lm reports."""
+@dataclass(frozen=True)
+class Setting:
+    """One compared fine-tune: weight dtype, state precision and weight update."""
 
-    def __init__(self):
-        self.train: list[tuple[int, float]] = []
+    weights: str  # "float32" or "bfloat16"
+    precision: str | None
+    weight_update: str | None = None
 
-    def on_train_loss_report(self, info: dict) -> None:
-        self.train.append((info["iteration"], info["train_loss"]))
+    @property
+    def label(self) -> str:
+        if self == REFERENCE:
+            return "float32 weights, mlx AdamW (reference)"
+        state = "mlx AdamW" if self.precision is None else f"{self.precision} state"
+        update = f", {self.weight_update}" if self.weight_update else ""
+        return f"{'bf16' if self.weights == 'bfloat16' else 'float32'} weights, {state}{update}"
 
 
-def run(
-    args: argparse.Namespace,
-    model_path: Path,
-    mode: str,
-    precision: str | None,
-    seed: int,
-    workdir: Path,
-) -> dict:
-    """One fine-tune; its final losses on the whole training and validation sets, and its curve."""
-    # mlx-lm's trainer draws the batch order from np.random and LoRA's initialisation from
-    # mx.random, so seeding both here makes every precision see the same run but for its state.
+REFERENCE = Setting("float32", None)
+
+
+def settings(
+    mode: str, weights: list[str], precisions: list[str | None], updates: list[str]
+) -> list[Setting]:
+    """The reference first, then each weight dtype at every precision (bf16 weights of a full
+    fine-tune also × weight update)."""
+    out = [REFERENCE]
+    for dtype in weights:
+        for precision in precisions:
+            if dtype == "float32" or precision is None or mode == "lora":
+                out.append(Setting(dtype, precision))
+            else:
+                out += [Setting(dtype, precision, u) for u in updates]
+    return list(dict.fromkeys(out))
+
+
+def text_set(source: Path, out: Path) -> Path:
+    """``source``'s prompt/completion JSONL files as ``{"text": prompt \\n completion}`` files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        lines = (source / f"{split}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        text = [json.dumps({"text": f"{r['prompt']}\n{r['completion']}"}) for r in rows]
+        (out / f"{split}.jsonl").write_text("\n".join(text) + "\n")
+    return out
+
+
+def datasets(path: Path, tokenizer) -> tuple[CacheDataset, CacheDataset]:
+    spec = types.SimpleNamespace(data=str(path), train=True, test=False, hf_dataset=False)
+    train_set, valid_set, _ = load_dataset(spec, tokenizer)
+    return CacheDataset(train_set), CacheDataset(valid_set)
+
+
+def training_args(args: argparse.Namespace, steps: int, workdir: Path) -> TrainingArgs:
+    return TrainingArgs(
+        batch_size=args.batch_size,
+        iters=steps,
+        val_batches=1,
+        steps_per_report=steps + 1,
+        steps_per_eval=steps + 1,
+        steps_per_save=steps + 1,
+        max_seq_length=args.max_seq_length,
+        adapter_file=str(workdir / "adapters.safetensors"),
+    )
+
+
+def base_model(args: argparse.Namespace) -> Path:
+    """The pretrained base model's folder, made on the first call and cached in ``--base-dir``."""
+    folder = args.base_dir / f"{args.size}-steps{args.base_steps}-lr{args.base_lr:g}"
+    if (folder / "done").is_file():
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_model(Path(tmp) / "model", size=args.size, seed=0)
+        np.random.seed(0)
+        mx.random.seed(0)
+        model, tokenizer = load(str(path))
+        train_set, valid_set = datasets(args.data, tokenizer)
+        start = time.perf_counter()
+        train(
+            model, optim.AdamW(args.base_lr, weight_decay=0.0), train_set, valid_set,
+            args=training_args(args, args.base_steps, Path(tmp)),
+        )  # fmt: skip
+        print(f"pretrained the base model in {time.perf_counter() - start:.0f} s: {folder}")
+        mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(path, folder)
+    (folder / "done").write_text("")
+    return folder
+
+
+def run(args, base: Path, data: Path, mode: str, setting: Setting, seed: int, tmp: Path) -> dict:
+    """One fine-tune: its final losses on the whole training and validation sets."""
     np.random.seed(seed)
     mx.random.seed(seed)
-    model, tokenizer = load(str(model_path))
+    model, tokenizer = load(str(base))
+    if setting.weights != "float32":
+        model.set_dtype(getattr(mx, setting.weights))
     if mode == "lora":
         model.freeze()
         linear_to_lora_layers(
             model, len(model.layers), {"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}
         )
-    data = types.SimpleNamespace(data=str(args.data), train=True, test=False, hf_dataset=False)
-    train_set, valid_set, _ = load_dataset(data, tokenizer)
-    train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
+    before = dict(tree_flatten(model.trainable_parameters()))
+    train_set, valid_set = datasets(data, tokenizer)
     opt = AdamW(
         args.lr if mode == "full" else args.lora_lr,
         weight_decay=0.0,
-        state_precision=precision,
+        state_precision=setting.precision,
+        weight_update=setting.weight_update,
         min_quantize_size=args.min_quantize_size,
         seed=seed,
     )
-    training = TrainingArgs(
-        batch_size=args.batch_size,
-        iters=args.steps,
-        val_batches=1,
-        steps_per_report=10,
-        steps_per_eval=args.steps + 1,
-        steps_per_save=args.steps + 1,
-        max_seq_length=args.max_seq_length,
-        adapter_file=str(workdir / "adapters.safetensors"),
-    )
-    recorder = Recorder()
     start = time.perf_counter()
-    train(model, opt, train_set, valid_set, args=training, training_callback=recorder)
+    train(model, opt, train_set, valid_set, args=training_args(args, args.steps, tmp))
     seconds = time.perf_counter() - start
     model.eval()
     losses = {
@@ -112,45 +177,83 @@ def run(
                        max_seq_length=args.max_seq_length)
         for name, dataset in (("train", train_set), ("valid", valid_set))
     }  # fmt: skip
-    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
-    moments = {k: v for k, v in opt.state.items() if k not in ("step", "learning_rate")}
+    after = dict(tree_flatten(model.trainable_parameters()))
+    trainable = sum(p.size for p in after.values())
+    moved = sum(mx.sum(after[k] != before[k]).item() for k in after)
+    scalars = ("step", "learning_rate", "key", "skipped_steps")
+    state = {k: v for k, v in opt.state.items() if k not in scalars}
     return {
         **losses,
-        "curve": recorder.train,
         "seconds": seconds,
-        "bytes_per_param": sum(a.nbytes for _, a in tree_flatten(moments)) / trainable,
+        "moved": moved / trainable,
+        "bytes_per_param": sum(a.nbytes for _, a in tree_flatten(state)) / trainable,
         "trainable": trainable,
     }
 
 
+def mean_std(values: list[float], fmt: str) -> str:
+    """``values`` as ``mean ± std`` (ddof=1), or the bare value for one seed."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(np.mean(values), fmt)} ± {np.std(values, ddof=1):.2f}"
+
+
+def report(results: dict) -> None:
+    """Prints the markdown table; ``results[mode][setting]`` holds one run per seed."""
+    print(
+        "| mode | setting | state bytes/param | weights moved | final train loss | vs reference "
+        "| final valid loss | vs reference | run (s) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, by_setting in results.items():
+        base = by_setting[REFERENCE]
+        for setting, runs in by_setting.items():
+            rel = {
+                k: [(r[k] - b[k]) / b[k] * 100 for r, b in zip(runs, base)]
+                for k in ("train", "valid")
+            }
+            print(
+                f"| {mode} | {setting.label} | {runs[0]['bytes_per_param']:.3f} "
+                f"| {100 * np.mean([r['moved'] for r in runs]):.0f} % "
+                f"| {mean_std([r['train'] for r in runs], '.4f')} "
+                f"| {mean_std(rel['train'], '+.2f')} % "
+                f"| {mean_std([r['valid'] for r in runs], '.4f')} "
+                f"| {mean_std(rel['valid'], '+.2f')} % "
+                f"| {np.mean([r['seconds'] for r in runs]):.0f} |"
+            )
+
+
 def plot(results: dict, path: Path, title: str) -> None:
-    """Training-loss curves, one panel per mode; ``results[mode][precision]`` is one run."""
+    """Final validation loss per setting, mean ± std over seeds, one panel per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     modes = list(results)
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for precision, r in results[mode].items():
-            steps, losses = zip(*r["curve"])
-            style = "--" if precision == "fp32" else "-"
-            ax.plot(steps, losses, style, label=LABEL[precision], linewidth=1.2)
-        ax.set_title(f"{mode} fine-tune")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean of 10 steps)")
-        ax.set_yscale("log")
-        ax.legend()
-    fig.suptitle(title)
+    fig, axes = plt.subplots(
+        len(modes), 1, figsize=(9, 0.9 + 0.32 * sum(len(r) for r in results.values())),
+        squeeze=False, gridspec_kw={"height_ratios": [len(results[m]) for m in modes]},
+    )  # fmt: skip
+    for ax, mode in zip(axes[:, 0], modes):
+        by_setting = results[mode]
+        labels = [s.label for s in by_setting]
+        means = [np.mean([r["valid"] for r in runs]) for runs in by_setting.values()]
+        stds = [np.std([r["valid"] for r in runs], ddof=1) if len(runs) > 1 else 0 for runs in
+                by_setting.values()]  # fmt: skip
+        y = np.arange(len(labels))[::-1]
+        ax.errorbar(means, y, xerr=stds, fmt="o", capsize=3)
+        ax.axvline(means[0], color="grey", linestyle="--", linewidth=1)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_title(f"{mode} fine-tune", fontsize=10)
+        ax.set_xlabel("final validation loss (mean ± std over seeds; dashed: reference)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
-def names(
-    values: list[str], allowed: list[str], flag: str, parser: argparse.ArgumentParser
-) -> list[str]:
+def names(values: list[str], allowed: list[str], flag: str, parser) -> list[str]:
     """The names in ``values``, space- or comma-separated, in order and without repeats."""
     given = [name for value in values for name in value.split(",") if name]
     unknown = [name for name in given if name not in allowed]
@@ -159,129 +262,74 @@ def names(
     return list(dict.fromkeys(given))
 
 
-def mean_std(values: list[float], fmt: str) -> str:
-    """``values`` as ``mean ± std`` (std over seeds, ddof=1), or the bare value for one seed."""
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(np.mean(values), fmt)} ± {np.std(values, ddof=1):.2f}"
-
-
-def report(results: dict, seeds: list[int]) -> None:
-    """Prints the markdown table; ``results[mode][precision]`` holds one run per seed."""
-    several = len(seeds) > 1
-    prefix = "mean " if several else ""
-    print(
-        f"| mode | precision | trainable params | state bytes/param | {prefix}final train loss "
-        f"| vs None | {prefix}final valid loss | vs None | {prefix}run (s) |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for mode, by_precision in results.items():
-        base = by_precision[None]
-        for precision, runs in by_precision.items():
-            # Paired: each seed is compared with the baseline of the same seed (same model, same
-            # batches), which takes the seed-to-seed spread of the losses out of the difference.
-            rel = {
-                k: [(r[k] - b[k]) / b[k] * 100 for r, b in zip(runs, base)]
-                for k in ("train", "valid")
-            }
-            loss = {k: np.mean([r[k] for r in runs]) for k in ("train", "valid")}
-            seconds = np.mean([r["seconds"] for r in runs])
-            # State size and parameter count do not depend on the seed.
-            first = runs[0]
-            print(
-                f"| {mode} | {LABEL[precision]} | {first['trainable']:,} "
-                f"| {first['bytes_per_param']:.3f} | {loss['train']:.4f} "
-                f"| {mean_std(rel['train'], '+.2f')}% | {loss['valid']:.4f} "
-                f"| {mean_std(rel['valid'], '+.2f')}% | {seconds:.0f} |"
-            )
-    if several:
-        control = ""
-        if any("fp32" in by_precision for by_precision in results.values()):
-            control = "; the fp32 (control) row shows the drift from rounding alone"
-        print(
-            f"\nvs None: the relative difference to the None baseline of the same seed (same model "
-            f"initialisation and data order), mean ± standard deviation across the {len(seeds)} "
-            f"seeds{control}."
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="medium", choices=sorted(TINY_SIZES))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--size", default="small", choices=sorted(TINY_SIZES))
+    parser.add_argument("--base-steps", type=int, default=300)
+    parser.add_argument("--base-lr", type=float, default=1e-3)
+    parser.add_argument("--base-dir", type=Path, default=REPO / "runs" / "bench_quality_base")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3, help="full fine-tune learning rate")
-    parser.add_argument("--lora-lr", type=float, default=3e-4, help="LoRA learning rate")
+    parser.add_argument("--lr", type=float, default=1e-5, help="full fine-tune learning rate")
+    parser.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA learning rate")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument(
         "--min-quantize-size", type=int, default=512,
         help="tensors smaller than this keep float32 moments (LoRA matrices are small)",
     )  # fmt: skip
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], metavar="MODE")
+    parser.add_argument("--precisions", nargs="+", default=PRECISIONS, metavar="PRECISION")
     parser.add_argument(
-        "--modes", nargs="+", default=["full", "lora"], metavar="MODE",
-        help="full and/or lora, space- or comma-separated (default: both)",
-    )  # fmt: skip
+        "--weight-updates", nargs="+", default=list(WEIGHT_UPDATES), metavar="MODE"
+    )
     parser.add_argument(
-        "--precisions", nargs="+", default=["None", *COMPARED[1:]], metavar="PRECISION",
-        help="of None, fp32, bf16, int8, int4, space- or comma-separated (default: all); "
-        "None, the baseline, is always run",
+        "--weights", nargs="+", default=["bfloat16"], metavar="DTYPE",
+        help="weight dtypes to fine-tune at each precision: bfloat16 (default) and/or float32 "
+        "(controls: the state precision's own effect)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
-    parser.add_argument(
-        "--seeds", type=int, default=1,
-        help="how many seeds (--seed, --seed + 1, ...) to run each mode and precision for",
-    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--data", type=Path, default=REPO / "recipes" / "data")
-    parser.add_argument("--plot", type=Path, help="write the loss curves (first seed) to this PNG")
+    parser.add_argument("--plot", type=Path, help="write the final validation losses to this PNG")
     args = parser.parse_args()
-    if args.steps < 10:
-        parser.error("--steps must be >= 10 (losses are reported every 10 steps)")
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    if not (args.data / "train.jsonl").is_file():
-        parser.error(f"--data {args.data}: no train.jsonl there")
+    if args.seeds < 1 or args.steps < 1 or args.base_steps < 1:
+        parser.error("--seeds, --steps and --base-steps must be >= 1")
+    for folder in (args.data, args.data / "completions"):
+        if not (folder / "train.jsonl").is_file():
+            parser.error(f"--data {args.data}: no {folder / 'train.jsonl'}")
     modes = names(args.modes, ["full", "lora"], "--modes", parser)
-    chosen = names(args.precisions, ["None", *COMPARED[1:]], "--precisions", parser)
-    precisions = [None] + [p for p in COMPARED[1:] if p in chosen]
+    precisions = [
+        None if p == "None" else p
+        for p in names(args.precisions, PRECISIONS, "--precisions", parser)
+    ]
+    updates = names(args.weight_updates, list(WEIGHT_UPDATES), "--weight-updates", parser)
+    dtypes = names(args.weights, ["bfloat16", "float32"], "--weights", parser)
     seeds = list(range(args.seed, args.seed + args.seeds))
 
-    results: dict[str, dict[str | None, list[dict]]] = {}
+    base = base_model(args)
+    results: dict[str, dict[Setting, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # The seed also initialises the model, so each seed fine-tunes its own one.
-        model_paths = {
-            seed: build_tiny_model(Path(tmp) / f"model-{seed}", size=args.size, seed=seed)
-            for seed in seeds
-        }
+        data = text_set(args.data / "completions", Path(tmp) / "completions-text")
         for mode in modes:
             results[mode] = {
-                precision: [
-                    run(args, model_paths[seed], mode, precision, seed, Path(tmp))
-                    for seed in seeds
-                ]
-                for precision in precisions
+                s: [run(args, base, data, mode, s, seed, Path(tmp)) for seed in seeds]
+                for s in settings(mode, dtypes, precisions, updates)
             }
 
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-    setup = (
-        f"tiny Llama `{args.size}`, {args.steps} steps, batch {args.batch_size}, "
-        f"max length {args.max_seq_length}, lr {args.lr} (full) / {args.lora_lr} (LoRA rank "
-        f"{args.lora_rank}), no weight decay, {seed_text}, min_quantize_size "
-        f"{args.min_quantize_size}; mlx {mx.__version__} {mx.default_device()}"
+    print(
+        f"tiny Llama `{args.size}` pretrained {args.base_steps} steps (lr {args.base_lr:g}, "
+        f"float32) "
+        f"on recipes/data, fine-tuned {args.steps} steps on recipes/data/completions as text, "
+        f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.lr:g} (full) / "
+        f"{args.lora_lr:g} (LoRA rank {args.lora_rank}), no weight decay, seeds "
+        f"{seeds[0]}-{seeds[-1]}, min_quantize_size {args.min_quantize_size}; "
+        f"mlx {mx.__version__} {mx.default_device()}\n"
     )
-    print(setup + "\n")
-    report(results, seeds)
+    report(results)
     if args.plot:
-        title = f"tiny Llama {args.size}: training loss per state precision"
-        if len(seeds) > 1:
-            # On its own line: one panel (a single mode) is too narrow for the whole title.
-            title += f"\nseed {seeds[0]} only, of {len(seeds)} seeds"
-        first_seed = {
-            mode: {precision: runs[0] for precision, runs in by_precision.items()}
-            for mode, by_precision in results.items()
-        }
-        plot(first_seed, args.plot, title)
-        print(f"\nloss curves: {args.plot}")
+        plot(results, args.plot, f"tiny Llama {args.size}: {len(seeds)} seeds, lr {args.lr:g}")
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

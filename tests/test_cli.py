@@ -2,6 +2,7 @@
 and bad input (exit status 2, one clear line, no traceback)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,9 +109,45 @@ def test_train_cli_with_overrides_and_inspect(tmp_path, tiny_model_path, data_di
 
 def test_plan_cli_from_config_json(tmp_path, tiny_model_path):
     done = cli("plan", "--model", str(tiny_model_path / "config.json"), "--fine-tune-type", "full",
-               "--precision", "fp32", "int8")
+               "--all-parameters", "--precision", "fp32", "int8")
     assert done.returncode == 0, done.stderr
     assert "| fp32 |" in done.stdout and "| int8 |" in done.stdout and "None" not in done.stdout
+
+
+def _trainable(plan_output: str) -> int:
+    return int(re.search(r"([\d,]+) trainable", plan_output).group(1).replace(",", ""))
+
+
+def test_plan_full_counts_what_train_trains(tiny_model_path, main_in_process):
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from adamw_lm.memory import plan_from_config
+
+    model, _ = load(str(tiny_model_path))
+    total = sum(a.size for _, a in tree_flatten(model.parameters()))
+    for num_layers in ("1", "-1"):
+        trainer.setup_trainable(model, from_dict({"fine_tune_type": "full", "num_layers": int(num_layers)}))
+        trained = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
+        code, out, err = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full",
+                                         "--num-layers", num_layers)
+        assert code == 0, err
+        assert _trainable(out) == trained < total  # embeddings and head stay frozen, as in train
+    code, out, _ = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full",
+                                   "--all-parameters")
+    assert _trainable(out) == total
+    # No --num-layers: mlx_lm lora's 16, for full as for lora (Llama-3.2-1B has 16 blocks, tied embeddings).
+    llama = Path(__file__).resolve().parents[1] / "recipes" / "model-configs" / "llama-3.2-1b.json"
+    done = cli("plan", "--model", str(llama), "--fine-tune-type", "full")
+    assert done.returncode == 0, done.stderr
+    everything = plan_from_config(llama, "full", num_layers=None)
+    assert _trainable(done.stdout) == plan_from_config(llama, "full", num_layers=16).trainable_parameters
+    assert everything.trainable_parameters - _trainable(done.stdout) == 128256 * 2048 + 2048  # embed + norm
+    code, _, err = main_in_process("plan", "--model", str(tiny_model_path), "--fine-tune-type", "full")
+    assert code == 2 and "num_layers=16 but the model has only 2 layers (-1: all of them)" in err
+    done = cli("plan", "--model", str(tiny_model_path), "--all-parameters")
+    assert done.returncode == 2 and "--all-parameters" in done.stderr and "--fine-tune-type full" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_tiny_model_cli(tmp_path):
@@ -164,7 +201,7 @@ def test_wrong_type(tmp_path, tiny_model_path, data_dir):
 def test_bad_override_and_bad_optimizer_value(tmp_path, tiny_model_path, data_dir):
     cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
     done = cli("train", str(cfg), "--batch-size", "many")
-    assert done.returncode == 2 and "'batch_size' must be int" in done.stderr
+    assert done.returncode == 2 and "argument --batch-size: invalid int value: 'many'" in done.stderr
     done = cli("train", str(cfg), "--optimizer.state_precision", "int3")
     assert done.returncode == 2 and "state_precision" in done.stderr and "'int8'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -334,3 +371,187 @@ def test_checkpoints_fall_on_updates_and_keep_best_uses_matching_val_loss(tmp_pa
     assert manifests["step-0000004"]["val_loss"] == val[4]
     assert manifests["step-0000006"]["val_loss"] is None
     assert manifests["step-0000007"]["val_loss"] == val[7]
+
+
+# -- the command lines mlx_lm lora users type ---------------------------------------------------
+
+# Every option of mlx_lm lora, one unit each (an option with its value, or a switch alone).
+MLX_LM_UNITS = [
+    ["--model", "M"], ["--train"], ["--data", "D"], ["--fine-tune-type", "dora"], ["--optimizer", "adamw"],
+    ["--mask-prompt"], ["--num-layers", "-1"], ["--batch-size=2"], ["--iters", "2"], ["--val-batches", "-1"],
+    ["--learning-rate", "1e-4"], ["--steps-per-report", "5"], ["--steps-per-eval", "9"],
+    ["--grad-accumulation-steps", "2"], ["--resume-adapter-file", "a.safetensors"], ["--adapter-path", "out"],
+    ["--save-every", "7"], ["--test"], ["--test-batches", "3"], ["--max-seq-length", "128"],
+    ["--grad-checkpoint"], ["--clear-cache-threshold", "2GB"], ["--report-to", "wandb"],
+    ["--project-name", "p"], ["--seed", "3"], ["--trust-remote-code"],
+]
+
+
+@pytest.mark.parametrize("order", ["as listed", "reversed", "config in the middle"])
+def test_every_mlx_lm_option_means_what_mlx_lm_parses(order):
+    from mlx_lm.lora import build_parser as mlx_lm_parser
+
+    from adamw_lm.cli import parse_run_args
+
+    parser = mlx_lm_parser()
+    options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {"--help", "--config"}
+    assert options == {u[0].split("=")[0] for u in MLX_LM_UNITS}  # a new mlx-lm option fails here
+    units = MLX_LM_UNITS[::-1] if order == "reversed" else list(MLX_LM_UNITS)
+    if order == "config in the middle":
+        units.insert(len(units) // 2, ["cfg.yaml"])
+    line = [token for unit in units for token in unit]
+    defaults = vars(parser.parse_args([]))
+    expected = {k: v for k, v in vars(parser.parse_args([t for t in line if t != "cfg.yaml"])).items()
+                if v != defaults[k]}
+    args = parse_run_args("train", line)
+    assert args.overrides == expected
+    assert args.path == ("cfg.yaml" if order == "config in the middle" else None)
+
+
+@pytest.mark.parametrize(
+    "line, path, overrides, flags",
+    [
+        (["-c", "c.yaml", "--iters", "2"], "c.yaml", {"iters": 2}, {}),
+        (["--iters", "2", "c.yaml"], "c.yaml", {"iters": 2}, {}),
+        (["--config=c.yaml", "--adapter-path", "X"], "c.yaml", {"adapter_path": "X"}, {}),
+        (["-cc.yaml", "--adapter_path=X"], "c.yaml", {"adapter_path": "X"}, {}),
+        (["c.yaml", "--optimizer.state_precision", "int8", "--checkpoint.keep_last=2", "--lora-parameters.rank",
+          "16", "--overwrite", "--no-progress", "--grad_checkpoint=false"], "c.yaml",
+         {"optimizer.state_precision": "int8", "checkpoint.keep_last": 2, "lora_parameters.rank": 16,
+          "grad_checkpoint": False}, {"overwrite": True, "no_progress": True}),
+        (["--optimizer.overrides", "{norm: fp32}", "--hf-dataset", "{path: org/name}", "c.yaml"], "c.yaml",
+         {"optimizer.overrides": {"norm": "fp32"}, "hf_dataset": {"path": "org/name"}}, {}),
+    ],
+)
+def test_train_lines_in_any_order(line, path, overrides, flags):
+    from adamw_lm.cli import parse_run_args
+
+    args = parse_run_args("train", line)
+    assert (args.path, args.overrides) == (path, overrides)
+    assert {k: getattr(args, k) for k in flags} == flags
+
+
+@pytest.mark.parametrize("line", [
+    ["RUN", "--iters", "60", "--step", "4", "--trust-remote-code", "--report-to", "wandb", "--hf-dataset"],
+    ["--iters=60", "--hf-dataset", "--step", "4", "--report-to", "wandb", "--trust-remote-code", "RUN"],
+])
+def test_resume_passes_step_and_the_users_word_again(line, monkeypatch, main_in_process):
+    calls = []
+    monkeypatch.setattr(trainer, "resume", lambda run_dir, **kw: calls.append((run_dir, kw)) or trainer.RunResult(
+        Path(run_dir), 60, None))
+    assert main_in_process("resume", *line)[0] == 0
+    assert calls == [("RUN", {"convert_precision": False, "progress": True, "step": 4, "overrides": {
+        "iters": 60, "trust_remote_code": True, "report_to": "wandb", "hf_dataset": True}})]
+
+
+def test_mlx_lm_forms_run(tmp_path, tiny_model_path, data_dir):
+    """mlx-lm's config-less form, options before the config, -c with --adapter-path, resume --iters N RUN."""
+    run = tmp_path / "run"
+    done = cli("train", "--model", str(tiny_model_path), "--train", "--data", str(data_dir), "--iters", "2",
+               "--num-layers", "2", "--batch-size", "4", "--val-batches", "1", "--max-seq-length", "64",
+               "--learning-rate", "1e-3", "--steps-per-report", "1", "--adapter-path", str(run),
+               "--lora-parameters.rank", "4", "--optimizer.state_precision", "int8",
+               "--optimizer.min_quantize_size=64", "--checkpoint.keep_last", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((checkpoint.latest_checkpoint(run) / "trainer_state.json").read_text())["config"]
+    assert (saved["iters"], saved["lora_parameters"]["rank"], saved["checkpoint"]["keep_last"]) == (2, 4, 1)
+    assert saved["optimizer"]["name"] == "adam" and saved["optimizer"]["weight_decay"] == 0.0  # mlx-lm's Adam
+    assert saved["optimizer"]["state_precision"] == "int8"
+
+    done = cli("resume", "--iters", "3", "--no-progress", str(run))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-0000003"]
+
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "from-yaml", iters=4))
+    done = cli("train", "--iters", "2", str(cfg), "--adapter-path", str(tmp_path / "a"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.latest_checkpoint(tmp_path / "a").name == "step-0000002"
+    done = cli("train", "-c", str(cfg), "--iters", "1", "--adapter-path", str(tmp_path / "b"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.latest_checkpoint(tmp_path / "b").name == "step-0000001"
+    assert not (tmp_path / "from-yaml").exists()
+
+    # A warning from our code is one plain line, not a Python UserWarning with its source line.
+    (run / "checkpoints" / "latest").write_text("garbage")
+    shown = cli("inspect", str(run))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.splitlines() == [
+        f"adamw-lm: warning: ignoring {run / 'checkpoints' / 'latest'}: it does not hold a checkpoint name"]
+
+
+BAD_LINES = [
+    (["train", "CFG", "--itres", "2"], "adamw-lm train: error: unknown option --itres; did you mean --iters?"),
+    (["train", "CFG", "--iters", "two"], "adamw-lm train: error: argument --iters: invalid int value: 'two'"),
+    (["train", "CFG", "--fine-tune-type", "qlora"], "argument --fine-tune-type: invalid choice: 'qlora'"),
+    (["train", "CFG", "--iters"], "option --iters expects a value"),
+    (["train", "CFG", "--step", "3"], "option --step belongs to `adamw-lm resume`, not `train`"),
+    (["train", "CFG", "CFG"], "unexpected argument"),
+    (["train", "CFG", "--train=maybe"], "option --train is a switch"),
+    (["train", "CFG", "--lora-parameters.rnak", "4"], "unknown config key 'lora_parameters.rnak'; did you mean 'rank'?"),
+    (["train", "CFG", "--optimizer.state_precison", "int8"], "'optimizer.state_precison'; did you mean 'state_precision'?"),
+    (["train", "CFG", "--lora-layers", "4"], "unknown option --lora-layers; mlx-lm renamed it to --num-layers"),
+    (["train", "CFG", "--train=false"], "'train' and 'test' are both false: nothing to do"),
+    (["train", "CFG", "--seed", "-3"], "config key 'seed' must be from 0 to 2147483647"),
+    (["train", "CFG", "--optimizer", "sgd"], "AdamW only"),
+    (["train", "DUP"], "duplicate key 'iters' on line 3 (first on line 1)"),
+    (["resume", "RUN", "--overwrite"], "adamw-lm resume: error: option --overwrite belongs to `adamw-lm train`"),
+    (["resume", "--iters", "3"], "resume needs the run folder"),
+    (["resume", "RUN", "--step", "last"], "option --step expects an int, got 'last'"),
+    (["resume", "RUN", "-c", "CFG"], "resume reads the config saved in the run's checkpoint"),
+]
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """``adamw_lm.cli.main`` in this process (for many cheap cases); logging and warnings restored after."""
+    import logging
+    import warnings
+
+    from adamw_lm.cli import main
+
+    logger = logging.getLogger("adamw_lm")
+    for name in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(logger, name, getattr(logger, name))
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+# These few run as the real command; every line of BAD_LINES also runs through main() in-process.
+SUBPROCESS_LINES = {0, 1, 10, 13, 14}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_LINES)), ids=lambda i: " ".join(BAD_LINES[i][0]))
+def test_bad_command_lines_exit_2_with_one_line(index, tmp_path, tiny_model_path, data_dir, main_in_process):
+    line, message = BAD_LINES[index]
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
+    (tmp_path / "dup.yaml").write_text("iters: 3\nbatch_size: 2\niters: 4\n")
+    paths = {"CFG": str(cfg), "DUP": str(tmp_path / "dup.yaml"), "RUN": str(tmp_path / "run")}
+    args = [paths.get(t, t) for t in line]
+    code, _, stderr = main_in_process(*args)
+    if index in SUBPROCESS_LINES:
+        done = cli(*args)
+        assert done.stdout == "" and done.stderr == stderr
+        code = done.returncode
+    assert code == 2, (code, stderr)
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr, stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_logger_warnings_are_one_plain_line(capsys, main_in_process):
+    import logging
+
+    from adamw_lm.cli import configure_messages
+
+    configure_messages()
+    configure_messages()  # twice (main called twice in one process): still one line per warning
+    logging.getLogger("adamw_lm.checkpoint").warning("falling back to %s", "step-0000002")
+    logging.getLogger("adamw_lm").info("not shown")
+    assert capsys.readouterr().err == "adamw-lm: warning: falling back to step-0000002\n"

@@ -1,5 +1,7 @@
 """Run configs: mlx_lm lora's keys and meanings, our sections, and clear errors."""
 
+import dataclasses
+
 import mlx.optimizers as optim
 import pytest
 import yaml
@@ -106,13 +108,48 @@ def test_our_sections_and_dotted_overrides(tmp_path):
         ({"optimizer": "sgd"}, "AdamW only"),
         ({"iters": 0}, "'iters' must be >= 1"),
         ({"checkpoint": {"keep_last": 0}}, "'checkpoint.keep_last' must be >= 1"),
-        ({"train": False}, "'train' is false"),
+        ({"train": False}, "'train' and 'test' are both false: nothing to do"),
+        ({"lora_parameters": {"rnak": 16}}, "unknown config key 'lora_parameters.rnak'; did you mean 'rank'?"),
+        ({"lora_parameters": {"alpha": 16}}, "'lora_parameters.alpha'; mlx-lm's LoRA uses 'scale'"),
+        ({"lora_parameters": {"rank": "8"}}, "'lora_parameters.rank' must be an int from 1 to 65536, got '8'"),
+        ({"lora_parameters": {"rank": 0}}, "'lora_parameters.rank' must be an int from 1"),
+        ({"lora_parameters": {"rank": 2**31}}, "'lora_parameters.rank' must be an int from 1 to 65536, got 2147483648"),
+        ({"lora_parameters": {"rank": 8.0}}, "'lora_parameters.rank' must be an int"),
+        ({"lora_parameters": {"dropout": 1.5}}, "'lora_parameters.dropout' must be a number in [0, 1), got 1.5"),
+        ({"lora_parameters": {"dropout": 1}}, "'lora_parameters.dropout' must be a number in [0, 1)"),
+        ({"lora_parameters": {"scale": "big"}}, "'lora_parameters.scale' must be a finite number, got 'big'"),
+        ({"lora_parameters": {"keys": "self_attn.q_proj"}}, "'lora_parameters.keys' must be a non-empty list"),
+        ({"lora_parameters": {"keys": [1]}}, "'lora_parameters.keys' must be a non-empty list"),
+        ({"lora_parameters": {"keys": []}}, "'lora_parameters.keys' must be a non-empty list"),
+        ({"lora_parameters": [8]}, "config key 'lora_parameters' must be a dict, got [8]"),
+        ({"lora_layers": 8}, "unknown config key 'lora_layers'; mlx-lm renamed it to 'num_layers'"),
+        ({"seed": -1}, "config key 'seed' must be from 0 to 2147483647"),
+        ({"seed": 2**32}, "config key 'seed' must be from 0 to 2147483647"),
+        ({"iters": "10"}, "config key 'iters' must be int, got '10'"),
+        ({"iters": 2**70}, "config key 'iters' is out of range (a 64-bit integer)"),
+        ({"learning_rate": float("nan")}, "config key 'learning_rate' must be a finite number"),
+        ({"optimizer": {"betas": [0.9, float("inf")]}}, "config key 'optimizer.betas' must be a finite number"),
+        ({"optimizer": {"betas": [0.9]}}, "config key 'optimizer.betas' must be two numbers"),
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": []}}, "'lr_schedule.arguments' must be a non-empty list"),
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": ["1e-3", 10]}}, "'lr_schedule.arguments' must be"),
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-3]}}, "missing 1 required positional argument"),
+        ({"lr_schedule": {"name": "join_schedules", "arguments": [1]}}, "'lr_schedule.name' must name"),
+        ({"checkpoint": 5}, "config key 'checkpoint' must be a mapping of keys, got 5"),
+        ({"checkpoint": {"every": "often"}}, "config key 'checkpoint.every' must be int or null"),
+        ({"optimizer": 3}, "config key 'optimizer' must be a name (adam, adamw) or a mapping"),
+        ({"optimizer": {"name": "sgd"}}, "AdamW only"),
     ],
 )
 def test_bad_config_messages(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(data)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("data", [[1, 2], "iters: 3", None, 7])
+def test_a_config_that_is_not_a_mapping(data):
+    with pytest.raises(ConfigError, match="a config must be a mapping of keys"):
+        from_dict(data)
 
 
 def test_bad_file_errors_name_the_file(tmp_path):
@@ -133,3 +170,98 @@ def test_adam_is_adamw_without_decay():
     opt = build_optimizer(config)
     assert opt.weight_decay == 0.0 and opt.betas == [0.8, 0.9]
     assert isinstance(opt, optim.AdamW)
+
+
+def test_lora_parameters_missing_keys_take_mlx_lm_defaults():
+    config = from_dict({"lora_parameters": {"rank": 16, "keys": ["self_attn.q_proj"]}})
+    assert config.lora_parameters == {**CONFIG_DEFAULTS["lora_parameters"], "rank": 16, "keys": ["self_attn.q_proj"]}
+
+
+def test_optimizer_name_decides_the_defaults_as_mlx_does():
+    adamw, adam = optim.AdamW(learning_rate=1e-3), optim.Adam(learning_rate=1e-3)
+    named = from_dict({"optimizer": "adamw"}).optimizer
+    assert named.weight_decay == adamw.weight_decay == 0.01  # mlx_lm lora's AdamW keeps mlx's decay
+    assert (named.betas, named.eps, named.bias_correction) == (adamw.betas, adamw.eps, adamw.bias_correction)
+    default = from_dict({}).optimizer
+    assert default.name == "adam" and default.weight_decay == 0.0
+    assert (default.betas, default.eps, default.bias_correction) == (adam.betas, adam.eps, adam.bias_correction)
+    assert from_dict({"optimizer": {"name": "AdamW", "weight_decay": 0.1}}).optimizer.weight_decay == 0.1
+
+
+def test_storage_override_keeps_mlx_lm_adam(tmp_path):
+    """The README's example: an mlx-lm config with no optimizer key, plus our precision."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ndata: d\noptimizer_config:\n  adam:\n    betas: [0.8, 0.9]\n")
+    config = load_config(path, {"optimizer.state_precision": "int8"})
+    opt = build_optimizer(config)
+    assert opt.weight_decay == 0.0 and opt.betas == [0.8, 0.9] and opt.settings.state_precision == "int8"
+    # mlx_lm lora's --optimizer names it and keeps our storage settings
+    config = load_config(path, {"optimizer.state_precision": "int8", "optimizer": "adamw"})
+    assert config.optimizer.name == "adamw" and config.optimizer.weight_decay == 0.01
+    assert config.optimizer.state_precision == "int8" and config.optimizer.betas == [0.9, 0.999]
+
+
+def test_optimizer_mapping_merges_optimizer_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MLX_LM_EXAMPLE.replace("optimizer: adamw", "optimizer:\n  name: adamw\n  state_precision: int8"
+                                           "\n  eps: 1e-6"))
+    o = load_config(path).optimizer
+    assert (o.name, o.state_precision, o.betas, o.eps, o.weight_decay, o.bias_correction) == (
+        "adamw", "int8", [0.9, 0.98], 1e-6, 0.05, True)
+    # The same key twice with different values is refused, naming both places.
+    conflict = MLX_LM_EXAMPLE.replace("optimizer: adamw", "optimizer:\n  name: adamw\n  weight_decay: 0.1")
+    path.write_text(conflict)
+    with pytest.raises(ConfigError, match=r"'optimizer.weight_decay' \(0.1\) and 'optimizer_config.adamw.weight_decay' "
+                                          r"\(0.05\) disagree"):
+        load_config(path)
+    # Settings for adamw with no optimizer named would be dropped by mlx-lm's Adam: refused instead.
+    path.write_text(MLX_LM_EXAMPLE.replace("optimizer: adamw", "optimizer:\n  state_precision: int8"))
+    with pytest.raises(ConfigError, match="'optimizer_config.adamw' has settings but no optimizer is named"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'optimizer_config.adam.weight_decay': mlx.optimizers.Adam takes "
+                                          "betas, eps, bias_correction"):
+        from_dict({"optimizer": "adam", "optimizer_config": {"adam": {"weight_decay": 0.1}}})
+    # mlx-lm's unused entries (CONFIG_DEFAULTS lists one per optimizer) are ignored, as there.
+    assert from_dict({"optimizer": "adam", "optimizer_config": {"sgd": {"momentum": 0.9}}}).optimizer.name == "adam"
+
+
+def test_adamw_kwargs_are_the_one_mapping_to_adamw():
+    import inspect
+
+    from adamw_lm import AdamW
+
+    o = from_dict({"optimizer": {"name": "adamw", "state_precision": "int8", "overrides": {"norm": "fp32"},
+                                 "min_quantize_size": 64, "betas": [0.8, 0.95], "bias_correction": True}}).optimizer
+    kwargs = o.adamw_kwargs()
+    assert "weight_update" not in kwargs and "name" not in kwargs  # None: AdamW's own default
+    assert set(kwargs) <= set(inspect.signature(AdamW.__init__).parameters)
+    opt = AdamW(learning_rate=1e-3, **kwargs)
+    assert (opt.betas, opt.weight_decay, opt.bias_correction, opt.settings.state_precision) == ([0.8, 0.95], 0.01, True, "int8")
+    assert build_optimizer(from_dict({"optimizer": dataclasses.asdict(o)})).betas == opt.betas
+    assert from_dict({"optimizer": {"weight_update": "stochastic"}}).optimizer.adamw_kwargs()["weight_update"] == "stochastic"
+
+
+def test_none_words_for_precisions(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  state_precision: None\n  overrides:\n    embed: null\n    norm: None\n")
+    o = load_config(path).optimizer
+    assert o.state_precision is None and o.overrides == {"embed": None, "norm": None}
+    assert load_config(path, {"optimizer.state_precision": "none"}).optimizer.state_precision is None
+    path.write_text("checkpoint:\n  keep_best: None\nresume_adapter_file: None\n")
+    config = load_config(path)
+    assert config.checkpoint.keep_best is None  # no text fits there: the word means null
+    assert config.resume_adapter_file == "None"  # a path may be called that, as mlx-lm reads it
+
+
+def test_duplicate_yaml_key_names_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("iters: 3\nlora_parameters:\n  rank: 8\n  rank: 16\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'rank' on line 4 \(first on line 3\)"):
+        load_config(path)
+    path.write_text("learning_rate: 1e-5\n")
+    assert load_config(path).learning_rate == 1e-5  # mlx-lm's loader underneath: 1e-5 is a float
+
+
+def test_test_only_mode_is_a_valid_config():
+    config = from_dict({"train": False, "test": True, "adapter_path": "runs/x"})
+    assert not config.train and config.test

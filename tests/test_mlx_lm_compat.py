@@ -1,11 +1,16 @@
-"""adamw_lm.AdamW inside mlx-lm's own trainer: the same losses as mlx.optimizers.AdamW, step for step."""
+"""adamw_lm.AdamW inside mlx-lm's own trainer: the same losses as mlx.optimizers.AdamW, step for step;
+and `adamw-lm train` against the real `mlx_lm lora` on the same YAML."""
 
+import json
+import subprocess
+import sys
 import types
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+import yaml
 from mlx_lm import load
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import CacheDataset, load_dataset
@@ -64,3 +69,38 @@ def test_mlx_lm_trainer_losses_identical(tiny_model_path, data_dir, tmp_path, bi
     assert w_ours.keys() == w_ref.keys()
     for k in w_ours:
         assert mx.array_equal(w_ours[k], w_ref[k]).item(), k
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # mlx_lm lora's defaults: Adam, constant learning rate
+    {"optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.05}}, "grad_accumulation_steps": 2,
+     "lr_schedule": {"name": "cosine_decay", "warmup": 2, "arguments": [1e-3, 8, 1e-5]},
+     "fine_tune_type": "dora"},
+], ids=["adam", "adamw-schedule-accumulation-dora"])
+def test_same_yaml_gives_bit_identical_adapters_to_mlx_lm_lora(extra, tiny_model_path, data_dir, tmp_path):
+    """The same YAML through the real `mlx_lm lora` and `adamw-lm train`: LoRA dropout 0 and inside the
+    first epoch (100 batches), the adapters are equal bit for bit, at save_every and at the end."""
+    config = {
+        "model": str(tiny_model_path), "train": True, "data": str(data_dir), "fine_tune_type": "lora",
+        "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}, "batch_size": 4,
+        "iters": 8, "val_batches": 1, "learning_rate": 1e-3, "steps_per_report": 4, "steps_per_eval": 4,
+        "save_every": 4, "max_seq_length": 96, "seed": 5, **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {}
+    for name, command in (("mlx_lm", ["-m", "mlx_lm", "lora", "--config", str(path)]),
+                          ("adamw_lm", ["-m", "adamw_lm.cli", "train", str(path), "--no-progress"])):
+        runs[name] = tmp_path / name
+        done = subprocess.run([sys.executable, *command, f"--adapter-path={runs[name]}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    for file in ("adapters.safetensors", "0000004_adapters.safetensors", "0000008_adapters.safetensors"):
+        ours, theirs = (mx.load(str(runs[name] / file)) for name in ("adamw_lm", "mlx_lm"))
+        assert ours.keys() == theirs.keys() and ours
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype and mx.array_equal(ours[key], theirs[key]).item(), (file, key)
+    ours_config = json.loads((runs["adamw_lm"] / "adapter_config.json").read_text())
+    theirs_config = json.loads((runs["mlx_lm"] / "adapter_config.json").read_text())
+    for key in ("fine_tune_type", "num_layers", "lora_parameters"):
+        assert ours_config[key] == theirs_config[key]

@@ -1,11 +1,15 @@
 """adamw_lm.AdamW against mlx.optimizers.AdamW (bit-exact) and a NumPy reference (fp32 mode)."""
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+
+from helpers.trees import assert_trees_equal
 
 from adamw_lm import AdamW
 
@@ -43,13 +47,6 @@ def warmup_cosine():
         [optim.linear_schedule(0.0, 1e-2, 10), optim.cosine_decay(1e-2, 90, 1e-4)], [10]
     )
 
-
-def assert_trees_equal(a, b):
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype, k
-        assert mx.array_equal(x, y).item(), f"{k} differs"
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["float_lr", "warmup_cosine"])
@@ -106,7 +103,8 @@ def test_state_is_plain_tree_and_nbytes():
     fp32 = AdamW(1e-3, state_precision="fp32")
     fp32.init(params)
     n = sum(p.size for _, p in tree_flatten(params))
-    assert fp32.state_nbytes() == 8 * n + 8 + 4 + 4  # + step, learning_rate, skipped_steps
+    # + step, learning_rate, skipped_steps, and the key that rounds the bf16 weights stochastically
+    assert fp32.state_nbytes() == 8 * n + 8 + 4 + 4 + 8
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
@@ -120,7 +118,9 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 def test_fp32_mode_matches_numpy_reference_for_bf16_weights(bias_correction):
     b1, b2, eps, wd, lr = 0.9, 0.999, 1e-8, 0.05, 1e-2
     w = mx.random.normal((40, 30), key=mx.random.key(3)).astype(mx.bfloat16)
-    opt = AdamW(lr, (b1, b2), eps, wd, bias_correction, state_precision="fp32")
+    opt = AdamW(
+        lr, (b1, b2), eps, wd, bias_correction, state_precision="fp32", weight_update="nearest"
+    )
     m_ref = np.zeros(w.shape)
     v_ref = np.zeros(w.shape)
     for t in range(1, 51):
@@ -187,3 +187,21 @@ def test_error_states_allowed_range():
         AdamW(1e-3, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="'fp32'"):
         AdamW(1e-3, state_precision="fp64")
+
+
+def test_override_patterns_cannot_hang_the_optimizer():
+    """Patterns may come from a stranger's checkpoint. ``(a+)+$`` backtracks catastrophically in
+    Python's ``re`` against a long path of a's; searched here it returns at once, and a pattern
+    that still backtracks without end is cut off by a timeout with a clear error naming it."""
+    path = "model.layers." + "a" * 60 + "!"
+    parameter = mx.zeros((8,))
+    quick = AdamW(
+        1e-3, state_precision="int8", precision_overrides={"(a+)+$": "fp32"}, min_quantize_size=0
+    )
+    start = time.perf_counter()
+    assert quick.precision_for(path, parameter) == "int8"  # no match
+    assert time.perf_counter() - start < 1.0
+    assert quick.precision_for("model.layers.aaa", parameter) == "fp32"
+    slow = AdamW(1e-3, state_precision="int8", precision_overrides={"(a|aa)+$": "fp32"})
+    with pytest.raises(ValueError, match=r"precision_overrides pattern '\(a\|aa\)\+\$' took over"):
+        slow.precision_for(path, parameter)

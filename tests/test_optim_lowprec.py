@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from helpers.trees import assert_trees_equal
+
 from adamw_lm import AdamW
 from adamw_lm.codecs import PRECISIONS, Precision
 from adamw_lm.codecs.blockwise import Blockwise, DynamicMap
@@ -62,13 +64,6 @@ def train(precision, steps: int, seed: int = 0, opt=None, params=None, **kwargs)
         losses.append(loss.item())
     return params, opt, losses
 
-
-def assert_trees_equal(a, b):
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        assert x.dtype == y.dtype and x.shape == y.shape, k
-        assert mx.array_equal(x, y, equal_nan=True).item(), f"{k} differs"
 
 
 def test_plan_quantizes_big_tensors_only():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adamw_lm import memory
-from adamw_lm.cli import build_parser
+from adamw_lm.cli import build_parser, plan_options
 from adamw_lm.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -28,11 +28,7 @@ def test_recipe_is_valid_and_its_plan_comment_is_true(recipe):
         return
     assert command, f"{recipe.name}: no `adamw-lm plan` line in its header"
     args = build_parser().parse_args(shlex.split(command.group(1))[1:])
-    num_layers = args.num_layers if args.num_layers is not None or args.fine_tune_type == "full" else 16
-    plan = memory.plan_from_config(
-        Path(__file__).resolve().parents[1] / args.model, fine_tune_type=args.fine_tune_type,
-        rank=args.rank, num_layers=num_layers,
-    )
+    plan = memory.plan_from_config(Path(__file__).resolve().parents[1] / args.model, **plan_options(args))
     assert f"{plan.trainable_parameters:,} trainable" in text
     assert config.fine_tune_type == args.fine_tune_type
     if config.fine_tune_type != "full":

@@ -284,7 +284,8 @@ def _load_verified(
         if key not in flat:
             raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
     state = restore_state(
-        flat, found.precision_plan, optimizer_path, trainable, optimizer, convert_precision
+        flat, found.precision_plan, optimizer_path, trainable, optimizer, convert_precision,
+        found.hyperparameters,
     )
     _check_state_layout(state, optimizer, trainable, optimizer_path)
     _check_finite(adapters, found.path / ADAPTERS)

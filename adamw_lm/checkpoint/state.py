@@ -10,36 +10,41 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from ..codecs import PRECISIONS
-from ..optim import AdamW
+from ..optim import AdamW, StateFormat, convert_state, zeros_state
+from ..weight_update import WEIGHT_UPDATES
 from .format import (
     FORMAT_VERSION,
     MAX_LISTED,
     OPTIMIZER_FORMAT,
+    CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
 
+# What mlx's own optimizers define, for a checkpoint of one of them.
+_MLX_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "bias_correction")
 
-def optimizer_metadata(optimizer: optim.Optimizer, plan: dict[str, str | None]) -> dict[str, str]:
-    names = (
-        "betas", "eps", "weight_decay", "bias_correction", "state_precision",
-        "precision_overrides", "min_quantize_size", "seed",
-    )  # fmt: skip
-    hyper = {name: getattr(optimizer, name) for name in names if hasattr(optimizer, name)}
+
+def optimizer_metadata(optimizer: optim.Optimizer, plan: dict[str, StateFormat]) -> dict[str, str]:
+    if isinstance(optimizer, AdamW):
+        hyper = optimizer.hyperparameters()
+    else:
+        hyper = {n: getattr(optimizer, n) for n in _MLX_HYPERPARAMETERS if hasattr(optimizer, n)}
     return {
         "format": OPTIMIZER_FORMAT,
         "format_version": str(FORMAT_VERSION),
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "precision_plan": json.dumps(plan, sort_keys=True),
+        "precision_plan": json.dumps({p: f.precision for p, f in plan.items()}, sort_keys=True),
         "hyperparameters": json.dumps(hyper, sort_keys=True),
     }
 
 
-def plan_of(optimizer: optim.Optimizer, parameters: dict) -> dict[str, str | None]:
+def plan_of(optimizer: optim.Optimizer, parameters: dict) -> dict[str, StateFormat]:
     if isinstance(optimizer, AdamW):
-        return optimizer.plan(parameters)
+        return optimizer.state_formats(parameters)
     # mlx's own optimizers keep raw moments in the parameter dtype, which is precision None.
-    return {path: None for path, _ in tree_flatten(parameters)}
+    return {
+        path: StateFormat.of(None, p.dtype, None) for path, p in tree_flatten(parameters)
+    }
 
 
 def _group_by_parameter(
@@ -64,37 +69,33 @@ def _layout(arrays: dict[str, mx.array]) -> dict[str, tuple]:
     return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
 
 
-def _moments(precision: str | None, parameter: mx.array) -> dict[str, mx.array]:
-    """The flat stored moments of AdamW for ``parameter`` at ``precision`` (all zero, lazily)."""
-    if precision is None:
-        moments = {"m": mx.zeros_like(parameter), "v": mx.zeros_like(parameter)}
-    else:
-        codecs = PRECISIONS[precision]
-        moments = {"m": codecs.m.zeros(parameter.shape), "v": codecs.v.zeros(parameter.shape)}
-    return dict(tree_flatten(moments))
+def _stored_formats(
+    stored_plan: dict[str, str | None],
+    hyperparameters: dict,
+    path: Path,
+    params: dict[str, mx.array],
+) -> dict[str, StateFormat]:
+    """The format each parameter's state was saved in: its precision from the (checked) plan, its
+    weight update from the stored ``weight_update`` as AdamW derives it (checkpoints written before
+    weight updates, and mlx's optimizers, have none: no buffer)."""
+    mode = hyperparameters.get("weight_update")
+    if mode is not None and mode not in WEIGHT_UPDATES:
+        raise CorruptCheckpointError(
+            f"{path}: metadata 'hyperparameters' has weight_update {mode!r}; expected null or "
+            f"one of {', '.join(map(repr, WEIGHT_UPDATES))}"
+        )
+    missing = [p for p in params if p not in stored_plan]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"{path}: the precision plan has no entry for {', '.join(missing[:MAX_LISTED])}"
+        )
+    return {p: StateFormat.of(stored_plan[p], a.dtype, mode) for p, a in params.items()}
 
 
-def _convert(
-    stored: dict[str, mx.array],
-    old: str | None,
-    new: str | None,
-    parameter: mx.array,
-    key: mx.array,
-) -> dict[str, mx.array]:
-    """Re-store AdamW's moments of one parameter from precision ``old`` in precision ``new``."""
-    tree = tree_unflatten(list(stored.items()))
-    converted = {}
-    for moment, moment_key in zip(("m", "v"), mx.random.split(key)):
-        if old is None:
-            x = tree[moment].astype(mx.float32)
-        else:
-            x = getattr(PRECISIONS[old], moment).decode(tree[moment], parameter.shape)
-        if new is None:
-            converted[moment] = x.astype(parameter.dtype)
-        else:
-            codec = getattr(PRECISIONS[new], moment)
-            converted[moment] = codec.encode(x, moment_key if codec.stochastic else None)
-    return dict(tree_flatten(converted))
+def _differs(old: StateFormat, new: StateFormat, dtype: mx.Dtype) -> bool:
+    """Whether state stored as ``old`` must be converted to be ``new`` (nearest and stochastic
+    weight updates store the same arrays)."""
+    return old.precision != new.precision or old.buffer(dtype) != new.buffer(dtype)
 
 
 def restore_state(
@@ -104,26 +105,32 @@ def restore_state(
     trainable: dict,
     optimizer: optim.Optimizer,
     convert_precision: bool,
+    stored_hyperparameters: dict | None = None,
 ) -> dict:
     """The state tree stored in ``flat``, checked against (and converted for) ``optimizer``.
 
-    ``stored_plan`` is the file's precision plan, already checked (known precisions only).
+    ``stored_plan`` is the file's precision plan, already checked (known precisions only), and
+    ``stored_hyperparameters`` its hyper-parameters (their ``weight_update`` is checked here).
     """
     params = dict(tree_flatten(trainable))
+    stored_formats = _stored_formats(stored_plan, stored_hyperparameters or {}, path, params)
     requested = plan_of(optimizer, trainable)
-    missing = [p for p in params if p not in stored_plan]
-    if missing:
-        raise IncompatibleCheckpointError(
-            f"{path}: the precision plan has no entry for {', '.join(missing[:MAX_LISTED])}"
-        )
-    changed = [p for p in params if stored_plan[p] != requested[p]]
+    changed = [
+        p for p in params if _differs(stored_formats[p], requested[p], params[p].dtype)
+    ]
     if changed and not convert_precision:
         first = changed[0]
+        old, new = stored_formats[first], requested[first]
+        dtype = params[first].dtype
+        old_text, new_text = repr(old.precision), repr(new.precision)
+        if old.buffer(dtype) != new.buffer(dtype):
+            old_text += f" with weight_update {old.weight_update!r}"
+            new_text += f" with weight_update {new.weight_update!r}"
         raise IncompatibleCheckpointError(
-            f"{path}: parameter {first} has optimizer state in precision "
-            f"{stored_plan[first]!r}, but this optimizer asks for {requested[first]!r} "
-            f"({len(changed)} of {len(params)} parameters differ); pass convert_precision=True "
-            f"(adamw-lm resume --convert-precision) to convert the moments"
+            f"{path}: parameter {first} has optimizer state in precision {old_text}, but this "
+            f"optimizer asks for {new_text} ({len(changed)} of {len(params)} parameters "
+            f"differ); pass convert_precision=True (adamw-lm resume --convert-precision) to "
+            f"convert the state"
         )
 
     # A shallow copy initialized from scratch shows the state this optimizer expects, without
@@ -138,18 +145,21 @@ def restore_state(
     if changed:
         # Rounding keys for stochastic codecs come from the optimizer's seed: a conversion is
         # reproducible.
-        seed = getattr(optimizer, "seed", 0)
+        seed = optimizer.settings.seed if isinstance(optimizer, AdamW) else 0
         keys = dict(zip(changed, mx.random.split(mx.random.key(seed), len(changed))))
     problems = []
     restored = {}
     for name, parameter in params.items():
         entries = stored.get(name, {})
         if name in keys:
-            old_layout = _layout(_moments(stored_plan[name], parameter))
+            old = stored_formats[name]
+            old_layout = _layout(dict(tree_flatten(zeros_state(old, parameter))))
             if _layout(entries) != old_layout:
                 problems.append(f"{name}: expected {old_layout}, found {_layout(entries)}")
                 continue
-            entries = _convert(entries, stored_plan[name], requested[name], parameter, keys[name])
+            tree = tree_unflatten(list(entries.items()))
+            new = convert_state(tree, old, requested[name], parameter, keys[name])
+            entries = dict(tree_flatten(new))
         if _layout(entries) != _layout(expected.get(name, {})):
             problems.append(
                 f"{name}: expected {_layout(expected.get(name, {}))}, found {_layout(entries)}"

@@ -1,0 +1,97 @@
+"""The settings of :class:`adamw_lm.AdamW`, checked once when they are made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Union
+
+import mlx.core as mx
+import regex
+
+from . import weight_update as weights
+from .codecs import PRECISIONS
+
+LearningRate = Union[float, Callable[[mx.array], mx.array]]
+
+
+def check_precision(value: str | None, what: str, auto: bool = False) -> None:
+    """``ValueError`` naming ``what`` unless ``value`` is ``None``, a known precision, or (with
+    ``auto``) ``"auto"``."""
+    if value is not None and value not in PRECISIONS and not (auto and value == "auto"):
+        allowed = ", ".join(["None"] + [repr(p) for p in PRECISIONS] + (["'auto'"] if auto else []))
+        raise ValueError(f"{what} must be one of {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What :class:`adamw_lm.AdamW` adds to ``mlx.optimizers.AdamW``'s arguments (documented
+    there). ``weight_update`` is resolved: ``None`` becomes the mode that applies."""
+
+    state_precision: str | None = None
+    precision_overrides: Mapping[str, str | None] = field(default_factory=dict)
+    min_quantize_size: int = 4096
+    seed: int = 0
+    memory_budget: int | None = None
+    chunk_size: int | None = None
+    streams: int | None = None
+    weight_update: str | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.state_precision, "state_precision", auto=True)
+        budget = self.memory_budget
+        if self.state_precision == "auto":
+            if isinstance(budget, bool) or not isinstance(budget, int):
+                raise ValueError(
+                    f"state_precision='auto' needs memory_budget, an int number of bytes; "
+                    f"got {budget!r}"
+                )
+            if budget <= 0:
+                raise ValueError(f"memory_budget must be > 0 bytes; got {budget}")
+        elif budget is not None:
+            raise ValueError(
+                f"memory_budget is only used with state_precision='auto'; "
+                f"got state_precision={self.state_precision!r}"
+            )
+        overrides = dict(self.precision_overrides or {})
+        for pattern, precision in overrides.items():
+            check_precision(precision, f"precision_overrides[{pattern!r}]")
+            try:
+                regex.compile(pattern)
+            except (regex.error, TypeError) as e:
+                raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
+        if self.chunk_size is not None and (self.chunk_size < 1 or self.chunk_size % 256):
+            raise ValueError(
+                f"chunk_size must be a positive multiple of 256; got {self.chunk_size}"
+            )
+        if self.streams is not None and (isinstance(self.streams, bool) or self.streams < 1):
+            raise ValueError(f"streams must be an int >= 1 (or None); got {self.streams!r}")
+        if self.min_quantize_size < 0:
+            raise ValueError(f"min_quantize_size must be >= 0; got {self.min_quantize_size}")
+        weights.check_weight_update(self.weight_update)
+        if self.state_precision is None and self.weight_update not in (None, "nearest"):
+            raise ValueError(
+                f"weight_update={self.weight_update!r} needs a state_precision other than None: "
+                "None is mlx's own update, which rounds the weight to nearest"
+            )
+        default = "nearest" if self.state_precision is None else weights.DEFAULT_WEIGHT_UPDATE
+        object.__setattr__(self, "precision_overrides", overrides)
+        object.__setattr__(self, "weight_update", self.weight_update or default)
+
+
+def check_adamw_arguments(
+    learning_rate: LearningRate, betas, eps: float, weight_decay: float
+) -> None:
+    """``ValueError`` naming the first of mlx's AdamW arguments that is out of its range."""
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] (beta{i + 1}) must be in [0, 1); got {beta}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    if not callable(learning_rate) and not learning_rate >= 0.0:
+        raise ValueError(f"learning_rate must be >= 0 (or a schedule); got {learning_rate}")
+
+__all__ = ["LearningRate", "Settings", "check_adamw_arguments", "check_precision"]

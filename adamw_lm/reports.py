@@ -1,0 +1,218 @@
+"""What a run tells the outside: the start-up header, report lines, the metrics log, the loss plot.
+
+The loop calls mlx-lm's ``TrainingCallback`` interface and nothing else, so the metrics log, the
+terminal and mlx-lm's ``report_to`` callbacks (wandb, swanlab) are all fed the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+from .runfiles import open_append, read_text_nofollow, replace_file, replace_text
+
+METRICS_FILE = "metrics.jsonl"
+_MAX_METRICS_BYTES = 256 << 20
+
+
+class MetricsLog(TrainingCallback):
+    """``metrics.jsonl``: one JSON object per report, appended as the run goes (flushed each line).
+
+    The file is opened at the first record, so a run that fails during set-up leaves none behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS_FILE
+        self._file = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open_append(self.path)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        self.write({
+            "iteration": train_info["iteration"], "train_loss": train_info["train_loss"],
+            "learning_rate": train_info["learning_rate"],
+            "tokens_per_second": train_info["tokens_per_second"],
+            "peak_memory_gb": train_info["peak_memory"],
+        })
+
+    def on_val_loss_report(self, val_info: dict) -> None:
+        self.write({"iteration": val_info["iteration"], "val_loss": val_info["val_loss"]})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def truncate_metrics(run_dir: Path, iteration: int) -> None:
+    """Drop records written after the checkpoint we resume from, so the log reads as one run.
+
+    A line torn by a crash is dropped too. The log is rewritten through a fresh temporary."""
+    path = run_dir / METRICS_FILE
+    text = read_text_nofollow(path, _MAX_METRICS_BYTES)
+    if not text and not path.exists():
+        return
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and 0 <= record["iteration"] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    replace_text(path, "".join(line + "\n" for line in kept))
+
+
+class TerminalReport(TrainingCallback):
+    """mlx-lm's report lines (``Iter N: Train loss ...``); above the progress bar when there is one."""
+
+    def __init__(self, bar: Any = None):
+        self.bar = bar
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        self._print(
+            f"Iter {train_info['iteration']}: Train loss {train_info['train_loss']:.3f}, "
+            f"Learning Rate {train_info['learning_rate']:.3e}, "
+            f"It/sec {train_info['iterations_per_second']:.3f}, "
+            f"Tokens/sec {train_info['tokens_per_second']:.3f}, "
+            f"Trained Tokens {train_info['trained_tokens']}, "
+            f"Peak mem {train_info['peak_memory']:.3f} GB"
+        )
+
+    def on_val_loss_report(self, val_info: dict) -> None:
+        self._print(f"Iter {val_info['iteration']}: Val loss {val_info['val_loss']:.3f}, "
+                    f"Val took {val_info['val_time']:.3f}s")
+
+
+class Fanout(TrainingCallback):
+    """Several callbacks as one, called in order."""
+
+    def __init__(self, callbacks: Iterable[Optional[TrainingCallback]]):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        for c in self.callbacks:
+            c.on_train_loss_report(train_info)
+
+    def on_val_loss_report(self, val_info: dict) -> None:
+        for c in self.callbacks:
+            c.on_val_loss_report(val_info)
+
+
+# -- the header -----------------------------------------------------------------------------------
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _kind(path: str) -> str:
+    """A parameter's kind: its path with layer numbers folded (``layers.*.self_attn.q_proj.lora_a``)."""
+    return re.sub(r"\.\d+\.", ".*.", path)
+
+
+def precision_rows(model: nn.Module, optimizer: Any) -> list[tuple[str, str, int, int]]:
+    """``(kind, precision, tensors, state bytes)`` per kind of trainable tensor, from the initialised
+    optimizer's plan and state."""
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    plan = optimizer.precision_plan
+    per_param: dict[str, int] = defaultdict(int)
+    for key, array in tree_flatten(optimizer.state):
+        parts = key.split(".")
+        owner = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in trainable), None)
+        if owner is not None:
+            per_param[owner] += array.nbytes
+    groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for path in trainable:
+        group = groups[(_kind(path), str(plan.get(path) or "none (parameter dtype)"))]
+        group[0] += 1
+        group[1] += per_param[path]
+    return [(kind, precision, n, nbytes) for (kind, precision), (n, nbytes) in sorted(groups.items())]
+
+
+def header(config: Any, model: nn.Module, optimizer: Any) -> list[str]:
+    """The lines printed before training: model, trainable parameters, the precision plan."""
+    total = sum(p.size for _, p in tree_flatten(model.parameters()))
+    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    lines = [
+        f"Model: {config.model}",
+        f"Fine-tune: {config.fine_tune_type}, {config.num_layers} layers"
+        + (f", rank {config.lora_parameters.get('rank')}" if config.fine_tune_type != "full" else ""),
+        f"Trainable parameters: {trainable * 100 / max(total, 1):.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)",
+        f"Optimizer state: {_human(optimizer.state_nbytes())} "
+        f"(state_precision {config.optimizer.state_precision})",
+    ]
+    for kind, precision, n, nbytes in precision_rows(model, optimizer):
+        lines.append(f"  {kind:<48} {precision:<22} x{n:<4} {_human(nbytes):>10}")
+    return lines
+
+
+def unused_precision_warnings(config: Any, model: nn.Module, optimizer: Any) -> list[str]:
+    """A warning for each requested low precision that no trainable tensor ended up with."""
+    got = set(optimizer.precision_plan.values())
+    requested = {config.optimizer.state_precision, *config.optimizer.overrides.values()}
+    warnings = []
+    for precision in sorted(p for p in requested if p not in (None, "fp32", "auto") and p not in got):
+        warnings.append(
+            f"warning: state precision {precision} applies to no tensor: every trainable tensor it "
+            f"would cover has fewer than optimizer.min_quantize_size={config.optimizer.min_quantize_size} "
+            f"elements and keeps fp32 moments (lower min_quantize_size to quantize them)"
+        )
+    return warnings
+
+
+# -- the loss plot ------------------------------------------------------------------------------
+
+
+def plot(run_dir: Path) -> Optional[Path]:
+    """``loss.png`` from metrics.jsonl when matplotlib is installed (the ``plot`` extra).
+
+    matplotlib is imported here only, at the end of a run: start-up does not pay for it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = []
+    for line in read_text_nofollow(run_dir / METRICS_FILE, _MAX_METRICS_BYTES).splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    train = [(r["iteration"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="." if len(points) < 50 else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    replace_file(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return out
