@@ -27,10 +27,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .codecs import PRECISIONS
 from .weight_update import DEFAULT_WEIGHT_UPDATE, buffer_nbytes, check_weight_update
 
-#: State precisions from most to least precise; ``"auto"`` lowers tensors along it.
-STATE_LADDER: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
+#: State precisions from the most to the fewest bytes per element (the registry's order on a tie);
+#: ``"auto"`` lowers tensors along it.
+STATE_LADDER: tuple[str, ...] = tuple(
+    sorted(PRECISIONS, key=lambda name: -PRECISIONS[name].nbytes((1 << 20,)))
+)
 
 #: The rows :func:`plan_from_config` and :func:`plan_for_model` give by default.
 DEFAULT_PRECISIONS: tuple[str | None, ...] = (None, *STATE_LADDER)
@@ -40,30 +44,20 @@ MIN_QUANTIZE_SIZE = 4096
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 
-# Stored form of one moment of n elements: n / block blocks, each with `bits`-bit codes and one
-# float32 scale; the codes of the last, partial block are stored in full.
-_BLOCKWISE = {"int8": (256, 8), "int4": (128, 4)}
-_BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2}
-_SCALE_BYTES = 4
-
 PathLike = Union[str, Path]
 
 
 def state_bytes(precision: str | None, shape: Sequence[int], dtype: mx.Dtype = mx.float32) -> int:
-    """Bytes that both moments (``m`` and ``v``) of one tensor of ``shape`` occupy at ``precision``.
+    """Bytes that both moments (``m`` and ``v``) of one tensor of ``shape`` occupy at ``precision``:
+    the codecs' :meth:`~adamw_lm.codecs.Precision.nbytes`.
 
     ``None`` stores the moments in the parameter's ``dtype``; the others do not depend on it.
     ``min_quantize_size`` is not applied here: see :func:`stored_precision`.
     """
-    n = math.prod(shape)
     if precision is None:
-        return 2 * n * dtype.size
-    if precision in _BYTES_PER_ELEMENT:
-        return 2 * n * _BYTES_PER_ELEMENT[precision]
-    if precision in _BLOCKWISE:
-        block, bits = _BLOCKWISE[precision]
-        blocks = -(-n // block)
-        return 2 * (blocks * block * bits // 8 + blocks * _SCALE_BYTES)
+        return 2 * math.prod(shape) * dtype.size
+    if precision in PRECISIONS:
+        return PRECISIONS[precision].nbytes(tuple(shape))
     known = ", ".join(["None"] + [repr(p) for p in STATE_LADDER])
     raise ValueError(f"no state size is known for precision {precision!r}; known: {known}")
 

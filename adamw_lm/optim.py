@@ -472,7 +472,10 @@ class _Slices:
                 }  # fmt: skip
                 if previous:
                     part = {**part, "g": mx.depends(part["g"], previous)}
-                out = fn(part, *constants, mx.array(start, mx.uint32))
+                # The offset waits for the slice too: random bits that depend on the key alone
+                # would be drawn for every slice at once, ahead of the chain.
+                offset = mx.depends(mx.array(start, mx.uint32), part["g"])
+                out = fn(part, *constants, offset)
             previous[:] = [a for _, a in tree_flatten(out)]
             parts.append(out)
         if len(parts) == 1:

@@ -13,7 +13,7 @@ from helpers.trees import assert_trees_equal
 
 from adamw_lm import AdamW
 from adamw_lm.codecs import PRECISIONS, Precision
-from adamw_lm.codecs.blockwise import Blockwise, DynamicMap
+from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 from adamw_lm.codecs.int4 import INT4_M
 
 LOW = ["bf16", "int8", "int4"]
@@ -71,7 +71,7 @@ def test_plan_quantizes_big_tensors_only():
     opt = AdamW(1e-3, state_precision="int4")
     opt.init(params)
     assert opt.precision_plan == {"w1": "int4", "b1": "fp32", "w2": "fp32"}
-    assert set(opt.state["w1"]["m"]) == {"codes", "scales"}
+    assert set(opt.state["w1"]["m"]) == {"levels", "scales"}
 
 
 @pytest.mark.parametrize("precision", LOW)
@@ -82,7 +82,9 @@ def test_low_precision_tracks_fp32(precision):
     assert all(math.isfinite(v) for v in losses)
     ours, theirs = full_loss(params), full_loss(reference)
     assert ours < 0.2 * losses[0]  # it trains
-    assert abs(ours - theirs) <= {"bf16": 0.005, "int8": 0.01, "int4": 0.03}[precision] * theirs
+    # int4's unbiased rounding costs a little noise on this mini-batch problem (+3.5 % at seed 0,
+    # +2.3 to +4.9 % over seeds 0-2); tests/test_convergence.py holds what it buys.
+    assert abs(ours - theirs) <= {"bf16": 0.005, "int8": 0.01, "int4": 0.05}[precision] * theirs
 
 
 def expected_state_bytes(precision, params, min_quantize_size=4096) -> int:
@@ -90,8 +92,8 @@ def expected_state_bytes(precision, params, min_quantize_size=4096) -> int:
     if precision is None:
         return total + sum(2 * p.nbytes for _, p in tree_flatten(params))
     total += 4  # skipped_steps (uint32)
-    if precision == "bf16":
-        total += 8  # the random key (2 x uint32)
+    if precision != "fp32":
+        total += 8  # the random key (2 x uint32) of stochastic rounding
     for _, p in tree_flatten(params):
         if p.size < min_quantize_size or precision == "fp32":
             total += 2 * 4 * p.size
@@ -255,8 +257,12 @@ def test_int4_second_moment_has_no_zero_point(monkeypatch):
     """Li et al.'s zero-point problem: after one step of moderate gradients that then stop, their
     second moment is tiny next to the block's largest; on a map with a zero code (their B128/DE)
     it rounds to 0 while the first moment does not, and m / (sqrt(v) + eps) explodes. Without a
-    zero code the steps stay those of float32 AdamW (at most ~6.5 lr here)."""
-    with_zero = Blockwise(DynamicMap(bits=4, signed=False), 128)
+    zero code the steps stay near those of float32 AdamW (at most ~6.5 lr here): within a factor
+    2, the ratio of the square roots of int4's two lowest levels, between which stochastic
+    rounding may put a small v on either side. The map with a zero
+    here is int4's signed one, rounding to nearest (9e-4 of the block's largest is below half its
+    smallest level, 1/49)."""
+    with_zero = Blockwise(PowerMap(bits=4, signed=True), 128, stochastic=False)
     zero_point = Precision("int4 with zero", INT4_M, with_zero)
     monkeypatch.setitem(PRECISIONS, "int4 with zero", zero_point)
     steady = mx.zeros((64, 128)).at[:, 0].add(10.0)
@@ -272,5 +278,68 @@ def test_int4_second_moment_has_no_zero_point(monkeypatch):
             worst = max(worst, mx.abs(new["w"] - params["w"]).max().item())
             params = new
         largest[precision] = worst
-    assert largest["int4"] <= largest["fp32"] * 1.01
+    assert largest["int4"] <= largest["fp32"] * 2
     assert largest["int4 with zero"] > 1000 * largest["fp32"]
+
+
+class _OldLayout:
+    """A codec storing its codes under main's old leaf name ``codes`` (the dynamic-map layout of
+    before issue 11): same shapes and dtypes, another meaning."""
+
+    def __init__(self, codec: Blockwise):
+        self.codec, self.block, self.stochastic = codec, codec.block, codec.stochastic
+
+    def nbytes(self, shape):
+        return self.codec.nbytes(shape)
+
+    def zeros(self, shape):
+        return self._rename(self.codec.zeros(shape))
+
+    def encode(self, x, key, offset=0):
+        return self._rename(self.codec.encode(x, key, offset))
+
+    def decode(self, stored, shape):
+        return self.codec.decode({"levels": stored["codes"], "scales": stored["scales"]}, shape)
+
+    @staticmethod
+    def _rename(stored):
+        return {"codes": stored["levels"], "scales": stored["scales"]}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_old_layout_checkpoint_is_refused(tiny_model_path, tmp_path, monkeypatch, precision):
+    """A checkpoint whose int8/int4 moments were written by the old codecs must not be decoded on
+    the new levels: the loader sees another layout and refuses it, naming the leaves."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from adamw_lm import checkpoint
+    from adamw_lm.checkpoint import IncompatibleCheckpointError
+
+    def lora_model():
+        model, _ = load_model(tiny_model_path)
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        return model
+
+    def make():
+        return AdamW(1e-2, state_precision=precision, min_quantize_size=0)
+
+    new = PRECISIONS[precision]
+    old = Precision(precision, _OldLayout(new.m), _OldLayout(new.v))
+    model = lora_model()
+    tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(0))
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, t: nn.losses.cross_entropy(m(t[:, :-1]), t[:, 1:]).mean()
+    )
+    with monkeypatch.context() as patch:
+        patch.setitem(PRECISIONS, precision, old)
+        opt = make()
+        _, grads = loss_and_grad(model, tokens)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        config = {"fine_tune_type": "lora", "num_layers": 2, "model": str(tiny_model_path),
+                  "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}  # fmt: skip
+        path = checkpoint.save(tmp_path, 1, model, opt, {}, config)
+    with pytest.raises(IncompatibleCheckpointError, match=r"levels.*codes|codes.*levels"):
+        checkpoint.load(path, lora_model(), make())

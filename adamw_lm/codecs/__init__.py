@@ -1,9 +1,10 @@
 """How one optimizer moment is stored.
 
-A *codec* turns a float32 moment into its stored form and back. Each storage format lives in its own
-module of this package with pure ``zeros`` / ``encode`` / ``decode`` functions; a *precision* pairs the
-codec of the first moment (signed) with the codec of the second (non-negative). Adding a format is one
-new module plus one line in :data:`PRECISIONS`.
+A *codec* turns a float32 moment into its stored form and back. Each storage format lives in its
+own module of this package with pure ``zeros`` / ``encode`` / ``decode`` functions and ``nbytes``,
+the size of its stored form (from which :mod:`adamw_lm.memory` plans); a *precision* pairs the
+codec of the first moment (signed) with the codec of the second (non-negative). Adding a format is
+one new module plus one line in :data:`PRECISIONS`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class MomentCodec(Protocol):
     #: Elements per stored row: the optimizer updates a tensor in slices of whole blocks.
     block: int
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of the stored form of a moment of ``shape`` (what ``zeros(shape)`` holds)."""
+
     def zeros(self, shape: tuple[int, ...]) -> Stored:
         """The stored form of an all-zero moment of ``shape``."""
 
@@ -60,7 +64,12 @@ class Precision:
     def stochastic(self) -> bool:
         return self.m.stochastic or self.v.stochastic
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of both stored moments of a tensor of ``shape``."""
+        return self.m.nbytes(shape) + self.v.nbytes(shape)
 
+
+#: Every precision, from the most to the least precise (``"auto"`` lowers tensors in this order).
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", FP32, FP32),
     "bf16": Precision("bf16", BF16_M, BF16_V),

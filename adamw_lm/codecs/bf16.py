@@ -67,6 +67,9 @@ class _BF16:
     def __init__(self, half: int):
         self.half = half
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return 2 * math.prod(shape)
+
     def zeros(self, shape: tuple[int, ...]) -> mx.array:
         return mx.zeros(shape, dtype=mx.bfloat16)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 
 class _FP32:
     stochastic = False
     block = 1
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return 4 * math.prod(shape)
 
     def zeros(self, shape: tuple[int, ...]) -> mx.array:
         return mx.zeros(shape, dtype=mx.float32)
