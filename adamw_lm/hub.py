@@ -7,7 +7,7 @@ client. A Hub repo mirrors a run folder::
     checkpoints/latest             # the newest pushed checkpoint's name
     adapters.safetensors           # the newest adapters, in mlx-lm's format, so that
     adapter_config.json            #   mlx_lm.generate --adapter-path <snapshot> works
-    README.md                      # a model card (huggingface_hub.ModelCard)
+    README.md, loss.png            # the model card and its plot (adamw_lm.model_card)
 
 :class:`Pusher` uploads on one worker thread that only reads finished folders (no mlx calls).
 :func:`pull` downloads one step folder into the Hugging Face cache; it is then loaded like any
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
-import json
 import logging
 import math
 import random
@@ -32,13 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
-    ModelCard,
-    ModelCardData,
     get_token,
     hf_hub_download,
     snapshot_download,
@@ -68,18 +63,12 @@ from .checkpoint import (
     CHECKPOINTS_DIR,
     LATEST,
     MANIFEST,
-    OPTIMIZER,
     TRAINER_STATE,
     CheckpointError,
-    CorruptCheckpointError,
 )
 from .checkpoint.format import STEP_DIR, dir_name
-from .checkpoint.untrusted import (
-    MAX_JSON_BYTES,
-    MAX_LATEST_BYTES,
-    MAX_TRAINER_STATE_BYTES,
-    parse_json,
-)
+from .checkpoint.untrusted import MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_TRAINER_STATE_BYTES
+from .model_card import LOSS_PLOT, loss_plot, model_card, read_json
 
 log = logging.getLogger("adamw_lm.hub")
 
@@ -87,8 +76,6 @@ _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 _PLAIN_NAME = re.compile(r"[\w.-]+")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER = 900.0
-#: The loss plot next to the model card.
-LOSS_PLOT = "loss.png"
 _T = TypeVar("_T")
 
 
@@ -127,15 +114,6 @@ def parse_spec(text: str) -> HubSpec:
             f"(a branch, tag or commit sha)"
         )
     return HubSpec(repo_id, revision or None)
-
-
-def _read_json(path: Path, cap: int, label: str, nonfinite: bool = False) -> Any:
-    """Parse a small JSON file like the checkpoint loader does: size cap first, strict parser."""
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise CorruptCheckpointError(f"{label} is over the {cap}-byte limit for this file")
-    return parse_json(data, label, nonfinite=nonfinite)
 
 
 # -- errors and retries ----------------------------------------------------------------------
@@ -215,161 +193,6 @@ def _hub_error(error: BaseException, spec: HubSpec | str, endpoint: str) -> HubE
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-# -- the model card --------------------------------------------------------------------------
-
-
-def _is_local_path(value: str) -> bool:
-    return (value.startswith(("/", "~", ".", "\\")) or "\\" in value or ":" in value
-            or value.count("/") > 1 or Path(value).expanduser().exists())
-
-
-def _public(value: Any) -> Any:
-    """``value`` with every string that looks like a path of this machine replaced."""
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_public(v) for v in value]
-    if isinstance(value, str) and _is_local_path(value):
-        return "<local path>"
-    return value
-
-
-def _loss_rows(state: dict[str, Any], steps: list[int]) -> list[str]:
-    """Table rows: mean training loss since the previous row, validation loss at the step."""
-    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
-    train, previous = {}, 0
-    for step in sorted(steps):
-        window = losses[previous:step]
-        if window and all(isinstance(x, (int, float)) for x in window):
-            train[step] = float(sum(window) / len(window))
-        previous = step
-    val = _val_losses(state)
-    return [f"| {s} | {_fmt(train.get(s))} | {_fmt(val.get(s))} |" for s in sorted(steps)]
-
-
-def _optimizer_line(folder: Path) -> str:
-    """The optimizer, its moment precisions and its state size, from the safetensors header."""
-    from safetensors import safe_open
-
-    path = folder / OPTIMIZER
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-    plan = json.loads(metadata.get("precision_plan", "{}"))
-    counts = collections.Counter(str(p) if p else "param dtype" for p in plan.values())
-    return (f"- Optimizer: `{metadata.get('optimizer', '?')}`, moments in "
-            + ", ".join(f"{p} x {n} parameters" for p, n in sorted(counts.items()))
-            + f"; optimizer state {_size(path.stat().st_size)}")
-
-
-def _size(n: float) -> str:
-    units, k = ("bytes", "KiB", "MiB", "GiB"), 0
-    while n >= 1024 and k < len(units) - 1:
-        n, k = n / 1024, k + 1
-    return f"{n} bytes" if k == 0 else f"{n:.1f} {units[k]}"
-
-
-def _trainer_state(folder: Path) -> dict[str, Any]:
-    state = _read_json(folder / TRAINER_STATE, MAX_TRAINER_STATE_BYTES, str(folder / TRAINER_STATE),
-                       nonfinite=True)
-    return state if isinstance(state, dict) else {}
-
-
-def loss_plot(folder: Path) -> bytes | None:
-    """A PNG of the training and validation losses in ``folder``'s trainer state; ``None`` when
-    it has no losses or matplotlib (the ``plot`` extra) is not installed."""
-    state = _trainer_state(folder)
-    losses = state.get("losses") if isinstance(state.get("losses"), list) else []
-    points = [(i + 1, float(x)) for i, x in enumerate(losses)
-              if isinstance(x, (int, float)) and math.isfinite(x)]
-    if not points:
-        return None
-    try:
-        from matplotlib.figure import Figure  # no pyplot: this runs on the push thread
-    except ImportError:
-        return None
-    figure = Figure(figsize=(6, 3.5))
-    axes = figure.add_subplot()
-    axes.plot(*zip(*points, strict=True), lw=0.8, label="train")
-    val = _val_losses(state)
-    if val:
-        axes.plot(*zip(*sorted(val.items()), strict=True), "o-", label="validation")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def _val_losses(state: dict[str, Any]) -> dict[int, float]:
-    pairs = state.get("val_losses") if isinstance(state.get("val_losses"), list) else []
-    return {p[0]: float(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2
-            and isinstance(p[0], int) and isinstance(p[1], (int, float))}
-
-
-def model_card(folder: Path, repo_id: str, steps: list[int], branch: str = "main",
-               plot: str | None = None) -> ModelCard:
-    """The card of a run whose newest checkpoint is ``folder``; the Hub copy holds ``steps``;
-    ``plot`` names a loss plot image next to the card."""
-    state = _trainer_state(folder)
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    adapter = _read_json(folder / ADAPTER_CONFIG, MAX_JSON_BYTES, str(folder / ADAPTER_CONFIG))
-    fine_tune = str(adapter.get("fine_tune_type", "lora")) if isinstance(adapter, dict) else "lora"
-    model = config.get("model")
-    base_model = model if isinstance(model, str) and not _is_local_path(model) else None
-    name = repo_id.split("/")[1]
-    revision = "" if branch == "main" else f"@{branch}"
-    data = ModelCardData(library_name="mlx", base_model=base_model,
-                         tags=["mlx", "adamw-lm", fine_tune])
-    recipe = yaml.safe_dump(_public(config), sort_keys=False).strip() if config else "(none)"
-    body = f"""
-# {name}
-
-A {fine_tune} fine-tuning run of {f"`{base_model}`" if base_model else "a local base model"} with
-adamw_lm on MLX. Each `checkpoints/step-NNNNNNN` folder holds the adapters, the optimizer state
-and the trainer state with a sha256 manifest, so that the run can be continued exactly; the
-top-level adapters are the newest checkpoint's, in mlx-lm's format.
-
-- Checkpoints here: {", ".join(str(s) for s in sorted(steps))}
-{_optimizer_line(folder) if (folder / OPTIMIZER).is_file() else ""}
-
-## Use the adapters
-
-```bash
-hf download {repo_id} adapters.safetensors adapter_config.json --local-dir {name}
-mlx_lm.generate --model {base_model or "BASE_MODEL"} --adapter-path {name} --prompt "..."
-```
-
-## Continue the run
-
-```bash
-adamw-lm resume hub:{repo_id}{revision}
-```
-
-Add `--step N` for an older checkpoint, and `--model PATH` / `--data PATH` where the base model
-or the data were local folders on the first machine.
-
-## Losses
-
-{f"![training and validation loss]({plot})" + chr(10) if plot else ""}
-| step | train loss | val loss |
-|---:|---:|---:|
-{chr(10).join(_loss_rows(state, steps))}
-
-## Recipe
-
-```yaml
-{recipe}
-```
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
 
 
 # -- pushing ---------------------------------------------------------------------------------
@@ -696,7 +519,7 @@ def _quiet_client():
 def _folder_additions(folder: Path, prefix: str) -> list[CommitOperationAdd]:
     """Every file of a checkpoint folder; sha256s come from its manifest, so nothing is hashed
     twice (the Hub checks them against the bytes it receives)."""
-    manifest = _read_json(folder / MANIFEST, MAX_JSON_BYTES, str(folder / MANIFEST))
+    manifest = read_json(folder / MANIFEST, MAX_JSON_BYTES, str(folder / MANIFEST))
     listed = manifest.get("files", {}) if isinstance(manifest, dict) else {}
     ops = []
     for entry in sorted(folder.iterdir()):
@@ -813,7 +636,7 @@ def pull(
     if manifest_file is None:
         raise HubError(f"Hub repo {remote.where}: {prefix} has no {MANIFEST} (of at most "
                        f"{MAX_JSON_BYTES} bytes): not a complete checkpoint")
-    manifest = _read_json(manifest_file, MAX_JSON_BYTES, f"{prefix}/{MANIFEST} on {remote.where}")
+    manifest = read_json(manifest_file, MAX_JSON_BYTES, f"{prefix}/{MANIFEST} on {remote.where}")
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     # Plain names only: they become download patterns, where * ? [ would match other files.
     if not isinstance(listed, dict) or not all(
@@ -869,7 +692,7 @@ def list_remote(
 
 def _get(path: Path, cap: int, key: str) -> Any:
     try:
-        data = _read_json(path, cap, str(path), nonfinite=True)
+        data = read_json(path, cap, str(path), nonfinite=True)
     except CheckpointError:
         return None
     return data.get(key) if isinstance(data, dict) else None
@@ -886,12 +709,9 @@ __all__ = [
     "HubError",
     "HubNotFoundError",
     "HubSpec",
-    "LOSS_PLOT",
     "Pusher",
     "RemoteCheckpoint",
     "list_remote",
-    "loss_plot",
-    "model_card",
     "parse_spec",
     "pull",
 ]

@@ -20,16 +20,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model
 
 from adamw_lm import AdamW, checkpoint
-from adamw_lm.hub import (
-    HubAuthError,
-    HubError,
-    HubNotFoundError,
-    Pusher,
-    list_remote,
-    loss_plot,
-    model_card,
-    pull,
-)
+from adamw_lm.hub import HubAuthError, HubError, HubNotFoundError, Pusher, list_remote, pull
+from adamw_lm.model_card import loss_plot, model_card
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 STEPS = (10, 20, 30, 40)
