@@ -208,8 +208,7 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
 def _exit_code(result: Any) -> int:
     if result.stop_signal is not None:
         return 128 + result.stop_signal  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
-    print(f"Done: iteration {result.iteration}; checkpoint {result.checkpoint}; "
-          f"adapters in {result.run_dir}")
+    print(result.summary())
     return 0
 
 

@@ -181,8 +181,9 @@ class AdamW(optim.AdamW):
 
     # -- which precision each parameter gets -------------------------------------------------------
 
-    def _override_pattern(self, path: str) -> str | None:
-        """The first ``precision_overrides`` pattern found in ``path``, if any."""
+    def override_pattern(self, path: str) -> str | None:
+        """The first ``precision_overrides`` pattern found in ``path`` (the one that decides its
+        precision), if any."""
         for pattern in self.settings.precision_overrides:
             try:
                 if regex.search(pattern, path, timeout=PATTERN_TIMEOUT_S):
@@ -200,7 +201,7 @@ class AdamW(optim.AdamW):
         Under ``"auto"`` a parameter no override names is decided with the whole tree, by
         :meth:`plan` (or :meth:`init`); before that this raises ``ValueError``.
         """
-        pattern = self._override_pattern(path)
+        pattern = self.override_pattern(path)
         if pattern is not None:
             precision = self.settings.precision_overrides[pattern]
         elif self.settings.state_precision == "auto":
@@ -226,7 +227,7 @@ class AdamW(optim.AdamW):
         pins = {
             path: self.precision_for(path, p)
             for path, p in flat
-            if self._override_pattern(path) is not None
+            if self.override_pattern(path) is not None
         }
         # Moments get the budget minus the state's scalars (step, learning rate, and the
         # skipped-step count and random key that init adds).

@@ -171,14 +171,19 @@ def header(config: Any, model: nn.Module, optimizer: Any) -> list[str]:
 def unused_precision_warnings(config: Any, model: nn.Module, optimizer: Any) -> list[str]:
     """A warning for each requested low precision that no trainable tensor ended up with."""
     got = set(optimizer.precision_plan.values())
-    requested = {config.optimizer.state_precision, *config.optimizer.overrides.values()}
+    o = config.optimizer
     warnings = []
-    for precision in sorted(p for p in requested if p not in (None, "fp32", "auto") and p not in got):
+    if o.state_precision not in (None, "fp32", "auto") and o.state_precision not in got:
         warnings.append(
-            f"warning: state precision {precision} applies to no tensor: every trainable tensor it "
-            f"would cover has fewer than optimizer.min_quantize_size={config.optimizer.min_quantize_size} "
-            f"elements and keeps fp32 moments (lower min_quantize_size to quantize them)"
+            f"warning: state precision {o.state_precision} applies to no tensor: every trainable tensor "
+            f"it would cover has fewer than optimizer.min_quantize_size={o.min_quantize_size} elements "
+            f"or is named by an override, and keeps other moments (lower min_quantize_size to quantize them)"
         )
+    deciding = {optimizer.override_pattern(path) for path in optimizer.precision_plan}
+    for pattern, precision in o.overrides.items():
+        if pattern not in deciding:
+            warnings.append(f"warning: optimizer.overrides pattern {pattern!r} ({precision}) decides no "
+                            "trainable tensor's precision (it matches none, or an earlier pattern does)")
     return warnings
 
 

@@ -17,6 +17,7 @@ from typing import Callable, IO
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def _umask() -> int:
@@ -41,6 +42,9 @@ def replace_file(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            # Renamed only once on disk: after a power loss the name holds the old or the new file.
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -67,20 +71,27 @@ def replace_text(path: Path, text: str) -> None:
 
 
 def open_append(path: Path) -> IO[str]:
-    """Open ``path`` for appending, created if missing; a link there is refused (``OSError``)."""
+    """Open ``path`` for appending, created if missing; a link or anything but a regular file
+    there is refused (``OSError``)."""
+    # O_NONBLOCK: opening a FIFO for writing would otherwise wait for a reader forever.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC | _NONBLOCK
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
         if path.is_symlink():
             raise OSError(f"{path} is a link; refusing to write through it (remove it)") from None
-        raise
+        raise OSError(f"{path}: cannot open for appending: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file; refusing to write to it (remove it)")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def read_text_nofollow(path: Path, limit: int) -> str:
     """A run folder's own text file, not through a link, at most ``limit`` bytes ('' if missing)."""
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
     except FileNotFoundError:
         return ""
     except OSError:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +39,7 @@ from .optim import AdamW
 from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
 from .reports import header as reports_header
 from .reports import unused_precision_warnings
-from .runfiles import read_text_nofollow, replace_file, replace_via_path
+from .runfiles import replace_file, replace_via_path
 from .runlock import LOCK_FILE, RunLock
 
 
@@ -62,9 +62,10 @@ class RunResult:
         """One line for the end of a command: what was done and where the results are."""
         if self.interrupted:
             return f"Stopped at iteration {self.iteration}; resume with: adamw-lm resume {self.run_dir}"
-        if self.checkpoint is None:  # test-only mode: nothing was trained or saved
+        if self.checkpoint is None and self.test_loss is not None:  # test-only mode: nothing trained
             return f"Test loss {self.test_loss:.3f} of the adapters in {self.run_dir}"
-        return f"Done: iteration {self.iteration}; checkpoint {self.checkpoint}; adapters in {self.run_dir}"
+        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint is not None else ""
+        return f"Done: iteration {self.iteration}{saved}; adapters in {self.run_dir}"
 
 
 # -- set-up of a run ----------------------------------------------------------------------------
@@ -143,10 +144,14 @@ class Setup:
         return self.config.run_dir
 
 
-def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_precision: bool = False,
+Checkpoint = Union[Path, "checkpoint.VerifiedCheckpoint"]
+
+
+def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, convert_precision: bool = False,
           callback: Optional[TrainingCallback] = None) -> Setup:
     """Load the model and data, open the trainable layers, build the optimizer and restore a
-    checkpoint, in ``mlx_lm lora``'s order; touches nothing in the run folder."""
+    checkpoint (a folder, or one already verified and open), in ``mlx_lm lora``'s order; touches
+    nothing in the run folder."""
     model, tokenizer = load_model(config)
     train_set, valid_set, test_set = load_data(config, tokenizer)
     # Where mlx_lm lora seeds (after loading, before the LoRA layers draw their initial values):
@@ -154,7 +159,14 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     mx.random.seed(config.seed)
     setup_trainable(model, config)
     optimizer = build_optimizer(config)
+    try:
+        # Decided now, so that an impossible budget or an override pattern that times out is a
+        # config error before any checkpoint is read.
+        optimizer.plan(model.trainable_parameters())
+    except ValueError as e:
+        raise ConfigError(f"config section 'optimizer': {e}") from None
     state = {k: (list(v) if isinstance(v, list) else v) for k, v in _FRESH_STATE.items()}
+    where = getattr(resume_from, "path", resume_from)
     if resume_from is not None:
         saved = checkpoint.load(resume_from, model, optimizer, convert_precision=convert_precision)
         state.update({k: saved[k] for k in state if k in saved})
@@ -168,14 +180,14 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     batches = BatchStream(train_set, config, state["epoch"], state["offset"])
     if state["epoch"] * batches.batches_per_epoch + state["offset"] != state["iteration"]:
         raise ConfigError(
-            f"{resume_from}: saved data position (epoch {state['epoch']}, batch {state['offset']}) is not "
+            f"{where}: saved data position (epoch {state['epoch']}, batch {state['offset']}) is not "
             f"iteration {state['iteration']} with {batches.batches_per_epoch} batches per epoch "
             "(was the training set changed?)"
         )
     window = state["iteration"] - state["report_start"]  # losses since the last report, to average
     if not 0 <= window <= min(state["iteration"], len(state["losses"])):
         raise checkpoint.CorruptCheckpointError(
-            f"{resume_from}: report window start {state['report_start']} does not fit iteration "
+            f"{where}: report window start {state['report_start']} does not fit iteration "
             f"{state['iteration']} and {len(state['losses'])} logged losses")
     metrics = MetricsLog(config.run_dir)
     reports = Fanout([metrics, _reporting_callback(config), callback])
@@ -340,7 +352,7 @@ def _check_run_dir(config: TrainConfig) -> None:
                           "(the run folder holds checkpoints, metrics and adapters)")
 
 
-def _replaces_old_run(config: TrainConfig, resume_from: Optional[Path], overwrite: bool) -> bool:
+def _replaces_old_run(config: TrainConfig, resume_from: Optional[Checkpoint], overwrite: bool) -> bool:
     """Whether a new run is about to replace the checkpoints of an old one (refused without
     ``overwrite``)."""
     run_dir = config.run_dir
@@ -356,7 +368,7 @@ def _replaces_old_run(config: TrainConfig, resume_from: Optional[Path], overwrit
 def run(
     config: TrainConfig,
     *,
-    resume_from: Optional[Path] = None,
+    resume_from: Optional[Checkpoint] = None,
     convert_precision: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -393,10 +405,13 @@ def run(
                     (run_dir / LOCK_FILE).unlink()
                     run_dir.rmdir()
             raise
-        if replace_old_run:  # only now that model, data and optimizer have all been set up
+        # Only now that model, data and optimizer have all been set up: a new run's log starts
+        # empty (an old run that crashed before its first checkpoint leaves one behind).
+        if replace_old_run:
             shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+        if resume_from is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        elif resume_from is not None:
+        else:
             truncate_metrics(run_dir, s.state["iteration"])
         for line in s.header:
             print(line, flush=True)
@@ -451,44 +466,25 @@ _NEEDS_CONSENT = {
     "hf_dataset": "--hf-dataset",
 }
 
-_MAX_TRAINER_STATE_BYTES = 64 << 20
+def _pick_checkpoint(run_dir: Path, step: Optional[int]) -> "checkpoint.VerifiedCheckpoint":
+    """The checkpoint to resume from, verified and held open (its files are read once)."""
+    if step is not None:
+        return checkpoint.open_step(run_dir, step)
+    found = checkpoint.open_latest(run_dir)
+    if found is None:
+        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    return found
 
 
-def _pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
-    if step is None:
-        found = checkpoint.latest_checkpoint(run_dir)
-        if found is None:
-            raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-        return found
-    folder = run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:07d}"
-    if not folder.is_dir():
-        steps = sorted(int(p.name[5:]) for p in (run_dir / checkpoint.CHECKPOINTS_DIR).glob("step-*")
-                       if p.name[5:].isdigit()) if (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir() else []
-        raise checkpoint.NoCheckpointError(
-            f"{run_dir}: no checkpoint at step {step} (checkpoints: {', '.join(map(str, steps)) or 'none'})"
-        )
-    checkpoint.verify(folder)
-    return folder
-
-
-def _saved_state(found: Path) -> dict[str, Any]:
-    text = read_text_nofollow(found / checkpoint.TRAINER_STATE, _MAX_TRAINER_STATE_BYTES + 1)
-    if len(text) > _MAX_TRAINER_STATE_BYTES:
-        raise checkpoint.CorruptCheckpointError(f"{found / checkpoint.TRAINER_STATE}: larger than "
-                                                f"{_MAX_TRAINER_STATE_BYTES} bytes")
-    try:
-        saved = json.loads(text)
-    except (ValueError, RecursionError):
-        raise checkpoint.CorruptCheckpointError(f"{found / checkpoint.TRAINER_STATE} is not valid JSON") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("iteration"), int):
-        raise checkpoint.CorruptCheckpointError(
-            f"{found / checkpoint.TRAINER_STATE}: expected an object with an integer 'iteration'")
-    if not isinstance(saved.get("config"), dict):
+def _saved_config(found: "checkpoint.VerifiedCheckpoint") -> dict[str, Any]:
+    """The run config in a verified checkpoint's trainer state (a copy the caller may change)."""
+    config = found.trainer_state.get("config")
+    if not isinstance(config, dict):
         raise ConfigError(
-            f"{found} holds no run config (it was written by CheckpointCallback inside mlx-lm's own "
-            "trainer): restore it with adamw_lm.checkpoint.load before calling that trainer again"
+            f"{found.path} holds no run config (it was written by CheckpointCallback inside mlx-lm's "
+            "own trainer): restore it with adamw_lm.checkpoint.load before calling that trainer again"
         )
-    return saved
+    return json.loads(json.dumps(config))
 
 
 def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
@@ -529,9 +525,14 @@ def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision
 
 def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
                    progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
-    found = _pick_checkpoint(run_dir, step)
-    saved = _saved_state(found)
-    data = saved["config"]
+    with _pick_checkpoint(run_dir, step) as found:
+        return _resume_from(run_dir, found, convert_precision, overrides, progress, callback)
+
+
+def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_precision: bool,
+                 overrides: dict[str, Any], progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
+    saved = found.trainer_state
+    data = _saved_config(found)
     for key, value in overrides.items():
         if not key.startswith(RESUMABLE_OVERRIDES) or key == "checkpoint.dir":
             raise ConfigError(
@@ -542,7 +543,7 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
     for key, value in overrides.items():
         if key != "hf_dataset":
             set_dotted(data, key, value)
-    data["checkpoint"] = {**(data.get("checkpoint") or {}), "dir": str(run_dir)}
+    set_dotted(data, "checkpoint.dir", str(run_dir))
     config = from_dict(data)
     if ignored:
         print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
@@ -550,14 +551,20 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
     iteration = saved["iteration"]
     if config.iters < iteration:
         raise ConfigError(f"--iters {config.iters} is lower than the checkpoint's iteration {iteration} "
-                          f"({found}): a run cannot go back; resume with --step N to restart from an earlier one")
+                          f"({found.path}): a run cannot go back; resume with --step N to restart from an earlier one")
     if config.iters == iteration:
         print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
               f"Train longer with --iters N.", file=sys.stderr)
-        return RunResult(run_dir, iteration, found, None, list(saved.get("losses") or []))
-    later = [p.name for p in (run_dir / checkpoint.CHECKPOINTS_DIR).glob("step-*")
-             if p.name[5:].isdigit() and int(p.name[5:]) > iteration]
-    print(f"Resuming {run_dir} from iteration {iteration} ({found.name})"
+        return RunResult(run_dir, iteration, found.path, None, list(saved.get("losses") or []))
+    if iteration % config.grad_accumulation_steps:
+        raise ConfigError(
+            f"{found.path}: iteration {iteration} ends inside a gradient accumulation of "
+            f"{config.grad_accumulation_steps} steps (the run ended there and its partial gradient "
+            "was not applied, as in mlx_lm lora): going on from it would not be the same run; resume "
+            "with --step N from a checkpoint on an optimizer update"
+        )
+    later = [f"step-{n:07d}" for n in checkpoint.steps(run_dir) if n > iteration]
+    print(f"Resuming {run_dir} from iteration {iteration} ({found.path.name})"
           + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
              "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
@@ -569,29 +576,34 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
 
     Compares every adapter and optimizer tensor with ``mx.array_equal`` and every logged loss exactly.
     """
-    found = [checkpoint.latest_checkpoint(Path(r)) for r in (run_a, run_b)]
-    for run_dir, ckpt in zip((run_a, run_b), found):
-        if ckpt is None:
-            raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint")
-    counts = []
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        a, b = (mx.load(str(c / name)) for c in found)
-        if a.keys() != b.keys():
-            raise AssertionError(f"{name}: different keys: {sorted(a.keys() ^ b.keys())[:5]}")
-        for key in sorted(a):
-            if a[key].dtype != b[key].dtype or not mx.array_equal(a[key], b[key]).item():
-                raise AssertionError(f"{name}: tensor {key} differs between {found[0]} and {found[1]}")
-        counts.append(len(a))
-    states = [json.loads((c / "trainer_state.json").read_text()) for c in found]
-    if states[0]["iteration"] != states[1]["iteration"]:
-        raise AssertionError(f"iterations differ: {states[0]['iteration']} vs {states[1]['iteration']}")
-    if states[0]["losses"] != states[1]["losses"]:
-        first = next(i for i, (x, y) in enumerate(zip(*(s["losses"] for s in states))) if x != y)
+    with contextlib.ExitStack() as stack:
+        found = []
+        for run_dir in (run_a, run_b):
+            opened = checkpoint.open_latest(Path(run_dir))
+            if opened is None:
+                raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint")
+            found.append(stack.enter_context(opened))
+        counts = []
+        for name in (checkpoint.ADAPTERS, checkpoint.OPTIMIZER):
+            a, b = (c.arrays(name) for c in found)
+            if a.keys() != b.keys():
+                raise AssertionError(f"{name}: different keys: {sorted(a.keys() ^ b.keys())[:5]}")
+            for key in sorted(a):
+                if a[key].dtype != b[key].dtype or not mx.array_equal(a[key], b[key]).item():
+                    raise AssertionError(f"{name}: tensor {key} differs between {found[0].path} and {found[1].path}")
+            counts.append(len(a))
+        states = [c.trainer_state for c in found]
+    iterations = [s.get("iteration") for s in states]
+    if iterations[0] != iterations[1]:
+        raise AssertionError(f"iterations differ: {iterations[0]} vs {iterations[1]}")
+    losses = [s.get("losses", []) for s in states]
+    if losses[0] != losses[1]:
+        first = next((i for i, (x, y) in enumerate(zip(*losses)) if x != y), min(map(len, losses)))
         raise AssertionError(f"loss at iteration {first + 1} differs")
     return (
-        f"MATCH: {run_a} and {run_b} agree bit for bit at iteration {states[0]['iteration']}: "
+        f"MATCH: {run_a} and {run_b} agree bit for bit at iteration {iterations[0]}: "
         f"{counts[0]} adapter tensors, {counts[1]} optimizer tensors, "
-        f"{len(states[0]['losses'])} per-iteration losses."
+        f"{len(losses[0])} per-iteration losses."
     )
 
 

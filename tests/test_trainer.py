@@ -130,17 +130,41 @@ def test_links_at_the_names_the_trainer_writes_are_replaced_not_followed(tmp_pat
     assert sorted(p.name for p in outside.iterdir()) == ["sentinel"]
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", ".lock"])
-def test_a_link_at_the_metrics_log_or_lock_is_refused(name, tmp_path, tiny_model_path, data_dir):
+def test_a_link_at_the_lock_is_refused_and_one_at_the_metrics_log_replaced(tmp_path, tiny_model_path, data_dir):
     sentinel = tmp_path / "sentinel"
     sentinel.write_text("precious\n")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / name).symlink_to(sentinel)
-    done = cli("train", str(write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, run_dir))),
-               "--no-progress")
-    assert_one_line_error(done, name)
-    assert sentinel.read_text() == "precious\n"
+    (run_dir / ".lock").symlink_to(sentinel)
+    config = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, run_dir, iters=2))
+    assert_one_line_error(cli("train", str(config), "--no-progress"), ".lock")
+    (run_dir / ".lock").unlink()
+    # A new run starts its own log: a link planted at its name goes, its target stays as it was.
+    (run_dir / "metrics.jsonl").symlink_to(sentinel)
+    done = cli("train", str(config), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert not (run_dir / "metrics.jsonl").is_symlink() and sentinel.read_text() == "precious\n"
+
+
+def test_appending_to_a_fifo_is_refused_at_once(tmp_path):
+    from adamw_lm.runfiles import open_append
+
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    tic = time.perf_counter()
+    with pytest.raises(OSError, match="metrics.jsonl"):  # no reader: ENXIO at once, or not a regular file
+        open_append(fifo)
+    assert time.perf_counter() - tic < 5
+
+
+def test_a_new_run_starts_its_own_metrics_log(tmp_path, tiny_model_path, data_dir):
+    """An old run that died before its first checkpoint leaves a log behind: it is not appended to."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 99, "train_loss": 1.0}\n')
+    trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, iters=2)), progress=False)
+    iterations = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 99 not in iterations and max(iterations) == 2
 
 
 def test_resume_refuses_a_metrics_log_that_is_a_link(tmp_path, tiny_model_path, data_dir):
@@ -387,6 +411,31 @@ def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
         trainer.resume(run_dir, step=5, progress=False)
 
 
+def test_resume_inside_a_gradient_accumulation_is_refused(tmp_path, tiny_model_path, data_dir):
+    """A run that ended mid-accumulation dropped its partial gradient (as mlx_lm lora does): going on
+    from there would not be the uninterrupted run, so it is refused with the way out."""
+    run_dir = tmp_path / "run"
+    trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, iters=3, grad_accumulation_steps=2)),
+                progress=False)
+    assert_one_line_error(cli("resume", str(run_dir), "--iters", "6"), "iteration 3",
+                          "gradient accumulation of 2 steps", "--step N")
+
+
+def test_an_impossible_memory_budget_is_one_line(tmp_path, tiny_model_path, data_dir):
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run"))
+    done = cli("train", str(cfg), "--optimizer.state_precision", "auto", "--optimizer.memory_budget", "100")
+    assert_one_line_error(done, "config section 'optimizer'", "memory_budget=100")
+
+
+def test_an_override_that_decides_nothing_is_warned_about(tmp_path, tiny_model_path, data_dir):
+    cfg = base(tiny_model_path, data_dir, tmp_path / "run", iters=1,
+               optimizer={"overrides": {"no_such_tensor": "int8", "lora_a": "bf16"}})
+    done = cli("train", str(write_yaml(tmp_path / "c.yaml", cfg)), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "pattern 'no_such_tensor' (int8) decides no trainable tensor's precision" in done.stdout
+    assert "'lora_a'" not in done.stdout
+
+
 def test_resume_of_a_finished_run_and_iters_below_the_step(tmp_path, tiny_model_path, data_dir):
     run_dir = tmp_path / "run"
     trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
@@ -454,6 +503,11 @@ def test_test_only_mode_matches_mlx_lm_lora(tmp_path, tiny_model_path, data_dir)
     result = trainer.run(dataclasses.replace(config, train=False, test=True, test_batches=3), progress=False)
     assert result.test_loss is not None and result.checkpoint is None
     assert result.summary() == f"Test loss {result.test_loss:.3f} of the adapters in {run_dir}"
+    test_only = write_yaml(tmp_path / "t.yaml", base(tiny_model_path, data_dir, run_dir, train=False, test=True,
+                                                     test_batches=3))
+    done = cli("train", str(test_only), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert result.summary() in done.stdout and "checkpoint None" not in done.stdout
     reference = subprocess.run(
         [sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_model_path), "--data", str(data_dir),
          "--test", "--adapter-path", str(run_dir), "--batch-size", "4", "--test-batches", "3",

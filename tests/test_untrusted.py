@@ -334,6 +334,22 @@ def test_step_folder_linked_out_of_the_run_is_never_used(run, caplog):
                                                               "step-0000009"]
 
 
+def test_resume_step_never_uses_a_step_folder_linked_out_of_the_run(run):
+    """``resume --step N`` takes the step folder through the same rules as the latest one."""
+    from adamw_lm import trainer
+
+    outside = sentinel_of(run) / "step-0000009"
+    shutil.copytree(step_dir(run), outside)
+    rewrite_json(outside, "trainer_state.json", lambda s: s.update(iteration=9))
+    rewrite_manifest(outside, step=9)
+    (run / "checkpoints" / "step-0000009").symlink_to(outside)
+    freeze(run)
+    with within(20), pytest.raises(checkpoint.NoCheckpointError) as e:
+        trainer.resume(run, step=9, progress=False)
+    assert "no checkpoint at step 9 (checkpoints: 2)" in str(e.value)
+    assert checkpoint.steps(run) == [STEP]
+
+
 def lora_model_from(run_dir: Path) -> nn.Module:
     config = json.loads((step_dir(run_dir) / "trainer_state.json").read_text())["config"]
     return lora_model(Path(config["model"]))
@@ -453,6 +469,11 @@ def test_huge_trainer_state_is_refused_before_it_is_read(run):
         (lambda s: s.update(losses=[1.0] * 3), "losses must be a list of at most 2 numbers"),
         (lambda s: s.update(val_losses=[[1, "x"]]), "val_losses must be a list of [iteration"),
         (lambda s: s.update(config=[]), "config must be a JSON object"),
+        (lambda s: s["config"].update(checkpoint=[1]), "config.checkpoint must be a JSON object"),
+        (lambda s: s["config"].update(optimizer="x"), "config.optimizer must be a JSON object"),
+        (lambda s: s.update(report_start="x"), "report_start must be an int from 0 to the step 2"),
+        (lambda s: s.update(report_start=3), "report_start must be an int from 0 to the step 2"),
+        (lambda s: s.update(trained_tokens=2.5), "trained_tokens must be an int from 0 to"),
         (lambda s: s.update(versions={"mlx": "\x1b[2J"}), "versions must map package names"),
         (lambda s: s.clear() or s.update(x=[1]), None),  # only the fields it has are checked
     ],

@@ -59,7 +59,9 @@ from .reading import (
     load_adapters_only,
     load_latest,
     open_latest,
+    open_step,
     open_verified,
+    steps,
     verify,
 )
 from .writing import save
@@ -87,7 +89,9 @@ __all__ = [
     "load_adapters_only",
     "load_latest",
     "open_latest",
+    "open_step",
     "open_verified",
     "save",
+    "steps",
     "verify",
 ]

@@ -183,9 +183,11 @@ def check_trainer_state(path: Path, state: Any, step: int) -> dict[str, Any]:
             raise fail(f"iteration must be an int from 0 to {MAX_COUNT}")
         if state["iteration"] != step:
             raise fail(f"iteration {state['iteration']} is not the checkpoint's step {step}")
-    for key in ("epoch", "offset"):
+    for key in ("epoch", "offset", "trained_tokens"):
         if key in state and not _is_int(state[key]):
             raise fail(f"{key} must be an int from 0 to {MAX_COUNT}")
+    if "report_start" in state and not _is_int(state["report_start"], 0, step):
+        raise fail(f"report_start must be an int from 0 to the step {step}")
     if "seed" in state and not _is_int(state["seed"], 0, 2**64 - 1):
         raise fail("seed must be an int from 0 to 2**64 - 1")
     if "losses" in state and not (
@@ -207,6 +209,10 @@ def check_trainer_state(path: Path, state: Any, step: int) -> dict[str, Any]:
             raise fail(f"{key} must be a list of [iteration <= {step}, loss] pairs")
     if "config" in state and not isinstance(state["config"], dict):
         raise fail("config must be a JSON object")
+    for section in ("checkpoint", "optimizer", "lora_parameters"):
+        value = state.get("config", {}).get(section)
+        if value is not None and not isinstance(value, dict):
+            raise fail(f"config.{section} must be a JSON object")
     versions = state.get("versions", {})
     if not isinstance(versions, dict) or not all(
         isinstance(v, str) and _LABEL.fullmatch(k) and _LABEL.fullmatch(v)

@@ -390,6 +390,32 @@ def open_latest(run_dir: str | os.PathLike) -> VerifiedCheckpoint | None:
     return None
 
 
+def steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of ``run_dir``'s checkpoint folders, newest first (unverified; links left out)."""
+    root = _checkpoints_root(Path(run_dir))
+    return [] if root is None else [step for step, _ in step_dirs(root)]
+
+
+def open_step(run_dir: str | os.PathLike, step: int) -> VerifiedCheckpoint:
+    """:func:`open_verified` the checkpoint of ``step`` in ``run_dir``; a step folder (or
+    ``checkpoints``) that is a link is refused, as by :func:`open_latest`.
+
+    Raises:
+        NoCheckpointError: ``run_dir`` has no checkpoint folder of that step (the steps it has are
+            listed).
+        CorruptCheckpointError, IncompatibleCheckpointError: see :func:`verify`.
+    """
+    run_dir = Path(run_dir)
+    root = _checkpoints_root(run_dir)
+    found = dict(step_dirs(root)) if root is not None else {}
+    if step not in found:
+        raise NoCheckpointError(
+            f"{run_dir}: no checkpoint at step {step} (checkpoints: "
+            f"{', '.join(map(str, sorted(found))) or 'none'})"
+        )
+    return open_verified(found[step])
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run, verified; ``None`` if there is none.
 

@@ -163,7 +163,9 @@ class OpenFile:
         header = parse_json(raw.read(length), f"{self.label} (safetensors header)")
         if not isinstance(header, dict):
             raise CorruptCheckpointError(f"{self.label}: the safetensors header is not an object")
-        metadata = header.pop("__metadata__", None) or {}  # mlx writes null when there is none
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:  # mlx writes null when there is none
+            metadata = {}
         if not isinstance(metadata, dict) or not all(
             isinstance(v, str) for v in metadata.values()
         ):
