@@ -225,7 +225,7 @@ def main() -> None:
             f"| {above / largest:.2f} |"
         )
     if args.breakdown:
-        print(f"\n| operation, on every tensor of the tree | ms |\n|---|---:|")
+        print("\n| operation, on every tensor of the tree | ms |\n|---|---:|")
         for name, seconds in breakdown(weights, args.steps):
             print(f"| {name} | {seconds * 1e3:.0f} |")
 

@@ -21,7 +21,6 @@ import mlx.optimizers as optim
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, save_config
 
 from adamw_lm import AdamW, checkpoint
@@ -33,10 +32,9 @@ from adamw_lm.checkpoint import (
 )
 from adamw_lm.codecs import PRECISIONS
 from helpers.trees import assert_trees_equal
-from helpers.training import lm_steps
+from helpers.training import LORA, lm_steps, lora_model
 
 ALL_PRECISIONS = [None, *PRECISIONS]
-LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 
 
 def adapter_config(model_path: Path, rank: int = 4, num_layers: int = 2) -> dict:
@@ -46,13 +44,6 @@ def adapter_config(model_path: Path, rank: int = 4, num_layers: int = 2) -> dict
         "lora_parameters": {**LORA, "rank": rank},
         "model": str(model_path),
     }
-
-
-def lora_model(model_path: Path, rank: int = 4, num_layers: int = 2) -> nn.Module:
-    model, _ = load_model(model_path)
-    model.freeze()
-    linear_to_lora_layers(model, num_layers, {**LORA, "rank": rank})
-    return model
 
 
 def make_optimizer(precision: str | None) -> AdamW:

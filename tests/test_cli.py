@@ -75,7 +75,7 @@ def test_grad_accumulation_equals_double_batch(tmp_path, tiny_model_path):
     (data / "train.jsonl").write_text(line * 32)
     (data / "valid.jsonl").write_text(line * 8)
     common = dict(lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0}, val_batches=0)
-    a = trainer.run(from_dict(base(tiny_model_path, data, tmp_path / "a", batch_size=8, iters=3, **common)),
+    trainer.run(from_dict(base(tiny_model_path, data, tmp_path / "a", batch_size=8, iters=3, **common)),
                     progress=False)
     b = trainer.run(from_dict(base(tiny_model_path, data, tmp_path / "b", batch_size=4, iters=6,
                                    grad_accumulation_steps=2, **common)), progress=False)

@@ -11,29 +11,19 @@ from pathlib import Path
 
 import httpx2
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from huggingface_hub import HfApi, ModelCard, set_client_factory
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load_model
 
 from adamw_lm import AdamW, checkpoint
 from adamw_lm.hub import HubAuthError, HubError, HubNotFoundError, Pusher, list_remote, pull
 from adamw_lm.model_card import loss_plot, model_card
+from helpers.training import LORA, lm_steps, lora_model
 
-LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 STEPS = (10, 20, 30, 40)
 # Fast retries for the tests; the defaults wait seconds.
 FAST = {"retries": 3, "backoff": 0.02, "max_backoff": 0.1}
-
-
-def lora_model(model_path: Path) -> nn.Module:
-    model, _ = load_model(model_path)
-    model.freeze()
-    linear_to_lora_layers(model, 2, LORA)
-    return model
 
 
 def make_optimizer() -> AdamW:
@@ -46,21 +36,12 @@ def run_dir(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("hub_run")
     model, optimizer = lora_model(tiny_model_path), make_optimizer()
 
-    def loss_fn(model, tokens):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
     losses: list[float] = []
     config = {"model": str(tiny_model_path), "data": str(folder / "data"), "fine_tune_type": "lora",
               "num_layers": 2, "lora_parameters": LORA, "learning_rate": 0.01, "iters": 40,
               "optimizer": {"state_precision": "int8"}, "checkpoint": {"dir": str(folder)}}
     for step in STEPS:
-        while len(losses) < step:
-            tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(len(losses)))
-            loss, grads = loss_and_grad(model, tokens)
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
-            losses.append(loss.item())
+        losses += lm_steps(model, optimizer, step - len(losses), first=len(losses))
         state = {"iteration": step, "epoch": 0, "offset": step * 2, "losses": list(losses),
                  "val_losses": [[s, 5.0 - s / 100] for s in STEPS if s <= step], "seed": 0,
                  "config": config}

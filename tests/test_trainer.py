@@ -19,7 +19,7 @@ import yaml
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import iterate_batches
 
-from adamw_lm import reports, trainer
+from adamw_lm import trainer
 from adamw_lm.config import ConfigError, from_dict
 
 

@@ -24,8 +24,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load_model
 
 from adamw_lm import AdamW, checkpoint
 from adamw_lm.checkpoint import (
@@ -33,17 +31,10 @@ from adamw_lm.checkpoint import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
+from helpers.training import LORA, lm_steps, lora_model
 
-LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 STEP = 2
 SECRET = "SECRET-7f3a9c"
-
-
-def lora_model(model_path: Path) -> nn.Module:
-    model, _ = load_model(model_path)
-    model.freeze()
-    linear_to_lora_layers(model, 2, LORA)
-    return model
 
 
 def make_optimizer() -> AdamW:
@@ -54,17 +45,7 @@ def make_optimizer() -> AdamW:
 def base_run(tiny_model_path, tmp_path_factory) -> Path:
     """A run with one checkpoint (step 2) of two real LoRA steps, as adamw_lm.trainer saves it."""
     model, optimizer = lora_model(tiny_model_path), make_optimizer()
-
-    def loss_fn(model, tokens):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    losses = []
-    for i in range(STEP):
-        loss, grads = loss_and_grad(model, mx.random.randint(0, 512, (2, 12), key=mx.random.key(i)))
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        losses.append(loss.item())
+    losses = lm_steps(model, optimizer, STEP)
     state = {"iteration": STEP, "epoch": 0, "offset": 4, "losses": losses, "val_losses": [],
              "seed": 0, "config": {"model": str(tiny_model_path)}}
     adapter_config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}

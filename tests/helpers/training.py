@@ -1,8 +1,23 @@
 """A few deterministic language-model steps on random tokens, for optimizer and checkpoint tests."""
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load_model
+
+#: The LoRA settings of the tests' adapters.
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def lora_model(model_path: Path, rank: int = 4, num_layers: int = 2) -> nn.Module:
+    """The model at ``model_path``, frozen, with LoRA layers on its last ``num_layers`` blocks."""
+    model, _ = load_model(model_path)
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, {**LORA, "rank": rank})
+    return model
 
 
 def lm_steps(model: nn.Module, optimizer: optim.Optimizer, count: int, first: int = 0) -> list[float]:
