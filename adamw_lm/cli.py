@@ -208,8 +208,11 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
 def _exit_code(result: Any) -> int:
     if result.stop_signal is not None:
         return 128 + result.stop_signal  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
-    print(f"Done: iteration {result.iteration}; checkpoint {result.checkpoint}; "
-          f"adapters in {result.run_dir}")
+    from .distributed import is_main
+
+    if is_main():
+        print(f"Done: iteration {result.iteration}; checkpoint {result.checkpoint}; "
+              f"adapters in {result.run_dir}")
     return 0
 
 
@@ -372,6 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``adamw-lm`` console script."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import PeerLostError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_messages()
@@ -386,6 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, CheckpointError, OSError) as e:
         print(f"adamw-lm {command}: error: {e}", file=sys.stderr)
         return 2
+    except PeerLostError as e:
+        print(f"adamw-lm {command}: error: {e}; the run stops here (resume from its last complete "
+              "checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("adamw-lm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -32,6 +32,7 @@ from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterat
 from mlx_lm.utils import save_config
 
 from . import checkpoint
+from . import distributed as dist
 from .batches import BatchStream, iteration_seed
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
@@ -41,6 +42,7 @@ from .reports import header as reports_header
 from .reports import unused_precision_warnings
 from .runfiles import read_text_nofollow, replace_file, replace_via_path
 from .runlock import LOCK_FILE, RunLock
+from .sharding import ShardedOptimizer
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Setup:
 
     config: TrainConfig
     model: nn.Module
-    optimizer: AdamW
+    optimizer: AdamW | ShardedOptimizer
     train_set: CacheDataset
     valid_set: CacheDataset
     test_set: CacheDataset
@@ -154,6 +156,11 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     mx.random.seed(config.seed)
     setup_trainable(model, config)
     optimizer = build_optimizer(config)
+    if config.optimizer.shard_state:
+        try:
+            optimizer = ShardedOptimizer(optimizer)
+        except ValueError as e:
+            raise ConfigError(f"config key 'optimizer.shard_state': {e}") from None
     state = {k: (list(v) if isinstance(v, list) else v) for k, v in _FRESH_STATE.items()}
     if resume_from is not None:
         saved = checkpoint.load(resume_from, model, optimizer, convert_precision=convert_precision)
@@ -165,7 +172,7 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    batches = BatchStream(train_set, config, state["epoch"], state["offset"])
+    batches = BatchStream(train_set, config, state["epoch"], state["offset"], dist.rank(), dist.world_size())
     if state["epoch"] * batches.batches_per_epoch + state["offset"] != state["iteration"]:
         raise ConfigError(
             f"{resume_from}: saved data position (epoch {state['epoch']}, batch {state['offset']}) is not "
@@ -180,6 +187,10 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     metrics = MetricsLog(config.run_dir)
     reports = Fanout([metrics, _reporting_callback(config), callback])
     lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
+    if dist.world_size() > 1:
+        lines.append(f"Data parallel: {dist.world_size()} processes, {config.batch_size // dist.world_size()} "
+                     f"examples each per batch" + (", optimizer state sharded (the state above is rank 0's share)"
+                                                   if config.optimizer.shard_state else ""))
     return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
                  reports, lines)
 
@@ -222,9 +233,11 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
 
     config, model, optimizer, state, batches = s.config, s.model, s.optimizer, s.state, s.batches
     start = state["iteration"]
-    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
-               file=sys.stderr)
-    reports = Fanout([s.reports, TerminalReport(bar)])
+    main, world = dist.is_main(), dist.world_size()
+    bar = tqdm(total=config.iters, initial=start, disable=not (progress and main), unit="it",
+               dynamic_ncols=True, file=sys.stderr)
+    # Only rank 0 reports; every process computes the same (summed) numbers.
+    reports = Fanout([s.reports, TerminalReport(bar)] if main else [])
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accum = config.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -235,23 +248,27 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
+            grad = nn.average_gradients(grad)  # a no-op in one process
             if accum > 1:
                 grad = tree_map(lambda g: g / accum, grad)
             optimizer.update(model, grad)
             grad = None
         return loss, toks, grad
 
-    def save(it: int) -> Path:
+    def save(it: int) -> Optional[Path]:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
                          "config": config.to_dict()}
+        if not (main or isinstance(optimizer, ShardedOptimizer)):
+            return None  # rank 0 writes the whole checkpoint
         saved = checkpoint.save(
             s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.
             val_loss=last[1] if last and last[0] == it else None,
         )
-        write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
+        if main:
+            write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
         return saved
 
     def validate(it: int) -> None:
@@ -278,12 +295,22 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             mx.random.seed(iteration_seed(config.seed, it))
             batch, lengths = next(batches)
             loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
-            mx.eval(compiled_state, loss, toks, grad)
+            try:
+                mx.eval(compiled_state, loss, toks, grad)
+                loss_sum, tokens = dist.sum_floats(loss, toks)
+            except RuntimeError as e:  # a collective of the step found a process gone
+                if world == 1:
+                    raise
+                raise dist.PeerLostError(f"rank {dist.rank()} of {world}: lost the other processes "
+                                         f"at iteration {it} ({e})") from None
             if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
                 mx.clear_cache()
-            state["losses"].append(loss.item())
+            # As mlx-lm reports a data-parallel loss: the mean of the processes' losses.
+            state["losses"].append(loss_sum / world if world > 1 else loss.item())
             state["iteration"] = it
-            window.add(toks.item(), time.perf_counter() - tic)
+            window.add(int(tokens), time.perf_counter() - tic)
+            if world > 1 and dist.all_sum_int(stop.signal is not None) and stop.signal is None:
+                stop.signal = signal.SIGTERM  # another process was stopped: stop together
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:
@@ -295,12 +322,13 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
                 last_saved = save(it)
                 save_due = False
-            if it % config.save_every == 0:  # as mlx_lm lora does, whatever checkpoint.every is
+            if it % config.save_every == 0 and main:  # as mlx_lm lora does, whatever checkpoint.every is
                 write_numbered_adapters(s.run_dir, model, it)
             if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
-                print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
-                      f"Resume with: adamw-lm resume {s.run_dir}", file=sys.stderr)
+                if main:
+                    print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
+                          f"Resume with: adamw-lm resume {s.run_dir}", file=sys.stderr)
                 return RunResult(s.run_dir, it, last_saved, stop.signal, state["losses"])
     test_loss = run_test(model, s.test_set, config, s.metrics, state["iteration"]) if config.test else None
     return RunResult(s.run_dir, state["iteration"], last_saved, None, state["losses"], test_loss)
@@ -312,6 +340,8 @@ def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Opti
     model.eval()
     loss = evaluate(model, test_set, config.batch_size, config.test_batches, config.max_seq_length,
                     iterate_batches=partial(iterate_batches, seed=config.seed))
+    if not dist.is_main():  # mlx-lm's evaluate split the test set and summed the losses
+        return loss
     if metrics is not None:
         metrics.write({"iteration": iteration, "test_loss": loss})
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
@@ -369,9 +399,11 @@ def run(
     folder is locked for the whole run (:class:`~adamw_lm.runlock.RunLock`): a second writer is
     refused. With ``train: false`` and ``test: true`` the adapters in ``adapter_path`` are only
     evaluated on the test set, as ``mlx_lm lora`` does.
+
+    Under ``mlx.launch`` every process calls this with the same config (and the same run folder,
+    which they must all see): each trains on its share of every batch, and rank 0 alone holds the
+    lock, prints, and writes metrics and adapters (see :mod:`adamw_lm.distributed`).
     """
-    if mx.distributed.init().size() > 1:
-        raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
     if not config.train:
         if not config.test:
             raise ConfigError("config keys 'train' and 'test' are both false: nothing to do")
@@ -379,11 +411,13 @@ def run(
     config = _absolute_paths(config)
     run_dir = config.run_dir
     _check_run_dir(config)
-    created = not run_dir.exists()
-    lock = RunLock(run_dir).acquire()
+    main = dist.is_main()
+    created = main and not run_dir.exists()
+    lock = _lock(run_dir).acquire()
     try:
         try:
             replace_old_run = _replaces_old_run(config, resume_from, overwrite)
+            dist.barrier()  # every process has looked at the old run before rank 0 removes it
             s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
                       callback=callback)
         except BaseException:
@@ -393,22 +427,42 @@ def run(
                     (run_dir / LOCK_FILE).unlink()
                     run_dir.rmdir()
             raise
-        if replace_old_run:  # only now that model, data and optimizer have all been set up
+        if main and replace_old_run:  # only now that model, data and optimizer have all been set up
             shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        elif resume_from is not None:
+        elif main and resume_from is not None:
             truncate_metrics(run_dir, s.state["iteration"])
-        for line in s.header:
+        for line in s.header if main else []:
             print(line, flush=True)
         try:
             result = train_loop(s, progress=progress)
         finally:
             s.metrics.close()
-        if not result.interrupted:
+        if main and not result.interrupted:
             plot(run_dir)
         return result
     finally:
         lock.release()
+
+
+class _NoLock:
+    """Processes other than rank 0 of a data-parallel run: rank 0 holds the run folder's lock."""
+
+    def acquire(self) -> "_NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NoLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _lock(run_dir: Path) -> RunLock | _NoLock:
+    return RunLock(run_dir) if dist.is_main() else _NoLock()
 
 
 def evaluate_adapters(config: TrainConfig) -> RunResult:
@@ -523,7 +577,7 @@ def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision
     if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
         raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
-    with RunLock(run_dir):
+    with _lock(run_dir):
         return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
 
 
@@ -544,7 +598,7 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
             set_dotted(data, key, value)
     data["checkpoint"] = {**(data.get("checkpoint") or {}), "dir": str(run_dir)}
     config = from_dict(data)
-    if ignored:
+    if ignored and dist.is_main():
         print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
               f"{', '.join(ignored)}; give the flag to use it.", file=sys.stderr)
     iteration = saved["iteration"]
@@ -557,9 +611,10 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
         return RunResult(run_dir, iteration, found, None, list(saved.get("losses") or []))
     later = [p.name for p in (run_dir / checkpoint.CHECKPOINTS_DIR).glob("step-*")
              if p.name[5:].isdigit() and int(p.name[5:]) > iteration]
-    print(f"Resuming {run_dir} from iteration {iteration} ({found.name})"
-          + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
-             "overwrites those steps" if later else "") + ".", file=sys.stderr)
+    if dist.is_main():
+        print(f"Resuming {run_dir} from iteration {iteration} ({found.name})"
+              + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
+                 "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
                callback=callback)
 
