@@ -33,6 +33,7 @@ from .format import (
     MAX_COUNT,
     OPTIMIZER,
     TEMPORARY,
+    optimizer_shard_name,
     TRAINER_STATE,
     CheckpointError,
     CheckpointWriteError,
@@ -41,6 +42,8 @@ from .format import (
     dir_name,
     step_dirs,
 )
+from .. import distributed as dist
+from ..sharding import ShardedOptimizer
 from .state import optimizer_metadata, plan_of
 from .threads import threads
 from .untrusted import (
@@ -318,15 +321,35 @@ def save(
             raise TypeError(
                 f"optimizer.state[{key!r}] is a {type(value).__name__}; expected arrays only"
             )
-    plan = plan_of(optimizer, trainable)
-
-    root = _open_root(Path(run_dir))
-    _clean_stale(root)
+    sharded = isinstance(optimizer, ShardedOptimizer)
+    if sharded:
+        # Every process writes its own share of the state; rank 0 writes the rest, and the
+        # manifest (the commit marker) only once every share is on disk.
+        world, rank = optimizer.world_size, optimizer.rank
+        plan = plan_of(optimizer.inner, optimizer.owned(trainable))
+        metadata = optimizer_metadata(optimizer.inner, plan)
+        state_file = optimizer_shard_name(rank, world)
+        shards = [{"file": optimizer_shard_name(r, world), "rank": r, "world_size": world,
+                   "parameters": sorted(p for p, o in optimizer.owners.items() if o == r)}
+                  for r in range(world)]
+    else:
+        rank = 0
+        metadata = optimizer_metadata(optimizer, plan_of(optimizer, trainable))
+        state_file = OPTIMIZER
+        shards = [{"file": OPTIMIZER, "rank": 0, "world_size": 1}]
     name = dir_name(step)
-    tmp = _temporary(root, "tmp", name)
+    root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded)
     try:
-        tmp.mkdir()
-        files = _write_checkpoint_files(tmp, adapters, state, optimizer_metadata(optimizer, plan))
+        mx.eval(adapters, state)
+        files = {state_file: _write_safetensors(tmp / state_file, state, metadata)}
+        if sharded:
+            files = _gather_records(files, shards)
+        if rank != 0:
+            if not _committed():
+                raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (rank 0 "
+                                           f"failed); the previous checkpoints are untouched")
+            return Path(run_dir) / CHECKPOINTS_DIR / name
+        files[ADAPTERS] = _write_safetensors(tmp / ADAPTERS, adapters, None)
         files[ADAPTER_CONFIG] = _write_adapter_config(tmp / ADAPTER_CONFIG, adapter_config)
         files[TRAINER_STATE] = _write_bytes(tmp / TRAINER_STATE, state_bytes)
         manifest = {
@@ -336,38 +359,77 @@ def save(
             "val_loss": None if val_loss is None else float(val_loss),
             "adamw_lm_version": __version__,
             "files": dict(sorted(files.items())),
-            # One entry per rank once optimizer state is sharded; "parameters" will then name each
-            # shard's part of the precision plan.
-            "optimizer_shards": [{"file": OPTIMIZER, "rank": 0, "world_size": 1}],
+            "optimizer_shards": shards,
         }
         _write_bytes(tmp / MANIFEST, _to_json(manifest, "manifest"))
         _fsync_dir(tmp)
         _commit(root, tmp, name)
         _point_latest(root, name)
+        if sharded:
+            _committed(True)
     except OSError as e:
-        _remove(tmp)
+        if rank == 0:
+            _remove(tmp)
+            if sharded:
+                _committed(False)
         raise CheckpointWriteError(
             f"could not write checkpoint {name} under {root}: {e.strerror or e} "
             f"({e.filename or tmp}); the previous checkpoints are untouched"
         ) from e
     except BaseException:
-        _remove(tmp)
+        if rank == 0:
+            _remove(tmp)
+            if sharded:
+                with contextlib.suppress(dist.PeerLostError):
+                    _committed(False)
         raise
     if keep_last is not None or keep_best is not None:
         _rotate(root, keep_last or 0, keep_best or 0, keep=name)
     return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
-def _write_checkpoint_files(
-    folder: Path, adapters: dict, state: dict, metadata: dict[str, str]
-) -> dict[str, dict[str, Any]]:
-    # mlx calls stay on this thread: on Metal and CUDA, mlx's streams belong to the thread that
-    # made them. Only hashing and fsync (no mlx) run on worker threads.
-    mx.eval(adapters, state)
-    return {
-        ADAPTERS: _write_safetensors(folder / ADAPTERS, adapters, None),
-        OPTIMIZER: _write_safetensors(folder / OPTIMIZER, state, metadata),
-    }
+def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool) -> tuple[Path, Path]:
+    """The checkpoints folder and the temporary folder of this save: rank 0 makes it and, in a
+    sharded save, tells the other processes its (unguessable) name."""
+    tmp_name = ""
+    error: BaseException | None = None
+    root = run_dir / CHECKPOINTS_DIR
+    if rank == 0:
+        try:
+            root = _open_root(run_dir)
+            _clean_stale(root)
+            tmp = _temporary(root, "tmp", name)
+            tmp.mkdir()
+            tmp_name = tmp.name
+        except OSError as e:
+            error = CheckpointWriteError(f"could not write checkpoint {name} under {root}: "
+                                         f"{e.strerror or e} ({e.filename or root})")
+        except CheckpointWriteError as e:
+            error = e
+    if sharded:
+        tmp_name = dist.broadcast_bytes(tmp_name.encode(), 256).decode()
+    if error is not None:
+        raise error
+    if not tmp_name:
+        raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (rank 0 could not "
+                                   f"create its folder); the previous checkpoints are untouched")
+    if rank != 0:
+        root = Path(os.path.realpath(root))
+    return root, root / tmp_name
+
+
+def _gather_records(files: dict[str, dict[str, Any]], shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every shard's size and sha256, from the process that wrote it (on every process)."""
+    (record,) = files.values()
+    data = record["size"].to_bytes(8, "big") + bytes.fromhex(record["sha256"])
+    gathered = dist.gather_bytes(data, 40)
+    return {shard["file"]: {"size": int.from_bytes(g[:8], "big"), "sha256": g[8:].hex()}
+            for shard, g in zip(shards, gathered)}
+
+
+def _committed(ok: bool = False) -> bool:
+    """Rank 0 tells (``ok``) every other process whether the checkpoint was committed."""
+    return dist.broadcast_bytes(b"ok" if ok else b"no", 2) == b"ok"
 
 
 def _commit(root: Path, tmp: Path, name: str) -> None:
