@@ -1,0 +1,178 @@
+"""Data-parallel runs under ``mlx.launch`` (ring backend, local processes): the same run as one
+process, ZeRO-1 sharding that changes no bit, sharded checkpoints resumed at other world sizes, and a
+process killed mid-save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+from adamw_lm import checkpoint, trainer
+from adamw_lm.config import load_config
+
+ITERS = 8
+#: Reductions over 2 processes add in another order than one process: float32 noise, grown a little
+#: by 8 Adam steps.
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 2e-4
+LAUNCH_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="session")
+def equal_length_data(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Examples of exactly 24 tokens: mlx-lm's data-parallel loss is the mean of the processes'
+    mean losses, which is the one-process loss only when every process sees as many tokens."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "sea", "one", "two", "big", "old"]
+    texts: list[str] = []
+    while len(texts) < 72:
+        text = " ".join(rng.choice(words, int(rng.integers(6, 14))))
+        if len(tokenizer.encode(text)) == 24:
+            texts.append(text)
+    folder = tmp_path_factory.mktemp("equal_data")
+    for name, part in (("train", texts[:48]), ("valid", texts[48:60]), ("test", texts[60:])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    return folder
+
+
+def write_config(tmp_path: Path, model: Path, data: Path, run_dir: Path, **optimizer) -> Path:
+    config = {
+        "model": str(model), "data": str(data), "fine_tune_type": "lora", "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}, "batch_size": 6, "iters": ITERS,
+        "val_batches": 2, "steps_per_eval": 4, "learning_rate": 3e-3, "steps_per_report": 1,
+        "max_seq_length": 64, "adapter_path": str(run_dir), "seed": 3,
+        "optimizer": {"min_quantize_size": 64, "state_precision": "int8", **optimizer},
+        "checkpoint": {"every": 4, "keep_last": 3},
+    }
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(n: int, *args: str, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``mlx.launch -n N --backend ring`` of ``adamw-lm ARGS`` (or of ``script``), this checkout first."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    target = [str(script)] if script else ["-m", "adamw_lm.cli", *args, "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([str(launcher), "-n", str(n), "--backend", "ring", "--python", sys.executable,
+                           *target], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+
+
+def launch_ok(n: int, *args: str) -> None:
+    done = launch(n, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def adapters(run_dir: Path, step: int = ITERS) -> dict[str, mx.array]:
+    return mx.load(str(run_dir / "checkpoints" / f"step-{step:07d}" / "adapters.safetensors"))
+
+
+def losses(run_dir: Path, step: int = ITERS) -> list[float]:
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    return json.loads((folder / "trainer_state.json").read_text())["losses"]
+
+
+def shard_arrays(run_dir: Path, step: int = ITERS) -> list[dict[str, mx.array]]:
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [mx.load(str(folder / s["file"])) for s in sorted(manifest["optimizer_shards"], key=lambda s: s["rank"])]
+
+
+def assert_close(a: dict[str, mx.array], b: dict[str, mx.array]) -> None:
+    assert a.keys() == b.keys()
+    worst = max(mx.abs(a[k] - b[k]).max().item() for k in a)
+    assert worst <= WEIGHT_ATOL, worst
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_model_path: Path, equal_length_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One process; two processes unsharded; two processes sharded (ZeRO-1)."""
+    tmp = tmp_path_factory.mktemp("dist_runs")
+    dirs = {name: tmp / name for name in ("one", "two", "two_sharded")}
+    trainer.run(load_config(write_config(tmp, tiny_model_path, equal_length_data, dirs["one"])), progress=False)
+    launch_ok(2, "train", str(write_config(tmp, tiny_model_path, equal_length_data, dirs["two"])))
+    launch_ok(2, "train", str(write_config(tmp, tiny_model_path, equal_length_data, dirs["two_sharded"],
+                                           shard_state=True)))
+    return {"tmp": tmp, **dirs}
+
+
+def test_two_processes_train_the_run_of_one_with_the_same_global_batch(runs):
+    np.testing.assert_allclose(losses(runs["two"]), losses(runs["one"]), rtol=LOSS_RTOL)
+    assert_close(adapters(runs["two"]), adapters(runs["one"]))
+    # Only rank 0 wrote the unsharded checkpoint: one whole optimizer file.
+    assert [len(s) for s in shard_arrays(runs["two"])] == [len(mx.load(str(
+        runs["one"] / "checkpoints" / f"step-{ITERS:07d}" / "optimizer.safetensors")))]
+
+
+def test_sharded_state_is_bit_identical_and_half_per_process(runs):
+    assert losses(runs["two_sharded"]) == losses(runs["two"])
+    plain, sharded = adapters(runs["two"]), adapters(runs["two_sharded"])
+    assert all(mx.array_equal(plain[k], sharded[k]).item() for k in plain)
+    (whole,) = shard_arrays(runs["two"])
+    shards = shard_arrays(runs["two_sharded"])
+    merged = {k: v for shard in shards for k, v in shard.items()}
+    assert merged.keys() == whole.keys()
+    assert all(mx.array_equal(whole[k], merged[k]).item() for k in whole)
+    moments = [sum(v.nbytes for k, v in s.items() if "." in k) for s in (whole, *shards)]
+    assert moments[1] + moments[2] == moments[0]
+    assert abs(moments[1] - moments[0] / 2) <= 0.1 * moments[0], moments
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_sharded_checkpoint_resumes_at_another_world_size(runs, world):
+    run_dir = runs["tmp"] / f"resumed_{world}"
+    import shutil
+
+    shutil.copytree(runs["two_sharded"], run_dir)
+    args = ("resume", str(run_dir), "--step", "4")
+    if world == 1:
+        assert trainer.resume(run_dir, step=4, progress=False).iteration == ITERS
+    else:
+        launch_ok(world, *args)
+    np.testing.assert_allclose(losses(run_dir), losses(runs["two_sharded"]), rtol=LOSS_RTOL)
+    assert_close(adapters(run_dir), adapters(runs["two_sharded"]))
+    manifest = json.loads((run_dir / "checkpoints" / f"step-{ITERS:07d}" / "manifest.json").read_text())
+    assert [s["world_size"] for s in manifest["optimizer_shards"]] == [world] * world
+
+
+def test_a_process_killed_mid_save_leaves_the_last_checkpoint_and_stops_the_others(runs, tmp_path,
+                                                                                    tiny_model_path,
+                                                                                    equal_length_data):
+    run_dir = tmp_path / "killed"
+    config = write_config(tmp_path, tiny_model_path, equal_length_data, run_dir, shard_state=True)
+    script = tmp_path / "kill_rank1_mid_save.py"
+    # Rank 1 SIGKILLs itself while writing its shard of the step-8 checkpoint (fault injection).
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        import mlx.core as mx
+        from adamw_lm import cli
+        from adamw_lm.checkpoint import writing
+
+        original = writing._write_safetensors
+        def dying(path, arrays, metadata):
+            if mx.distributed.init().rank() == 1 and "step-0000008" in str(path):
+                with open(path, "wb") as f:
+                    f.write(b"half a shard")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(path, arrays, metadata)
+        writing._write_safetensors = dying
+        sys.exit(cli.main(["train", {str(config)!r}, "--no-progress"]))
+    """))
+    done = launch(2, script=script)  # mlx.launch itself exits 0 whatever its processes did
+    assert "rank 1 exited with code -9" in done.stderr, done.stderr[-3000:]
+    assert "lost the other processes" in done.stderr, done.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(run_dir).name == "step-0000004"
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert checkpoint.verify(run_dir / "checkpoints" / "step-0000004")["step"] == 4
