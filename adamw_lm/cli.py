@@ -249,12 +249,14 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import memory
     from .config import ConfigError
+    from .sharding import per_process_plan
 
     precisions = memory.DEFAULT_PRECISIONS
     if args.precision:
         precisions = tuple(None if p.lower() == "none" else p for p in args.precision)
     try:
         plan = memory.plan_from_config(args.model, precisions=precisions, **plan_options(args))
+        plan = per_process_plan(plan, args.world_size, args.shard_state)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(plan.to_markdown())
@@ -327,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --fine-tune-type full: every parameter, embeddings and head included")
     p.add_argument("--precision", nargs="+", default=None,
                    help="state precisions to show: none fp32 bf16 int8 int4 (default: all)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="memory per process of a data-parallel run of this many processes (mlx.launch)")
+    p.add_argument("--shard-state", action="store_true",
+                   help="with --world-size: optimizer state sharded over the processes (optimizer.shard_state)")
     p.add_argument("--weight-update", choices=["nearest", "stochastic", "exact"], default=None,
                    help="AdamW's weight_update for bf16/fp16 weights ('exact' adds 2 bytes per "
                         "parameter of state; default: AdamW's)")

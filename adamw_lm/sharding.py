@@ -9,13 +9,16 @@ parameters; the single-process optimizer does not know it is sharded.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .optim import AdamW, zeros_state
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 
 def state_bytes(optimizer: AdamW, parameters: dict) -> dict[str, int]:
@@ -214,3 +217,19 @@ def _owner_path(key: str, parameters: dict) -> Optional[str]:
         if key in parameters:
             return key
     return None
+
+
+def per_process_plan(plan: "MemoryPlan", world_size: int, shard_state: bool) -> "MemoryPlan":
+    """``plan`` as each of ``world_size`` data-parallel processes holds it: the whole weights and
+    gradients, and the optimizer state divided among them with ``shard_state`` (whole tensors go to
+    one process each, so a share is about ``1/world_size``: shown rounded up)."""
+    from dataclasses import replace
+
+    if world_size < 1:
+        raise ValueError(f"--world-size must be >= 1; got {world_size}")
+    if world_size == 1 and not shard_state:
+        return plan
+    share = world_size if shard_state else 1
+    rows = tuple(replace(r, state=-(-r.state // share)) for r in plan.rows)
+    what = "optimizer state sharded (ZeRO-1), about 1/N each" if shard_state else "state not sharded"
+    return replace(plan, rows=rows, description=f"{plan.description} — per process of {world_size} ({what})")

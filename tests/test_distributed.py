@@ -176,3 +176,48 @@ def test_a_process_killed_mid_save_leaves_the_last_checkpoint_and_stops_the_othe
     assert checkpoint.latest_checkpoint(run_dir).name == "step-0000004"
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert checkpoint.verify(run_dir / "checkpoints" / "step-0000004")["step"] == 4
+
+
+def test_plan_per_process_divides_only_the_sharded_state(tiny_model_path, capsys):
+    from adamw_lm import cli
+
+    def table(*extra: str) -> str:
+        assert cli.main(["plan", "--model", str(tiny_model_path), "--num-layers", "2", "--precision",
+                         "none", *extra]) == 0
+        return capsys.readouterr().out.splitlines()[4]
+
+    whole, unsharded, sharded = table(), table("--world-size", "2"), table("--world-size", "2", "--shard-state")
+    cells = [row.split("|")[3:6] for row in (whole, unsharded, sharded)]  # weights, gradients, state
+    assert cells[0] == cells[1] and cells[2][:2] == cells[0][:2]
+    assert float(cells[2][2].split()[0]) == pytest.approx(float(cells[0][2].split()[0]) / 2, rel=1e-3)
+    assert cli.main(["plan", "--model", str(tiny_model_path), "--num-layers", "2", "--world-size", "0"]) == 2
+
+
+def test_manifest_shard_entries_are_checked(runs, tmp_path):
+    import shutil
+
+    from adamw_lm.checkpoint import CorruptCheckpointError
+    from adamw_lm.checkpoint.format import check_manifest
+
+    folder = runs["two_sharded"] / "checkpoints" / f"step-{ITERS:07d}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    check_manifest(folder / "manifest.json", manifest, ITERS)
+    shards = manifest["optimizer_shards"]
+    broken = {
+        "a rank twice": [shards[0], {**shards[1], "rank": 0}],
+        "two world sizes": [shards[0], {**shards[1], "world_size": 3}],
+        "a parameter in two shards": [shards[0], {**shards[1], "parameters": shards[0]["parameters"][:1]}],
+        "a parameter that is no path": [shards[0], {**shards[1], "parameters": ["../../etc"]}],
+        "one file for two ranks": [shards[0], {**shards[1], "file": shards[0]["file"]}],
+    }
+    for what, entries in broken.items():
+        with pytest.raises(CorruptCheckpointError, match="optimizer_shards|optimizer shard"):
+            check_manifest(folder / "manifest.json", {**manifest, "optimizer_shards": entries}, ITERS)
+    # A shard whose file holds another shard's parameters is refused by the loader.
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    swapped = {**manifest, "optimizer_shards": [{**shards[0], "parameters": shards[1]["parameters"]},
+                                                {**shards[1], "parameters": shards[0]["parameters"]}]}
+    (copy / "manifest.json").write_text(json.dumps(swapped))
+    with pytest.raises(CorruptCheckpointError, match="precision plan does not name the parameters"):
+        checkpoint.verify(copy)
