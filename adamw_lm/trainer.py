@@ -622,15 +622,21 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
     """Check that two runs' latest checkpoints hold the same bits; raise ``AssertionError`` if not.
 
-    Compares every adapter and optimizer tensor with ``mx.array_equal`` and every logged loss exactly.
+    Compares every adapter and optimizer tensor with ``mx.array_equal`` (the optimizer state merged
+    from its shards, whatever the number of processes that wrote it) and every logged loss exactly.
     """
     found = [checkpoint.latest_checkpoint(Path(r)) for r in (run_a, run_b)]
     for run_dir, ckpt in zip((run_a, run_b), found):
         if ckpt is None:
             raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint")
     counts = []
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        a, b = (mx.load(str(c / name)) for c in found)
+    with checkpoint.open_verified(found[0]) as one, checkpoint.open_verified(found[1]) as other:
+        # The whole optimizer state, merged from its shards: a sharded run compares with an unsharded one.
+        arrays = {name: [read(o) for o in (one, other)] for name, read in (
+            ("adapters.safetensors", lambda o: o.arrays(checkpoint.ADAPTERS)),
+            ("optimizer state", lambda o: o.optimizer_state()))}
+        mx.eval(arrays)
+    for name, (a, b) in arrays.items():
         if a.keys() != b.keys():
             raise AssertionError(f"{name}: different keys: {sorted(a.keys() ^ b.keys())[:5]}")
         for key in sorted(a):

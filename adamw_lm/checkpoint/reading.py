@@ -496,6 +496,9 @@ def describe(path: str | os.PathLike) -> str:
     # Re-encoded (ASCII, escaped), not echoed: nothing from the file reaches the terminal raw.
     hyper = json.dumps(found.hyperparameters, sort_keys=True)
     lines.append(f"  optimizer: {found.optimizer_class} {hyper}")
+    world = manifest["optimizer_shards"][0]["world_size"]
+    if world > 1:
+        lines.append(f"  optimizer state sharded over {world} processes (one file each); loads at any number")
     for name, record in files.items():
         lines.append(f"  {name:<24} {record['size']:>14,d} bytes  sha256 {record['sha256']}")
     return "\n".join(lines)
