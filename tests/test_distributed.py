@@ -274,3 +274,32 @@ def test_every_state_precision_works_sharded(tmp_path):
                 assert run["equal"], (precision, exchange, run)
             assert run["skipped"] == whole["skipped"] == (0 if precision == "None" else 1)
             assert 0.3 * whole["state_bytes"] < run["state_bytes"] < 0.7 * whole["state_bytes"], (precision, run)
+
+
+def test_sigterm_to_one_process_stops_all_after_one_save_and_resume_is_bit_exact(runs, tmp_path,
+                                                                                   tiny_model_path,
+                                                                                   equal_length_data):
+    run_dir = tmp_path / "stopped"
+    config = write_config(tmp_path, tiny_model_path, equal_length_data, run_dir, shard_state=True)
+    script = tmp_path / "sigterm_rank1.py"
+    # Rank 1 alone gets SIGTERM while it reads the batch of iteration 5.
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        import mlx.core as mx
+        from adamw_lm import cli
+        from adamw_lm.batches import BatchStream
+
+        original = BatchStream.__next__
+        def next_batch(self):
+            batch = original(self)
+            if mx.distributed.init().rank() == 1 and (self.epoch, self.offset) == (0, 5):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+        BatchStream.__next__ = next_batch
+        sys.exit(cli.main(["train", {str(config)!r}, "--no-progress"]))
+    """))
+    done = launch(2, script=script)
+    assert "Stopped at iteration 5" in done.stderr, done.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(run_dir).name == "step-0000005"
+    launch_ok(2, "resume", str(run_dir))
+    assert trainer.compare_runs(run_dir, runs["two_sharded"]).startswith("MATCH")
