@@ -303,3 +303,53 @@ def test_sigterm_to_one_process_stops_all_after_one_save_and_resume_is_bit_exact
     assert checkpoint.latest_checkpoint(run_dir).name == "step-0000005"
     launch_ok(2, "resume", str(run_dir))
     assert trainer.compare_runs(run_dir, runs["two_sharded"]).startswith("MATCH")
+
+
+def test_partition_is_a_balanced_pure_function_of_sizes_and_world_size():
+    from adamw_lm.sharding import partition
+
+    sizes = {f"layers.{i}.w": 1000 * (1 + i % 4) for i in range(13)} | {"norm": 8, "head": 5000}
+    owners = partition(sizes, 3)
+    assert partition(dict(reversed(list(sizes.items()))), 3) == owners  # not the dict's order
+    loads = [sum(n for p, n in sizes.items() if owners[p] == r) for r in range(3)]
+    assert sum(loads) == sum(sizes.values()) and max(loads) - min(loads) <= max(sizes.values())
+    assert set(partition(sizes, 1).values()) == {0}
+    with pytest.raises(ValueError, match="world_size"):
+        partition(sizes, 0)
+
+
+class _Examples:
+    """Stand-in for a CacheDataset: (tokens, offset) pairs of a few lengths."""
+
+    def __init__(self, n: int):
+        self.items = [(list(range(100 * i, 100 * i + 5 + i % 3)), 0) for i in range(n)]
+
+    def itemlen(self, idx: int) -> int:
+        return len(self.items[idx][0])
+
+    def __getitem__(self, idx: int):
+        return self.items[idx]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def test_each_process_takes_its_share_of_the_same_global_batches():
+    from adamw_lm.batches import BatchStream
+    from adamw_lm.config import ConfigError, TrainConfig
+
+    config = TrainConfig(batch_size=4, max_seq_length=32, seed=5)
+    data = _Examples(24)
+
+    def rows(stream: BatchStream) -> set[tuple[int, ...]]:
+        batch, lengths = next(stream)
+        return {tuple(batch[i, : int(lengths[i, 1])].tolist()) for i in range(batch.shape[0])}
+
+    whole = BatchStream(data, config, epoch=1, offset=2)
+    shares = [BatchStream(data, config, 1, 2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(6):  # across the end of an epoch too
+        parts = [rows(s) for s in shares]
+        assert not parts[0] & parts[1] and parts[0] | parts[1] == rows(whole)
+    assert [s.position() for s in shares] == [whole.position()] * 2
+    with pytest.raises(ConfigError, match="'batch_size' is 4.*3 processes"):
+        BatchStream(data, config, rank=0, world_size=3)
