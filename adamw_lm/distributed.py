@@ -7,6 +7,9 @@ single-process run never touches ``mx.distributed``'s collectives.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import mlx.core as mx
 
 
@@ -40,6 +43,18 @@ def _collective(fn, *args):
         return out
     except RuntimeError as e:
         raise PeerLostError(f"rank {rank()} of {world_size()}: lost the other processes ({e})") from None
+
+
+@contextlib.contextmanager
+def peers_needed(where: str) -> Iterator[None]:
+    """Turn the backend's error for a lost process (raised by a collective inside an evaluation:
+    the step's gradient average, mlx-lm's evaluation) into :class:`PeerLostError`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if world_size() == 1:
+            raise
+        raise PeerLostError(f"rank {rank()} of {world_size()}: lost the other processes {where} ({e})") from None
 
 
 def all_sum_int(value: int) -> int:

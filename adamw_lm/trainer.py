@@ -273,10 +273,11 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
 
     def validate(it: int) -> None:
         tic = time.perf_counter()
-        val_loss = evaluate(
-            model, s.valid_set, config.batch_size, config.val_batches, config.max_seq_length,
-            loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
-        )
+        with dist.peers_needed(f"validating at iteration {it}"):  # mlx-lm's evaluate sums over processes
+            val_loss = evaluate(
+                model, s.valid_set, config.batch_size, config.val_batches, config.max_seq_length,
+                loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
+            )
         model.train()
         state["val_losses"].append([it, val_loss])
         reports.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": time.perf_counter() - tic})
@@ -295,14 +296,9 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             mx.random.seed(iteration_seed(config.seed, it))
             batch, lengths = next(batches)
             loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
-            try:
+            with dist.peers_needed(f"at iteration {it}"):
                 mx.eval(compiled_state, loss, toks, grad)
-                loss_sum, tokens = dist.sum_floats(loss, toks)
-            except RuntimeError as e:  # a collective of the step found a process gone
-                if world == 1:
-                    raise
-                raise dist.PeerLostError(f"rank {dist.rank()} of {world}: lost the other processes "
-                                         f"at iteration {it} ({e})") from None
+            loss_sum, tokens = dist.sum_floats(loss, toks)
             if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
                 mx.clear_cache()
             # As mlx-lm reports a data-parallel loss: the mean of the processes' losses.

@@ -143,8 +143,7 @@ def test_sharded_checkpoint_resumes_at_another_world_size(runs, world):
     assert [s["world_size"] for s in manifest["optimizer_shards"]] == [world] * world
 
 
-def test_a_process_killed_mid_save_leaves_the_last_checkpoint_and_stops_the_others(runs, tmp_path,
-                                                                                    tiny_model_path,
+def test_a_process_killed_mid_save_leaves_the_last_checkpoint_and_stops_the_others(tmp_path, tiny_model_path,
                                                                                     equal_length_data):
     run_dir = tmp_path / "killed"
     config = write_config(tmp_path, tiny_model_path, equal_length_data, run_dir, shard_state=True)
