@@ -1,5 +1,6 @@
 """Data-parallel step time and optimizer state bytes per process: 1 and 2 processes, state sharded
-(ZeRO-1, both parameter exchanges) or not, in one run. Prints a markdown table.
+(ZeRO-1) or not, and the two exchanges of updated parameters side by side, in one run. Prints a
+markdown table.
 
     python scripts/bench_distributed.py [--steps 20] [--size medium]
 
@@ -25,7 +26,7 @@ import mlx.core as mx, mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from adamw_lm.config import from_dict
 from adamw_lm.loading import build_optimizer, load_model, setup_trainable
-from adamw_lm.sharding import ShardedOptimizer
+from adamw_lm.sharding import EXCHANGES, ShardedOptimizer
 
 model_path, precision, shard, exchange, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], int(sys.argv[5])
 config = from_dict({"model": model_path, "num_layers": -1, "lora_parameters": {"rank": 64, "scale": 10.0, "dropout": 0.0},
@@ -45,20 +46,33 @@ def step():
     optimizer.update(model, nn.average_gradients(grads))
     mx.eval(model.trainable_parameters(), optimizer.state)
 
+def timed(fn):
+    mx.eval(mx.distributed.all_sum(mx.array(0), stream=mx.cpu))  # start together
+    tic = time.perf_counter()
+    fn()
+    return (time.perf_counter() - tic) * 1e3
+
 for _ in range(3):
     step()
-mx.eval(mx.distributed.all_sum(mx.array(0), stream=mx.cpu))
-tic = time.perf_counter()
-for _ in range(steps):
-    step()
-seconds = (time.perf_counter() - tic) / steps
+times = sorted(timed(step) for _ in range(steps))
+result = {"ms": times[len(times) // 2], "state_bytes": optimizer.state_nbytes(),
+          "params": sum(a.nbytes for _, a in tree_flatten(params))}
+if shard and group.size() > 1:
+    # The two exchanges of updated parameters side by side, interleaved, on this tree.
+    flat = dict(tree_flatten(params))
+    shapes, dtypes = {p: a.shape for p, a in flat.items()}, {p: a.dtype for p, a in flat.items()}
+    runs = {name: [] for name in EXCHANGES}
+    for _ in range(steps):
+        for name, exchange in EXCHANGES.items():
+            runs[name].append(timed(lambda: mx.eval(exchange(flat, optimizer.owners, shapes, dtypes, group))))
+    result["exchange_ms"] = {name: sorted(t)[len(t) // 2] for name, t in runs.items()}
 if group.rank() == 0:
-    print("RESULT " + json.dumps({"ms": seconds * 1e3, "state_bytes": optimizer.state_nbytes(),
-                                  "params": sum(a.nbytes for _, a in tree_flatten(params))}))
+    print("RESULT " + json.dumps(result))
 """
 
 
 def run(n: int, model: Path, precision: str, shard: bool, exchange: str, steps: int, worker: Path) -> dict:
+    """One configuration in its own processes; rank 0's measurements."""
     python = sys.executable
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     args = [str(worker), str(model), precision, "1" if shard else "0", exchange, str(steps)]
@@ -86,17 +100,19 @@ def main() -> None:
         worker = Path(tmp) / "worker.py"
         worker.write_text(WORKER)
         rows = []
-        for n, shard, exchange in ((1, False, "-"), (2, False, "-"), (2, True, "all_gather"), (2, True, "all_sum")):
+        for n, shard, exchange in ((1, False, "-"), (2, False, "-"), (2, True, "all_gather")):
             tic = time.perf_counter()
             r = run(n, model, args.precision, shard, exchange if shard else "all_gather", args.steps, worker)
             rows.append((n, shard, exchange, r, time.perf_counter() - tic))
     print(f"tiny {args.size} model, LoRA rank 64 on every layer, state_precision {args.precision}, "
-          f"{args.steps} timed steps (after 3 warm-up), ring backend on one machine\n")
-    print("| processes | shard_state | exchange | step (ms) | optimizer state per process | trainable |")
-    print("|---:|---|---|---:|---:|---:|")
+          f"{args.steps} timed steps (after 3 warm-up; each started together), ring backend on one machine\n")
+    print("| processes | shard_state | step, median (ms) | optimizer state per process | trainable |")
+    print("|---:|---|---:|---:|---:|")
     for n, shard, exchange, r, _ in rows:
-        print(f"| {n} | {shard} | {exchange} | {r['ms']:.2f} | {r['state_bytes'] / 1e6:.3f} MB "
-              f"| {r['params'] / 1e6:.3f} MB |")
+        print(f"| {n} | {shard} | {r['ms']:.2f} | {r['state_bytes'] / 1e6:.3f} MB | {r['params'] / 1e6:.3f} MB |")
+    exchanges = rows[-1][3]["exchange_ms"]
+    print("\nExchange of the updated parameters (2 processes, interleaved, median ms): "
+          + ", ".join(f"{name} {ms:.2f}" for name, ms in exchanges.items()))
 
 
 if __name__ == "__main__":
