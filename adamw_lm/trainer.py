@@ -490,7 +490,8 @@ RESUMABLE_OVERRIDES = (
     "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
-    "optimizer.memory_budget", "optimizer.weight_update", "trust_remote_code", "hf_dataset",
+    "optimizer.memory_budget", "optimizer.weight_update", "optimizer.shard_state", "trust_remote_code",
+    "hf_dataset",
 )
 
 #: Saved settings that can run code or send data out: a checkpoint may come from anyone, so these

@@ -126,48 +126,56 @@ def test_sharded_state_is_bit_identical_and_half_per_process(runs):
     assert abs(moments[1] - moments[0] / 2) <= 0.1 * moments[0], moments
 
 
-@pytest.mark.parametrize("world", [1, 3])
-def test_sharded_checkpoint_resumes_at_another_world_size(runs, world):
-    run_dir = runs["tmp"] / f"resumed_{world}"
+@pytest.mark.parametrize("source, world", [("two_sharded", 1), ("two_sharded", 3), ("one", 2)])
+def test_checkpoint_resumes_at_another_world_size(runs, source, world):
+    """2 → 1 and 2 → 3 from a sharded checkpoint; 1 → 2 from an unsharded one, sharding it on resume."""
     import shutil
 
-    shutil.copytree(runs["two_sharded"], run_dir)
-    args = ("resume", str(run_dir), "--step", "4")
+    run_dir = runs["tmp"] / f"resumed_{source}_{world}"
+    shutil.copytree(runs[source], run_dir)
     if world == 1:
         assert trainer.resume(run_dir, step=4, progress=False).iteration == ITERS
     else:
-        launch_ok(world, *args)
-    np.testing.assert_allclose(losses(run_dir), losses(runs["two_sharded"]), rtol=LOSS_RTOL)
-    assert_close(adapters(run_dir), adapters(runs["two_sharded"]))
+        launch_ok(world, "resume", str(run_dir), "--step", "4", "--optimizer.shard_state", "true")
+    np.testing.assert_allclose(losses(run_dir), losses(runs[source]), rtol=LOSS_RTOL)
+    assert_close(adapters(run_dir), adapters(runs[source]))
     manifest = json.loads((run_dir / "checkpoints" / f"step-{ITERS:07d}" / "manifest.json").read_text())
     assert [s["world_size"] for s in manifest["optimizer_shards"]] == [world] * world
 
 
-def test_a_process_killed_mid_save_leaves_the_last_checkpoint_and_stops_the_others(tmp_path, tiny_model_path,
+@pytest.mark.parametrize("fault", ["sigkill", "disk_full"])
+def test_a_process_failing_mid_save_leaves_the_last_checkpoint_and_stops_the_others(fault, tmp_path,
+                                                                                    tiny_model_path,
                                                                                     equal_length_data):
-    run_dir = tmp_path / "killed"
+    run_dir = tmp_path / "failed"
     config = write_config(tmp_path, tiny_model_path, equal_length_data, run_dir, shard_state=True)
-    script = tmp_path / "kill_rank1_mid_save.py"
-    # Rank 1 SIGKILLs itself while writing its shard of the step-8 checkpoint (fault injection).
+    script = tmp_path / "fail_rank1_mid_save.py"
+    # Rank 1 dies (SIGKILL) or finds its disk full while writing its shard of the step-8 checkpoint.
     script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
+        import errno, os, signal, sys
         import mlx.core as mx
         from adamw_lm import cli
         from adamw_lm.checkpoint import writing
 
         original = writing._write_safetensors
-        def dying(path, arrays, metadata):
+        def failing(path, arrays, metadata):
             if mx.distributed.init().rank() == 1 and "step-0000008" in str(path):
                 with open(path, "wb") as f:
                     f.write(b"half a shard")
-                os.kill(os.getpid(), signal.SIGKILL)
+                if {fault!r} == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return original(path, arrays, metadata)
-        writing._write_safetensors = dying
+        writing._write_safetensors = failing
         sys.exit(cli.main(["train", {str(config)!r}, "--no-progress"]))
     """))
     done = launch(2, script=script)  # mlx.launch itself exits 0 whatever its processes did
-    assert "rank 1 exited with code -9" in done.stderr, done.stderr[-3000:]
-    assert "lost the other processes" in done.stderr, done.stderr[-3000:]
+    if fault == "sigkill":
+        assert "rank 1 exited with code -9" in done.stderr, done.stderr[-3000:]
+        assert "lost the other processes" in done.stderr, done.stderr[-3000:]
+    else:  # every process says so and exits 2, none is left waiting
+        assert "No space left on device" in done.stderr, done.stderr[-3000:]
+        assert "another process could not write its shard" in done.stderr, done.stderr[-3000:]
     assert checkpoint.latest_checkpoint(run_dir).name == "step-0000004"
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert checkpoint.verify(run_dir / "checkpoints" / "step-0000004")["step"] == 4

@@ -341,9 +341,22 @@ def save(
     root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded)
     try:
         mx.eval(adapters, state)
-        files = {state_file: _write_safetensors(tmp / state_file, state, metadata)}
+        try:
+            files = {state_file: _write_safetensors(tmp / state_file, state, metadata)}
+        except OSError as e:
+            if not sharded:
+                raise
+            files, failure = {}, e  # the others must hear of it before anyone gives up
+        else:
+            failure = None
         if sharded:
             files = _gather_records(files, shards)
+            if failure is not None:
+                raise failure
+            if files is None:
+                raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (another "
+                                           f"process could not write its shard); the previous "
+                                           f"checkpoints are untouched")
         if rank != 0:
             if not _committed():
                 raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (rank 0 "
@@ -418,12 +431,18 @@ def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool) -> tup
     return root, root / tmp_name
 
 
-def _gather_records(files: dict[str, dict[str, Any]], shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every shard's size and sha256, from the process that wrote it (on every process)."""
-    (record,) = files.values()
-    data = record["size"].to_bytes(8, "big") + bytes.fromhex(record["sha256"])
-    gathered = dist.gather_bytes(data, 40)
-    return {shard["file"]: {"size": int.from_bytes(g[:8], "big"), "sha256": g[8:].hex()}
+def _gather_records(
+    files: dict[str, dict[str, Any]], shards: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]] | None:
+    """Every shard's size and sha256, from the process that wrote it (on every process); ``None``
+    when a process wrote none (``files`` empty)."""
+    data = bytes(41)
+    for record in files.values():
+        data = b"\1" + record["size"].to_bytes(8, "big") + bytes.fromhex(record["sha256"])
+    gathered = dist.gather_bytes(data, 41)
+    if any(g[0] != 1 for g in gathered):
+        return None
+    return {shard["file"]: {"size": int.from_bytes(g[1:9], "big"), "sha256": g[9:].hex()}
             for shard, g in zip(shards, gathered)}
 
 
