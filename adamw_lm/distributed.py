@@ -8,7 +8,7 @@ single-process run never touches ``mx.distributed``'s collectives.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -36,7 +36,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def _collective(fn, *args):
+def _collective(fn: Callable[..., mx.array], *args: mx.array) -> mx.array:
     try:
         out = fn(*args, stream=mx.cpu)
         mx.eval(out)
@@ -57,16 +57,10 @@ def peers_needed(where: str) -> Iterator[None]:
         raise PeerLostError(f"rank {rank()} of {world_size()}: lost the other processes {where} ({e})") from None
 
 
-def all_sum_int(value: int) -> int:
-    """The sum of an int over every process."""
-    if world_size() == 1:
-        return value
-    return int(_collective(mx.distributed.all_sum, mx.array(value, mx.int64)).item())
-
-
 def barrier() -> None:
-    """Wait until every process is here (raises :class:`PeerLostError` if one never comes)."""
-    all_sum_int(0)
+    """Wait until every process is here (raises :class:`PeerLostError` if one is gone)."""
+    if world_size() > 1:
+        _collective(mx.distributed.all_sum, mx.array(0))
 
 
 def broadcast_bytes(data: bytes, length: int) -> bytes:

@@ -298,15 +298,16 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
             with dist.peers_needed(f"at iteration {it}"):
                 mx.eval(compiled_state, loss, toks, grad)
-            loss_sum, tokens = dist.sum_floats(loss, toks)
+            # One collective per step: the losses, the tokens, and whether a process was asked to stop.
+            loss_sum, tokens, stops = dist.sum_floats(loss, toks, mx.array(stop.signal is not None))
             if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
                 mx.clear_cache()
             # As mlx-lm reports a data-parallel loss: the mean of the processes' losses.
-            state["losses"].append(loss_sum / world if world > 1 else loss.item())
+            state["losses"].append(loss_sum / world)
             state["iteration"] = it
             window.add(int(tokens), time.perf_counter() - tic)
-            if world > 1 and dist.all_sum_int(stop.signal is not None) and stop.signal is None:
-                stop.signal = signal.SIGTERM  # another process was stopped: stop together
+            if stops and stop.signal is None:
+                stop.signal = signal.SIGTERM  # another process was stopped: all stop, after one save
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:

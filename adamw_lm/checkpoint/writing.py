@@ -416,7 +416,8 @@ def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool) -> tup
             tmp_name = tmp.name
         except OSError as e:
             error = CheckpointWriteError(f"could not write checkpoint {name} under {root}: "
-                                         f"{e.strerror or e} ({e.filename or root})")
+                                         f"{e.strerror or e} ({e.filename or root}); the previous "
+                                         f"checkpoints are untouched")
         except CheckpointWriteError as e:
             error = e
     if sharded:
