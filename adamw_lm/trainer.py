@@ -255,13 +255,11 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             grad = None
         return loss, toks, grad
 
-    def save(it: int) -> Optional[Path]:
+    def save(it: int) -> Path:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
                          "config": config.to_dict()}
-        if not (main or isinstance(optimizer, ShardedOptimizer)):
-            return None  # rank 0 writes the whole checkpoint
-        saved = checkpoint.save(
+        saved = checkpoint.save(  # every process: the writer knows who writes what
             s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.

@@ -284,6 +284,13 @@ def save(
     Rotation runs when ``keep_last`` or ``keep_best`` is given; the checkpoint just written (the one
     ``latest`` names) is never deleted. Temporaries of crashed saves are removed first.
 
+    In a data-parallel run (``mlx.launch``) every process calls ``save`` with the same arguments,
+    and all return once the checkpoint is committed (or all raise). With a
+    :class:`~adamw_lm.sharding.ShardedOptimizer` each process writes its own
+    ``optimizer-RRRRR-of-NNNNN.safetensors`` into rank 0's temporary folder, and the manifest lists
+    every shard with its parameters; otherwise rank 0 writes the whole checkpoint. The run folder
+    must be the same folder for every process.
+
     Raises:
         CheckpointWriteError: ``run_dir`` is not writable or a write failed; nothing was lost.
         ValueError, TypeError: bad arguments, raised before anything is written; this includes a
@@ -321,11 +328,14 @@ def save(
             raise TypeError(
                 f"optimizer.state[{key!r}] is a {type(value).__name__}; expected arrays only"
             )
+    # Every process of a data-parallel run calls save. Sharded, each writes its own share of the
+    # state and rank 0 writes the rest; unsharded, rank 0 writes everything. Rank 0 writes the
+    # manifest (the commit marker) last, once every share is on disk, and tells the others.
+    together = dist.world_size() > 1
     sharded = isinstance(optimizer, ShardedOptimizer)
+    rank = optimizer.rank if sharded else dist.rank()
     if sharded:
-        # Every process writes its own share of the state; rank 0 writes the rest, and the
-        # manifest (the commit marker) only once every share is on disk.
-        world, rank = optimizer.world_size, optimizer.rank
+        world = optimizer.world_size
         plan = plan_of(optimizer.inner, optimizer.owned(trainable))
         metadata = optimizer_metadata(optimizer.inner, plan)
         state_file = optimizer_shard_name(rank, world)
@@ -333,12 +343,13 @@ def save(
                    "parameters": sorted(p for p, o in optimizer.owners.items() if o == r)}
                   for r in range(world)]
     else:
-        rank = 0
         metadata = optimizer_metadata(optimizer, plan_of(optimizer, trainable))
         state_file = OPTIMIZER
         shards = [{"file": OPTIMIZER, "rank": 0, "world_size": 1}]
     name = dir_name(step)
-    root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded)
+    if rank != 0 and not sharded:
+        return _await_commit(Path(run_dir), name)
+    root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded, together)
     try:
         mx.eval(adapters, state)
         try:
@@ -358,10 +369,7 @@ def save(
                                            f"process could not write its shard); the previous "
                                            f"checkpoints are untouched")
         if rank != 0:
-            if not _committed():
-                raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (rank 0 "
-                                           f"failed); the previous checkpoints are untouched")
-            return Path(run_dir) / CHECKPOINTS_DIR / name
+            return _await_commit(Path(run_dir), name)
         files[ADAPTERS] = _write_safetensors(tmp / ADAPTERS, adapters, None)
         files[ADAPTER_CONFIG] = _write_adapter_config(tmp / ADAPTER_CONFIG, adapter_config)
         files[TRAINER_STATE] = _write_bytes(tmp / TRAINER_STATE, state_bytes)
@@ -378,13 +386,14 @@ def save(
         _fsync_dir(tmp)
         _commit(root, tmp, name)
         _point_latest(root, name)
-        if sharded:
+        if together:
             _committed(True)
     except OSError as e:
         if rank == 0:
             _remove(tmp)
-            if sharded:
-                _committed(False)
+            if together:
+                with contextlib.suppress(dist.PeerLostError):
+                    _committed(False)
         raise CheckpointWriteError(
             f"could not write checkpoint {name} under {root}: {e.strerror or e} "
             f"({e.filename or tmp}); the previous checkpoints are untouched"
@@ -392,7 +401,7 @@ def save(
     except BaseException:
         if rank == 0:
             _remove(tmp)
-            if sharded:
+            if together:
                 with contextlib.suppress(dist.PeerLostError):
                     _committed(False)
         raise
@@ -401,9 +410,9 @@ def save(
     return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
-def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool) -> tuple[Path, Path]:
+def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool, together: bool) -> tuple[Path, Path]:
     """The checkpoints folder and the temporary folder of this save: rank 0 makes it and, in a
-    sharded save, tells the other processes its (unguessable) name."""
+    sharded save, tells the other processes its (unguessable) name (an empty one if it failed)."""
     tmp_name = ""
     error: BaseException | None = None
     root = run_dir / CHECKPOINTS_DIR
@@ -422,6 +431,8 @@ def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool) -> tup
             error = e
     if sharded:
         tmp_name = dist.broadcast_bytes(tmp_name.encode(), 256).decode()
+    elif together and error is not None:
+        _committed(False)  # the others wait for rank 0's word on the checkpoint
     if error is not None:
         raise error
     if not tmp_name:
@@ -445,6 +456,14 @@ def _gather_records(
         return None
     return {shard["file"]: {"size": int.from_bytes(g[1:9], "big"), "sha256": g[9:].hex()}
             for shard, g in zip(shards, gathered)}
+
+
+def _await_commit(run_dir: Path, name: str) -> Path:
+    """A process other than rank 0: the checkpoint once rank 0 says it is committed."""
+    if not _committed():
+        raise CheckpointWriteError(f"checkpoint {name} under {run_dir / CHECKPOINTS_DIR} was not written "
+                                   f"(rank 0 failed); the previous checkpoints are untouched")
+    return run_dir / CHECKPOINTS_DIR / name
 
 
 def _committed(ok: bool = False) -> bool:
