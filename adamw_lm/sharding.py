@@ -9,6 +9,7 @@ parameters; the single-process optimizer does not know it is sharded.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Optional
 
 import mlx.core as mx
@@ -58,7 +59,7 @@ def gather_all_gather(new: dict[str, mx.array], owners: dict[str, int], shapes: 
     world = group.size()
     for dtype in sorted({dtypes[p] for p in owners}, key=str):
         per_rank = [[p for p in sorted(owners) if owners[p] == r and dtypes[p] == dtype] for r in range(world)]
-        sizes = [sum(_size(shapes[p]) for p in paths) for paths in per_rank]
+        sizes = [sum(math.prod(shapes[p]) for p in paths) for paths in per_rank]
         width = max(sizes)
         if width == 0:
             continue
@@ -70,8 +71,8 @@ def gather_all_gather(new: dict[str, mx.array], owners: dict[str, int], shapes: 
         for r, paths in enumerate(per_rank):
             start = r * width
             for p in paths:
-                out[p] = gathered[start: start + _size(shapes[p])].reshape(shapes[p])
-                start += _size(shapes[p])
+                out[p] = gathered[start: start + math.prod(shapes[p])].reshape(shapes[p])
+                start += math.prod(shapes[p])
     return out
 
 
@@ -83,24 +84,17 @@ def gather_all_sum(new: dict[str, mx.array], owners: dict[str, int], shapes: dic
     out = {}
     for dtype in sorted({dtypes[p] for p in owners}, key=str):
         paths = [p for p in sorted(owners) if dtypes[p] == dtype]
-        parts = [new[p].reshape(-1) if owners[p] == group.rank() else mx.zeros((_size(shapes[p]),), dtype)
+        parts = [new[p].reshape(-1) if owners[p] == group.rank() else mx.zeros((math.prod(shapes[p]),), dtype)
                  for p in paths]
         summed = mx.distributed.all_sum(mx.concatenate(parts), group=group)
         start = 0
         for p in paths:
-            out[p] = summed[start: start + _size(shapes[p])].reshape(shapes[p])
-            start += _size(shapes[p])
+            out[p] = summed[start: start + math.prod(shapes[p])].reshape(shapes[p])
+            start += math.prod(shapes[p])
     return out
 
 
 EXCHANGES: dict[str, Callable] = {"all_gather": gather_all_gather, "all_sum": gather_all_sum}
-
-
-def _size(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class ShardedOptimizer:
@@ -175,16 +169,13 @@ class ShardedOptimizer:
         self.owned(parameters)
         mine = {p for p, r in self.owners.items() if r == self.rank}
         full = dict(tree_flatten(parameters))
-        kept = [(k, v) for k, v in tree_flatten(state)
-                if not _owner_path(k, full) or _owner_path(k, full) in mine]
+        kept = [(k, v) for k, v in tree_flatten(state) if owner_of(k, full) in mine | {None}]
         self.inner.state = tree_unflatten(kept)
         self.inner.init(self.owned(parameters))
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         flat_grads = dict(tree_flatten(gradients))
         mine = self.owned(parameters)
-        if not self.inner._initialized:
-            self.inner.init(mine)
         my_grads = {p: flat_grads[p] for p, _ in tree_flatten(mine)}
         if my_grads and any(self.inner.precision_plan.get(p) is not None for p in my_grads):
             # A low-precision AdamW skips a step whose gradients are not finite; every process must
@@ -210,7 +201,7 @@ class ShardedOptimizer:
         return self.inner.state_nbytes()
 
 
-def _owner_path(key: str, parameters: dict) -> Optional[str]:
+def owner_of(key: str, parameters: dict) -> Optional[str]:
     """The parameter path a flat state key belongs to (``a.b.m`` → ``a.b``), if any."""
     while "." in key:
         key = key.rsplit(".", 1)[0]

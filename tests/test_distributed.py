@@ -360,3 +360,13 @@ def test_each_process_takes_its_share_of_the_same_global_batches():
     assert [s.position() for s in shares] == [whole.position()] * 2
     with pytest.raises(ConfigError, match="'batch_size' is 4.*3 processes"):
         BatchStream(data, config, rank=0, world_size=3)
+
+
+def test_shard_state_refuses_auto_precision_with_a_clear_error(tiny_model_path, data_dir, tmp_path):
+    from adamw_lm.config import ConfigError, from_dict
+
+    config = from_dict({"model": str(tiny_model_path), "data": str(data_dir), "num_layers": 2,
+                        "batch_size": 2, "adapter_path": str(tmp_path / "run"),
+                        "optimizer": {"shard_state": True, "state_precision": "auto", "memory_budget": 10**6}})
+    with pytest.raises(ConfigError, match="optimizer.shard_state.*'auto'"):
+        trainer.setup(config)

@@ -36,7 +36,7 @@ from .format import (
     check_trainer_state,
     step_dirs,
 )
-from ..sharding import ShardedOptimizer
+from ..sharding import ShardedOptimizer, owner_of
 from .state import restore_state
 from .threads import threads
 from .untrusted import (
@@ -110,7 +110,7 @@ class VerifiedCheckpoint:
         for shard in sorted(self.manifest["optimizer_shards"], key=lambda s: -s["rank"]):
             listed = set(shard.get("parameters", self.precision_plan))
             for key, value in self.arrays(shard["file"]).items():
-                owner = _owner(key, self.precision_plan)
+                owner = owner_of(key, self.precision_plan)
                 if owner is None and shard["rank"] != 0:
                     continue  # the scalars: every process keeps them alike; rank 0's are used
                 if owner is not None and owner not in listed:
@@ -133,15 +133,6 @@ class VerifiedCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _owner(key: str, parameters: dict[str, Any]) -> str | None:
-    """The parameter a flat optimizer-state key belongs to (``a.b.m`` → ``a.b``), if any."""
-    while "." in key:
-        key = key.rsplit(".", 1)[0]
-        if key in parameters:
-            return key
-    return None
 
 
 def open_verified(checkpoint_dir: str | os.PathLike) -> VerifiedCheckpoint:
