@@ -54,7 +54,8 @@ def peers_needed(where: str) -> Iterator[None]:
     except RuntimeError as e:
         if world_size() == 1:
             raise
-        raise PeerLostError(f"rank {rank()} of {world_size()}: lost the other processes {where} ({e})") from None
+        raise PeerLostError(
+            f"rank {rank()} of {world_size()}: lost the other processes {where} ({e})") from None
 
 
 def barrier() -> None:

@@ -58,7 +58,8 @@ def gather_all_gather(new: dict[str, mx.array], owners: dict[str, int], shapes: 
     out = {}
     world = group.size()
     for dtype in sorted({dtypes[p] for p in owners}, key=str):
-        per_rank = [[p for p in sorted(owners) if owners[p] == r and dtypes[p] == dtype] for r in range(world)]
+        per_rank = [[p for p in sorted(owners) if owners[p] == r and dtypes[p] == dtype]
+                    for r in range(world)]
         sizes = [sum(math.prod(shapes[p]) for p in paths) for paths in per_rank]
         width = max(sizes)
         if width == 0:
@@ -223,4 +224,5 @@ def per_process_plan(plan: "MemoryPlan", world_size: int, shard_state: bool) -> 
     share = world_size if shard_state else 1
     rows = tuple(replace(r, state=-(-r.state // share)) for r in plan.rows)
     what = "optimizer state sharded (ZeRO-1), about 1/N each" if shard_state else "state not sharded"
-    return replace(plan, rows=rows, description=f"{plan.description} — per process of {world_size} ({what})")
+    description = f"{plan.description} — per process of {world_size} ({what})"
+    return replace(plan, rows=rows, description=description)

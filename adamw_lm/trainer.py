@@ -188,9 +188,10 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     reports = Fanout([metrics, _reporting_callback(config), callback])
     lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
     if dist.world_size() > 1:
-        lines.append(f"Data parallel: {dist.world_size()} processes, {config.batch_size // dist.world_size()} "
-                     f"examples each per batch" + (", optimizer state sharded (the state above is rank 0's share)"
-                                                   if config.optimizer.shard_state else ""))
+        world = dist.world_size()
+        sharded = ", optimizer state sharded (the state above is rank 0's share)"
+        lines.append(f"Data parallel: {world} processes, {config.batch_size // world} examples each "
+                     f"per batch" + (sharded if config.optimizer.shard_state else ""))
     return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
                  reports, lines)
 

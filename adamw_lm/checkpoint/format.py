@@ -169,9 +169,11 @@ def _check_shards(path: Path, shards: list[dict[str, Any]]) -> None:
     """One shard per rank of one world size, distinct files; a sharded checkpoint's entries name
     disjoint parameter paths (``parameters``), each shard the part of the state its file holds."""
     world = shards[0]["world_size"]
-    if sorted(s["rank"] for s in shards) != list(range(world)) or any(s["world_size"] != world for s in shards):
+    ranks = sorted(s["rank"] for s in shards)
+    if ranks != list(range(world)) or any(s["world_size"] != world for s in shards):
         raise CorruptCheckpointError(
-            f"{path}: 'optimizer_shards' must hold one entry for each rank 0 to world_size - 1 of one world_size"
+            f"{path}: 'optimizer_shards' must hold one entry for each rank 0 to world_size - 1 "
+            f"of one world_size"
         )
     if len({s["file"] for s in shards}) != len(shards):
         raise CorruptCheckpointError(f"{path}: two optimizer shards name the same file")
@@ -183,7 +185,8 @@ def _check_shards(path: Path, shards: list[dict[str, Any]]) -> None:
         if (not isinstance(names, list) or len(names) > MAX_COUNT
                 or not all(isinstance(n, str) and PARAMETER_PATH.fullmatch(n) for n in names)):
             raise CorruptCheckpointError(
-                f"{path}: optimizer shard of rank {shard['rank']}: 'parameters' must be a list of parameter paths"
+                f"{path}: optimizer shard of rank {shard['rank']}: 'parameters' must be a list "
+                f"of parameter paths"
             )
         if seen & set(names):
             raise CorruptCheckpointError(

@@ -410,7 +410,9 @@ def save(
     return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
-def _shared_temporary(run_dir: Path, name: str, rank: int, sharded: bool, together: bool) -> tuple[Path, Path]:
+def _shared_temporary(
+    run_dir: Path, name: str, rank: int, sharded: bool, together: bool
+) -> tuple[Path, Path]:
     """The checkpoints folder and the temporary folder of this save: rank 0 makes it and, in a
     sharded save, tells the other processes its (unguessable) name (an empty one if it failed)."""
     tmp_name = ""
