@@ -111,6 +111,16 @@ def runs(tiny_model_path: Path, equal_length_data: Path, tmp_path_factory: pytes
 def test_two_processes_train_the_run_of_one_with_the_same_global_batch(runs):
     np.testing.assert_allclose(losses(runs["two"]), losses(runs["one"]), rtol=LOSS_RTOL)
     assert_close(adapters(runs["two"]), adapters(runs["one"]))
+    # Evaluation split over the processes and summed: the validation losses of one process.
+    states = [json.loads((runs[r] / "checkpoints" / f"step-{ITERS:07d}" / "trainer_state.json").read_text())
+              for r in ("one", "two")]
+    assert [it for it, _ in states[1]["val_losses"]] == [it for it, _ in states[0]["val_losses"]] == [0, 4, 8]
+    np.testing.assert_allclose([v for _, v in states[1]["val_losses"]], [v for _, v in states[0]["val_losses"]],
+                               rtol=LOSS_RTOL)
+    assert states[1]["trained_tokens"] == states[0]["trained_tokens"]  # summed over the processes
+    # Rank 0 alone writes the metrics: as many records as one process writes.
+    records = [(runs[r] / "metrics.jsonl").read_text().splitlines() for r in ("one", "two")]
+    assert len(records[1]) == len(records[0])
     # Only rank 0 wrote the unsharded checkpoint: one whole optimizer file.
     assert [len(s) for s in shard_arrays(runs["two"])] == [len(mx.load(str(
         runs["one"] / "checkpoints" / f"step-{ITERS:07d}" / "optimizer.safetensors")))]
