@@ -38,10 +38,20 @@ class BatchStream:
     so that a saved position is restored in O(1); each batch is then assembled (padded, truncated) by
     mlx-lm's own ``iterate_batches``. Reseeding per epoch keeps the order independent of anything else
     that uses NumPy's RNG (evaluation does).
+
+    Under data parallelism (``world_size`` processes) the order is the same and process ``rank``
+    takes its share of every batch, the examples ``rank, rank + world_size, ...`` of it, as
+    ``iterate_batches(..., comm_group=...)`` does.
     """
 
-    def __init__(self, dataset: CacheDataset, config: TrainConfig, epoch: int = 0, offset: int = 0):
+    def __init__(self, dataset: CacheDataset, config: TrainConfig, epoch: int = 0, offset: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if config.batch_size % world_size:
+            raise ConfigError(f"config key 'batch_size' is {config.batch_size}, which the {world_size} "
+                              "processes of this run cannot share: it must be a multiple of the number "
+                              "of processes")
         self.dataset, self.config = dataset, config
+        self.rank, self.world_size = rank, world_size
         # As iterate_batches builds its batches: examples sorted by length, cut in batch_size runs.
         order = sorted(range(len(dataset)), key=dataset.itemlen)
         size = config.batch_size
@@ -69,9 +79,11 @@ class BatchStream:
         if self.offset == len(self._permutation):
             self.epoch, self.offset = self.epoch + 1, 0
             self._permutation = self._draw(self.epoch)
-        examples = _Batch(self.dataset, self._batches[self._permutation[self.offset]])
+        batch = self._batches[self._permutation[self.offset]]
+        examples = _Batch(self.dataset, batch[self.rank:: self.world_size])
         self.offset += 1
-        return next(iterate_batches(examples, self.config.batch_size, self.config.max_seq_length))
+        return next(iterate_batches(examples, self.config.batch_size // self.world_size,
+                                    self.config.max_seq_length))
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}

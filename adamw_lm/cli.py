@@ -208,7 +208,10 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
 def _exit_code(result: Any) -> int:
     if result.stop_signal is not None:
         return 128 + result.stop_signal  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
-    print(result.summary())
+    from .distributed import is_main
+
+    if is_main():
+        print(result.summary())
     return 0
 
 
@@ -245,12 +248,14 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import memory
     from .config import ConfigError
+    from .sharding import per_process_plan
 
     precisions = memory.DEFAULT_PRECISIONS
     if args.precision:
         precisions = tuple(None if p.lower() == "none" else p for p in args.precision)
     try:
         plan = memory.plan_from_config(args.model, precisions=precisions, **plan_options(args))
+        plan = per_process_plan(plan, args.world_size, args.shard_state)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(plan.to_markdown())
@@ -323,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --fine-tune-type full: every parameter, embeddings and head included")
     p.add_argument("--precision", nargs="+", default=None,
                    help="state precisions to show: none fp32 bf16 int8 int4 (default: all)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="memory per process of a data-parallel run of this many processes (mlx.launch)")
+    p.add_argument("--shard-state", action="store_true",
+                   help="with --world-size: optimizer state sharded over the processes (optimizer.shard_state)")
     p.add_argument("--weight-update", choices=["nearest", "stochastic", "exact"], default=None,
                    help="AdamW's weight_update for bf16/fp16 weights ('exact' adds 2 bytes per "
                         "parameter of state; default: AdamW's)")
@@ -371,6 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``adamw-lm`` console script."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import PeerLostError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_messages()
@@ -385,6 +395,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, CheckpointError, OSError) as e:
         print(f"adamw-lm {command}: error: {e}", file=sys.stderr)
         return 2
+    except PeerLostError as e:
+        print(f"adamw-lm {command}: error: {e}; the run stops here (resume from its last complete "
+              "checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("adamw-lm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -76,6 +76,9 @@ class OptimizerConfig:
     min_quantize_size: int = 4096
     memory_budget: Optional[int] = None
     weight_update: Optional[str] = None  # None: the optimizer's own default
+    # ZeRO-1 under mlx.launch: each process keeps the state of its share of the parameters
+    # (adamw_lm.sharding); not an AdamW argument.
+    shard_state: bool = False
 
     def __post_init__(self) -> None:
         self.name = _optimizer_name(self.name)
@@ -92,7 +95,7 @@ class OptimizerConfig:
     def adamw_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adamw_lm.AdamW` (all but ``learning_rate`` and ``seed``)."""
         kwargs = dataclasses.asdict(self)
-        del kwargs["name"]
+        del kwargs["name"], kwargs["shard_state"]
         kwargs["precision_overrides"] = kwargs.pop("overrides")
         if kwargs["weight_update"] is None:
             del kwargs["weight_update"]

@@ -32,6 +32,7 @@ from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterat
 from mlx_lm.utils import save_config
 
 from . import checkpoint
+from . import distributed as dist
 from .batches import BatchStream, iteration_seed
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
@@ -41,6 +42,7 @@ from .reports import header as reports_header
 from .reports import unused_precision_warnings
 from .runfiles import replace_file, replace_via_path
 from .runlock import LOCK_FILE, RunLock
+from .sharding import ShardedOptimizer
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Setup:
 
     config: TrainConfig
     model: nn.Module
-    optimizer: AdamW
+    optimizer: AdamW | ShardedOptimizer
     train_set: CacheDataset
     valid_set: CacheDataset
     test_set: CacheDataset
@@ -165,6 +167,11 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
         optimizer.plan(model.trainable_parameters())
     except ValueError as e:
         raise ConfigError(f"config section 'optimizer': {e}") from None
+    if config.optimizer.shard_state:
+        try:
+            optimizer = ShardedOptimizer(optimizer)
+        except ValueError as e:
+            raise ConfigError(f"config key 'optimizer.shard_state': {e}") from None
     state = {k: (list(v) if isinstance(v, list) else v) for k, v in _FRESH_STATE.items()}
     where = getattr(resume_from, "path", resume_from)
     if resume_from is not None:
@@ -177,7 +184,7 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    batches = BatchStream(train_set, config, state["epoch"], state["offset"])
+    batches = BatchStream(train_set, config, state["epoch"], state["offset"], dist.rank(), dist.world_size())
     if state["epoch"] * batches.batches_per_epoch + state["offset"] != state["iteration"]:
         raise ConfigError(
             f"{where}: saved data position (epoch {state['epoch']}, batch {state['offset']}) is not "
@@ -192,6 +199,11 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
     metrics = MetricsLog(config.run_dir)
     reports = Fanout([metrics, _reporting_callback(config), callback])
     lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
+    if dist.world_size() > 1:
+        world = dist.world_size()
+        sharded = ", optimizer state sharded (the state above is rank 0's share)"
+        lines.append(f"Data parallel: {world} processes, {config.batch_size // world} examples each "
+                     f"per batch" + (sharded if config.optimizer.shard_state else ""))
     return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
                  reports, lines)
 
@@ -234,9 +246,11 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
 
     config, model, optimizer, state, batches = s.config, s.model, s.optimizer, s.state, s.batches
     start = state["iteration"]
-    bar = tqdm(total=config.iters, initial=start, disable=not progress, unit="it", dynamic_ncols=True,
-               file=sys.stderr)
-    reports = Fanout([s.reports, TerminalReport(bar)])
+    main, world = dist.is_main(), dist.world_size()
+    bar = tqdm(total=config.iters, initial=start, disable=not (progress and main), unit="it",
+               dynamic_ncols=True, file=sys.stderr)
+    # Only rank 0 reports; every process computes the same (summed) numbers.
+    reports = Fanout([s.reports, TerminalReport(bar)] if main else [])
     loss_and_grad = nn.value_and_grad(model, default_loss)
     accum = config.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -247,6 +261,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
+            grad = nn.average_gradients(grad)  # a no-op in one process
             if accum > 1:
                 grad = tree_map(lambda g: g / accum, grad)
             optimizer.update(model, grad)
@@ -257,21 +272,23 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
                          "config": config.to_dict()}
-        saved = checkpoint.save(
+        saved = checkpoint.save(  # every process: the writer knows who writes what
             s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.
             val_loss=last[1] if last and last[0] == it else None,
         )
-        write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
+        if main:
+            write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
         return saved
 
     def validate(it: int) -> None:
         tic = time.perf_counter()
-        val_loss = evaluate(
-            model, s.valid_set, config.batch_size, config.val_batches, config.max_seq_length,
-            loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
-        )
+        with dist.peers_needed(f"validating at iteration {it}"):  # mlx-lm's evaluate sums over processes
+            val_loss = evaluate(
+                model, s.valid_set, config.batch_size, config.val_batches, config.max_seq_length,
+                loss=default_loss, iterate_batches=partial(iterate_batches, seed=config.seed),
+            )
         model.train()
         state["val_losses"].append([it, val_loss])
         reports.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": time.perf_counter() - tic})
@@ -290,12 +307,18 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             mx.random.seed(iteration_seed(config.seed, it))
             batch, lengths = next(batches)
             loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
-            mx.eval(compiled_state, loss, toks, grad)
+            with dist.peers_needed(f"at iteration {it}"):
+                mx.eval(compiled_state, loss, toks, grad)
+            # One collective per step: the losses, the tokens, and whether a process was asked to stop.
+            loss_sum, tokens, stops = dist.sum_floats(loss, toks, mx.array(stop.signal is not None))
             if mx.get_cache_memory() > config.clear_cache_threshold:  # as mlx-lm's trainer does
                 mx.clear_cache()
-            state["losses"].append(loss.item())
+            # As mlx-lm reports a data-parallel loss: the mean of the processes' losses.
+            state["losses"].append(loss_sum / world)
             state["iteration"] = it
-            window.add(toks.item(), time.perf_counter() - tic)
+            window.add(int(tokens), time.perf_counter() - tic)
+            if stops and stop.signal is None:
+                stop.signal = signal.SIGTERM  # another process was stopped: all stop, after one save
             bar.update(1)
 
             if it % config.steps_per_report == 0 or it == config.iters:
@@ -307,12 +330,13 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
                 last_saved = save(it)
                 save_due = False
-            if it % config.save_every == 0:  # as mlx_lm lora does, whatever checkpoint.every is
+            if it % config.save_every == 0 and main:  # as mlx_lm lora does, whatever checkpoint.every is
                 write_numbered_adapters(s.run_dir, model, it)
             if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
-                print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
-                      f"Resume with: adamw-lm resume {s.run_dir}", file=sys.stderr)
+                if main:
+                    print(f"\nStopped at iteration {it}; checkpoint {last_saved}.\n"
+                          f"Resume with: adamw-lm resume {s.run_dir}", file=sys.stderr)
                 return RunResult(s.run_dir, it, last_saved, stop.signal, state["losses"])
     test_loss = run_test(model, s.test_set, config, s.metrics, state["iteration"]) if config.test else None
     return RunResult(s.run_dir, state["iteration"], last_saved, None, state["losses"], test_loss)
@@ -324,6 +348,8 @@ def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Opti
     model.eval()
     loss = evaluate(model, test_set, config.batch_size, config.test_batches, config.max_seq_length,
                     iterate_batches=partial(iterate_batches, seed=config.seed))
+    if not dist.is_main():  # mlx-lm's evaluate split the test set and summed the losses
+        return loss
     if metrics is not None:
         metrics.write({"iteration": iteration, "test_loss": loss})
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
@@ -381,9 +407,11 @@ def run(
     folder is locked for the whole run (:class:`~adamw_lm.runlock.RunLock`): a second writer is
     refused. With ``train: false`` and ``test: true`` the adapters in ``adapter_path`` are only
     evaluated on the test set, as ``mlx_lm lora`` does.
+
+    Under ``mlx.launch`` every process calls this with the same config (and the same run folder,
+    which they must all see): each trains on its share of every batch, and rank 0 alone holds the
+    lock, prints, and writes metrics and adapters (see :mod:`adamw_lm.distributed`).
     """
-    if mx.distributed.init().size() > 1:
-        raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
     if not config.train:
         if not config.test:
             raise ConfigError("config keys 'train' and 'test' are both false: nothing to do")
@@ -391,11 +419,13 @@ def run(
     config = _absolute_paths(config)
     run_dir = config.run_dir
     _check_run_dir(config)
-    created = not run_dir.exists()
-    lock = RunLock(run_dir).acquire()
+    main = dist.is_main()
+    created = main and not run_dir.exists()
+    lock = _lock(run_dir).acquire()
     try:
         try:
             replace_old_run = _replaces_old_run(config, resume_from, overwrite)
+            dist.barrier()  # every process has looked at the old run before rank 0 removes it
             s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
                       callback=callback)
         except BaseException:
@@ -407,23 +437,43 @@ def run(
             raise
         # Only now that model, data and optimizer have all been set up: a new run's log starts
         # empty (an old run that crashed before its first checkpoint leaves one behind).
-        if replace_old_run:
+        if main and replace_old_run:
             shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
-        if resume_from is None:
+        if main and resume_from is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        else:
+        elif main:
             truncate_metrics(run_dir, s.state["iteration"])
-        for line in s.header:
+        for line in s.header if main else []:
             print(line, flush=True)
         try:
             result = train_loop(s, progress=progress)
         finally:
             s.metrics.close()
-        if not result.interrupted:
+        if main and not result.interrupted:
             plot(run_dir)
         return result
     finally:
         lock.release()
+
+
+class _NoLock:
+    """Processes other than rank 0 of a data-parallel run: rank 0 holds the run folder's lock."""
+
+    def acquire(self) -> "_NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NoLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _lock(run_dir: Path) -> RunLock | _NoLock:
+    return RunLock(run_dir) if dist.is_main() else _NoLock()
 
 
 def evaluate_adapters(config: TrainConfig) -> RunResult:
@@ -455,7 +505,8 @@ RESUMABLE_OVERRIDES = (
     "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
-    "optimizer.memory_budget", "optimizer.weight_update", "trust_remote_code", "hf_dataset",
+    "optimizer.memory_budget", "optimizer.weight_update", "optimizer.shard_state", "trust_remote_code",
+    "hf_dataset",
 )
 
 #: Saved settings that can run code or send data out: a checkpoint may come from anyone, so these
@@ -519,7 +570,7 @@ def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision
     if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
         raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
-    with RunLock(run_dir):
+    with _lock(run_dir):
         return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
 
 
@@ -545,7 +596,7 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
             set_dotted(data, key, value)
     set_dotted(data, "checkpoint.dir", str(run_dir))
     config = from_dict(data)
-    if ignored:
+    if ignored and dist.is_main():
         print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
               f"{', '.join(ignored)}; give the flag to use it.", file=sys.stderr)
     iteration = saved["iteration"]
@@ -564,9 +615,10 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
             "with --step N from a checkpoint on an optimizer update"
         )
     later = [f"step-{n:07d}" for n in checkpoint.steps(run_dir) if n > iteration]
-    print(f"Resuming {run_dir} from iteration {iteration} ({found.path.name})"
-          + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
-             "overwrites those steps" if later else "") + ".", file=sys.stderr)
+    if dist.is_main():
+        print(f"Resuming {run_dir} from iteration {iteration} ({found.path.name})"
+              + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
+                 "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
                callback=callback)
 
@@ -574,7 +626,8 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
     """Check that two runs' latest checkpoints hold the same bits; raise ``AssertionError`` if not.
 
-    Compares every adapter and optimizer tensor with ``mx.array_equal`` and every logged loss exactly.
+    Compares every adapter and optimizer tensor with ``mx.array_equal`` (the optimizer state merged
+    from its shards, whatever the number of processes that wrote it) and every logged loss exactly.
     """
     with contextlib.ExitStack() as stack:
         found = []
@@ -583,16 +636,21 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
             if opened is None:
                 raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint")
             found.append(stack.enter_context(opened))
-        counts = []
-        for name in (checkpoint.ADAPTERS, checkpoint.OPTIMIZER):
-            a, b = (c.arrays(name) for c in found)
-            if a.keys() != b.keys():
-                raise AssertionError(f"{name}: different keys: {sorted(a.keys() ^ b.keys())[:5]}")
-            for key in sorted(a):
-                if a[key].dtype != b[key].dtype or not mx.array_equal(a[key], b[key]).item():
-                    raise AssertionError(f"{name}: tensor {key} differs between {found[0].path} and {found[1].path}")
-            counts.append(len(a))
+        # The whole optimizer state, merged from its shards: a sharded run compares with an unsharded one.
+        arrays = {name: [read(o) for o in found] for name, read in (
+            ("adapters.safetensors", lambda o: o.arrays(checkpoint.ADAPTERS)),
+            ("optimizer state", lambda o: o.optimizer_state()))}
+        mx.eval(arrays)
+        paths = [c.path for c in found]
         states = [c.trainer_state for c in found]
+    counts = []
+    for name, (a, b) in arrays.items():
+        if a.keys() != b.keys():
+            raise AssertionError(f"{name}: different keys: {sorted(a.keys() ^ b.keys())[:5]}")
+        for key in sorted(a):
+            if a[key].dtype != b[key].dtype or not mx.array_equal(a[key], b[key]).item():
+                raise AssertionError(f"{name}: tensor {key} differs between {paths[0]} and {paths[1]}")
+        counts.append(len(a))
     iterations = [s.get("iteration") for s in states]
     if iterations[0] != iterations[1]:
         raise AssertionError(f"iterations differ: {iterations[0]} vs {iterations[1]}")

@@ -156,7 +156,43 @@ def check_manifest(path: Path, manifest: Any, folder_step: int | None) -> dict[s
             raise CorruptCheckpointError(
                 f"{path}: each optimizer shard must name a listed file, with int rank < world_size"
             )
+    _check_shards(path, shards)
     return manifest
+
+
+def optimizer_shard_name(rank: int, world_size: int) -> str:
+    """The file of one process's optimizer state in a sharded checkpoint."""
+    return f"optimizer-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _check_shards(path: Path, shards: list[dict[str, Any]]) -> None:
+    """One shard per rank of one world size, distinct files; a sharded checkpoint's entries name
+    disjoint parameter paths (``parameters``), each shard the part of the state its file holds."""
+    world = shards[0]["world_size"]
+    ranks = sorted(s["rank"] for s in shards)
+    if ranks != list(range(world)) or any(s["world_size"] != world for s in shards):
+        raise CorruptCheckpointError(
+            f"{path}: 'optimizer_shards' must hold one entry for each rank 0 to world_size - 1 "
+            f"of one world_size"
+        )
+    if len({s["file"] for s in shards}) != len(shards):
+        raise CorruptCheckpointError(f"{path}: two optimizer shards name the same file")
+    if len(shards) == 1 and "parameters" not in shards[0]:
+        return  # an unsharded checkpoint: its one file holds the whole state
+    seen: set[str] = set()
+    for shard in shards:
+        names = shard.get("parameters")
+        if (not isinstance(names, list) or len(names) > MAX_COUNT
+                or not all(isinstance(n, str) and PARAMETER_PATH.fullmatch(n) for n in names)):
+            raise CorruptCheckpointError(
+                f"{path}: optimizer shard of rank {shard['rank']}: 'parameters' must be a list "
+                f"of parameter paths"
+            )
+        if seen & set(names):
+            raise CorruptCheckpointError(
+                f"{path}: optimizer shard of rank {shard['rank']} names parameters another shard names too"
+            )
+        seen |= set(names)
 
 
 # Keys of a trainer state that hold losses: the only numbers that may be NaN or infinite (a run

@@ -36,6 +36,7 @@ from .format import (
     check_trainer_state,
     step_dirs,
 )
+from ..sharding import ShardedOptimizer, owner_of
 from .state import restore_state
 from .threads import threads
 from .untrusted import (
@@ -84,16 +85,40 @@ class VerifiedCheckpoint:
         if not isinstance(self.adapter_config, dict):
             raise CorruptCheckpointError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
         files[ADAPTERS].check_safetensors_header()
-        shard = self.optimizer_file
-        metadata = files[shard].check_safetensors_header()
-        self.precision_plan, self.hyperparameters = check_optimizer_metadata(
-            path / shard, metadata, parse_json
-        )
-        self.optimizer_class = metadata["optimizer"]
+        self.precision_plan = {}
+        for shard in sorted(manifest["optimizer_shards"], key=lambda s: -s["rank"]):
+            name = shard["file"]
+            metadata = files[name].check_safetensors_header()
+            plan, self.hyperparameters = check_optimizer_metadata(path / name, metadata, parse_json)
+            listed = shard.get("parameters", plan)
+            if set(plan) != set(listed):
+                raise CorruptCheckpointError(
+                    f"{path / name}: its precision plan does not name the parameters the manifest lists "
+                    f"for rank {shard['rank']}")
+            self.precision_plan.update(plan)
+            self.optimizer_class = metadata["optimizer"]  # rank 0's, read last
 
     @property
     def optimizer_file(self) -> str:
-        return self.manifest["optimizer_shards"][0]["file"]
+        """The file of rank 0's optimizer state (the whole state when unsharded)."""
+        return next(s["file"] for s in self.manifest["optimizer_shards"] if s["rank"] == 0)
+
+    def optimizer_state(self) -> dict[str, mx.array]:
+        """The whole optimizer state, flat: the scalars from rank 0's file, each parameter's
+        state from the file of the shard that lists it."""
+        state: dict[str, mx.array] = {}
+        for shard in sorted(self.manifest["optimizer_shards"], key=lambda s: -s["rank"]):
+            listed = set(shard.get("parameters", self.precision_plan))
+            for key, value in self.arrays(shard["file"]).items():
+                owner = owner_of(key, self.precision_plan)
+                if owner is None and shard["rank"] != 0:
+                    continue  # the scalars: every process keeps them alike; rank 0's are used
+                if owner is not None and owner not in listed:
+                    raise CorruptCheckpointError(
+                        f"{self.path / shard['file']}: holds state of {owner}, which the manifest gives "
+                        f"to another shard")
+                state[key] = value
+        return state
 
     def arrays(self, name: str) -> dict[str, mx.array]:
         """The arrays of one listed safetensors file, read lazily from the verified open file."""
@@ -266,35 +291,36 @@ def _load_verified(
     optimizer: optim.Optimizer,
     convert_precision: bool,
 ) -> dict[str, Any]:
-    shards = found.manifest["optimizer_shards"]
-    if len(shards) != 1 or shards[0]["world_size"] != 1:
-        raise IncompatibleCheckpointError(
-            f"{found.path / MANIFEST}: optimizer state is sharded over {len(shards)} files "
-            f"(world_size {shards[0]['world_size']}); this adamw_lm reads one unsharded file"
-        )
+    # A sharded optimizer restores the whole state, then keeps its own share: the checkpoint may
+    # come from any number of processes.
+    sharded = isinstance(optimizer, ShardedOptimizer)
+    whole = optimizer.inner if sharded else optimizer
     trainable = model.trainable_parameters()
     params = dict(tree_flatten(trainable))
     adapters = found.arrays(ADAPTERS)
     _check_weights(adapters, params, found.path / ADAPTERS)
     optimizer_path = found.path / found.optimizer_file
-    flat = found.arrays(found.optimizer_file)
+    flat = found.optimizer_state()
     # Every mlx optimizer keeps these; a fresh value in place of a missing one would restart the
     # bias correction and the schedule silently.
     for key in _REQUIRED_STATE:
         if key not in flat:
             raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
     state = restore_state(
-        flat, found.precision_plan, optimizer_path, trainable, optimizer, convert_precision,
+        flat, found.precision_plan, optimizer_path, trainable, whole, convert_precision,
         found.hyperparameters,
     )
-    _check_state_layout(state, optimizer, trainable, optimizer_path)
+    _check_state_layout(state, whole, trainable, optimizer_path)
     _check_finite(adapters, found.path / ADAPTERS)
     _check_finite(dict(tree_flatten(state)), optimizer_path)
 
     # Every check has passed: only now are the model and the optimizer changed.
     model.load_weights(list(adapters.items()), strict=False)
-    optimizer.state = state
-    optimizer.init(trainable)
+    if sharded:
+        optimizer.set_full_state(state, trainable)
+    else:
+        optimizer.state = state
+        optimizer.init(trainable)
     # Read everything now: a rotation may delete this folder while the run goes on.
     mx.eval(model.trainable_parameters(), optimizer.state)
     return found.trainer_state
@@ -487,6 +513,9 @@ def describe(path: str | os.PathLike) -> str:
     # Re-encoded (ASCII, escaped), not echoed: nothing from the file reaches the terminal raw.
     hyper = json.dumps(found.hyperparameters, sort_keys=True)
     lines.append(f"  optimizer: {found.optimizer_class} {hyper}")
+    world = manifest["optimizer_shards"][0]["world_size"]
+    if world > 1:
+        lines.append(f"  optimizer state sharded over {world} processes (one file each); loads at any number")
     for name, record in files.items():
         lines.append(f"  {name:<24} {record['size']:>14,d} bytes  sha256 {record['sha256']}")
     return "\n".join(lines)

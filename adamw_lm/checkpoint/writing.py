@@ -33,6 +33,7 @@ from .format import (
     MAX_COUNT,
     OPTIMIZER,
     TEMPORARY,
+    optimizer_shard_name,
     TRAINER_STATE,
     CheckpointError,
     CheckpointWriteError,
@@ -41,6 +42,8 @@ from .format import (
     dir_name,
     step_dirs,
 )
+from .. import distributed as dist
+from ..sharding import ShardedOptimizer
 from .state import optimizer_metadata, plan_of
 from .threads import threads
 from .untrusted import (
@@ -281,6 +284,13 @@ def save(
     Rotation runs when ``keep_last`` or ``keep_best`` is given; the checkpoint just written (the one
     ``latest`` names) is never deleted. Temporaries of crashed saves are removed first.
 
+    In a data-parallel run (``mlx.launch``) every process calls ``save`` with the same arguments,
+    and all return once the checkpoint is committed (or all raise). With a
+    :class:`~adamw_lm.sharding.ShardedOptimizer` each process writes its own
+    ``optimizer-RRRRR-of-NNNNN.safetensors`` into rank 0's temporary folder, and the manifest lists
+    every shard with its parameters; otherwise rank 0 writes the whole checkpoint. The run folder
+    must be the same folder for every process.
+
     Raises:
         CheckpointWriteError: ``run_dir`` is not writable or a write failed; nothing was lost.
         ValueError, TypeError: bad arguments, raised before anything is written; this includes a
@@ -318,15 +328,49 @@ def save(
             raise TypeError(
                 f"optimizer.state[{key!r}] is a {type(value).__name__}; expected arrays only"
             )
-    plan = plan_of(optimizer, trainable)
-
-    root = _open_root(Path(run_dir))
-    _clean_stale(root)
+    # Every process of a data-parallel run calls save. Sharded, each writes its own share of the
+    # state and rank 0 writes the rest; unsharded, rank 0 writes everything. Rank 0 writes the
+    # manifest (the commit marker) last, once every share is on disk, and tells the others.
+    together = dist.world_size() > 1
+    sharded = isinstance(optimizer, ShardedOptimizer)
+    rank = optimizer.rank if sharded else dist.rank()
+    if sharded:
+        world = optimizer.world_size
+        plan = plan_of(optimizer.inner, optimizer.owned(trainable))
+        metadata = optimizer_metadata(optimizer.inner, plan)
+        state_file = optimizer_shard_name(rank, world)
+        shards = [{"file": optimizer_shard_name(r, world), "rank": r, "world_size": world,
+                   "parameters": sorted(p for p, o in optimizer.owners.items() if o == r)}
+                  for r in range(world)]
+    else:
+        metadata = optimizer_metadata(optimizer, plan_of(optimizer, trainable))
+        state_file = OPTIMIZER
+        shards = [{"file": OPTIMIZER, "rank": 0, "world_size": 1}]
     name = dir_name(step)
-    tmp = _temporary(root, "tmp", name)
+    if rank != 0 and not sharded:
+        return _await_commit(Path(run_dir), name)
+    root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded, together)
     try:
-        tmp.mkdir()
-        files = _write_checkpoint_files(tmp, adapters, state, optimizer_metadata(optimizer, plan))
+        mx.eval(adapters, state)
+        try:
+            files = {state_file: _write_safetensors(tmp / state_file, state, metadata)}
+        except OSError as e:
+            if not sharded:
+                raise
+            files, failure = {}, e  # the others must hear of it before anyone gives up
+        else:
+            failure = None
+        if sharded:
+            files = _gather_records(files, shards)
+            if failure is not None:
+                raise failure
+            if files is None:
+                raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (another "
+                                           f"process could not write its shard); the previous "
+                                           f"checkpoints are untouched")
+        if rank != 0:
+            return _await_commit(Path(run_dir), name)
+        files[ADAPTERS] = _write_safetensors(tmp / ADAPTERS, adapters, None)
         files[ADAPTER_CONFIG] = _write_adapter_config(tmp / ADAPTER_CONFIG, adapter_config)
         files[TRAINER_STATE] = _write_bytes(tmp / TRAINER_STATE, state_bytes)
         manifest = {
@@ -336,38 +380,97 @@ def save(
             "val_loss": None if val_loss is None else float(val_loss),
             "adamw_lm_version": __version__,
             "files": dict(sorted(files.items())),
-            # One entry per rank once optimizer state is sharded; "parameters" will then name each
-            # shard's part of the precision plan.
-            "optimizer_shards": [{"file": OPTIMIZER, "rank": 0, "world_size": 1}],
+            "optimizer_shards": shards,
         }
         _write_bytes(tmp / MANIFEST, _to_json(manifest, "manifest"))
         _fsync_dir(tmp)
         _commit(root, tmp, name)
         _point_latest(root, name)
+        if together:
+            _committed(True)
     except OSError as e:
-        _remove(tmp)
+        if rank == 0:
+            _remove(tmp)
+            if together:
+                with contextlib.suppress(dist.PeerLostError):
+                    _committed(False)
         raise CheckpointWriteError(
             f"could not write checkpoint {name} under {root}: {e.strerror or e} "
             f"({e.filename or tmp}); the previous checkpoints are untouched"
         ) from e
     except BaseException:
-        _remove(tmp)
+        if rank == 0:
+            _remove(tmp)
+            if together:
+                with contextlib.suppress(dist.PeerLostError):
+                    _committed(False)
         raise
     if keep_last is not None or keep_best is not None:
         _rotate(root, keep_last or 0, keep_best or 0, keep=name)
     return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
-def _write_checkpoint_files(
-    folder: Path, adapters: dict, state: dict, metadata: dict[str, str]
-) -> dict[str, dict[str, Any]]:
-    # mlx calls stay on this thread: on Metal and CUDA, mlx's streams belong to the thread that
-    # made them. Only hashing and fsync (no mlx) run on worker threads.
-    mx.eval(adapters, state)
-    return {
-        ADAPTERS: _write_safetensors(folder / ADAPTERS, adapters, None),
-        OPTIMIZER: _write_safetensors(folder / OPTIMIZER, state, metadata),
-    }
+def _shared_temporary(
+    run_dir: Path, name: str, rank: int, sharded: bool, together: bool
+) -> tuple[Path, Path]:
+    """The checkpoints folder and the temporary folder of this save: rank 0 makes it and, in a
+    sharded save, tells the other processes its (unguessable) name (an empty one if it failed)."""
+    tmp_name = ""
+    error: BaseException | None = None
+    root = run_dir / CHECKPOINTS_DIR
+    if rank == 0:
+        try:
+            root = _open_root(run_dir)
+            _clean_stale(root)
+            tmp = _temporary(root, "tmp", name)
+            tmp.mkdir()
+            tmp_name = tmp.name
+        except OSError as e:
+            error = CheckpointWriteError(f"could not write checkpoint {name} under {root}: "
+                                         f"{e.strerror or e} ({e.filename or root}); the previous "
+                                         f"checkpoints are untouched")
+        except CheckpointWriteError as e:
+            error = e
+    if sharded:
+        tmp_name = dist.broadcast_bytes(tmp_name.encode(), 256).decode()
+    elif together and error is not None:
+        _committed(False)  # the others wait for rank 0's word on the checkpoint
+    if error is not None:
+        raise error
+    if not tmp_name:
+        raise CheckpointWriteError(f"checkpoint {name} under {root} was not written (rank 0 could not "
+                                   f"create its folder); the previous checkpoints are untouched")
+    if rank != 0:
+        root = Path(os.path.realpath(root))
+    return root, root / tmp_name
+
+
+def _gather_records(
+    files: dict[str, dict[str, Any]], shards: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]] | None:
+    """Every shard's size and sha256, from the process that wrote it (on every process); ``None``
+    when a process wrote none (``files`` empty)."""
+    data = bytes(41)
+    for record in files.values():
+        data = b"\1" + record["size"].to_bytes(8, "big") + bytes.fromhex(record["sha256"])
+    gathered = dist.gather_bytes(data, 41)
+    if any(g[0] != 1 for g in gathered):
+        return None
+    return {shard["file"]: {"size": int.from_bytes(g[1:9], "big"), "sha256": g[9:].hex()}
+            for shard, g in zip(shards, gathered)}
+
+
+def _await_commit(run_dir: Path, name: str) -> Path:
+    """A process other than rank 0: the checkpoint once rank 0 says it is committed."""
+    if not _committed():
+        raise CheckpointWriteError(f"checkpoint {name} under {run_dir / CHECKPOINTS_DIR} was not written "
+                                   f"(rank 0 failed); the previous checkpoints are untouched")
+    return run_dir / CHECKPOINTS_DIR / name
+
+
+def _committed(ok: bool = False) -> bool:
+    """Rank 0 tells (``ok``) every other process whether the checkpoint was committed."""
+    return dist.broadcast_bytes(b"ok" if ok else b"no", 2) == b"ok"
 
 
 def _commit(root: Path, tmp: Path, name: str) -> None:
