@@ -34,6 +34,7 @@ from mlx_lm.utils import save_config
 from . import checkpoint
 from .batches import BatchStream, iteration_seed
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
+from .fingerprint import changed_inputs, run_inputs
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
 from .optim import AdamW
 from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
@@ -118,8 +119,13 @@ def _reporting_callback(config: TrainConfig) -> Optional[TrainingCallback]:
 
 
 #: The trainer state a run starts from (a new run) and saves in every checkpoint.
+#: ``exact`` turns false (and ``changes`` says why) when a resume knowingly accepts another
+#: model or data set than the run's fingerprints.
 _FRESH_STATE = {"iteration": 0, "epoch": 0, "offset": 0, "losses": [], "val_losses": [],
-                "report_start": 0, "trained_tokens": 0}
+                "report_start": 0, "trained_tokens": 0, "exact": True, "changes": []}
+
+#: The flag that accepts a changed input on resume, by input.
+ACCEPT_FLAGS = {"model": "--accept-changed-model", "data": "--accept-changed-data"}
 
 
 @dataclass
@@ -137,6 +143,8 @@ class Setup:
     metrics: MetricsLog
     reports: Fanout
     header: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints of the model and data
+    pusher: Any = None  # an adamw_lm.hub.Pusher when the run pushes to the Hub
 
     @property
     def run_dir(self) -> Path:
@@ -144,11 +152,16 @@ class Setup:
 
 
 def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_precision: bool = False,
-          callback: Optional[TrainingCallback] = None) -> Setup:
+          callback: Optional[TrainingCallback] = None, accept_changed: frozenset[str] = frozenset()) -> Setup:
     """Load the model and data, open the trainable layers, build the optimizer and restore a
-    checkpoint, in ``mlx_lm lora``'s order; touches nothing in the run folder."""
+    checkpoint, in ``mlx_lm lora``'s order; touches nothing in the run folder.
+
+    On resume the model and data must have the fingerprints the checkpoint recorded, unless
+    ``accept_changed`` names them (``"model"``, ``"data"``): the run is then marked not exact.
+    """
     model, tokenizer = load_model(config)
     train_set, valid_set, test_set = load_data(config, tokenizer)
+    inputs = run_inputs(config.model, config.data, config.hf_dataset)
     # Where mlx_lm lora seeds (after loading, before the LoRA layers draw their initial values):
     # the same config gives the same adapters.
     mx.random.seed(config.seed)
@@ -160,6 +173,7 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
         state.update({k: saved[k] for k in state if k in saved})
         if "report_start" not in saved:  # written before the window was saved: restart it here
             state["report_start"] = state["iteration"]
+        _check_inputs(saved.get("fingerprints"), inputs, state, accept_changed, resume_from)
     elif config.resume_adapter_file:
         checkpoint.load_adapters_only(config.resume_adapter_file, model)
     optimizer.init(model.trainable_parameters())
@@ -181,7 +195,24 @@ def setup(config: TrainConfig, *, resume_from: Optional[Path] = None, convert_pr
     reports = Fanout([metrics, _reporting_callback(config), callback])
     lines = [*reports_header(config, model, optimizer), *unused_precision_warnings(config, model, optimizer)]
     return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
-                 reports, lines)
+                 reports, lines, inputs)
+
+
+def _check_inputs(recorded: Any, current: dict[str, Any], state: dict[str, Any],
+                  accept_changed: frozenset[str], found: Path) -> None:
+    """Refuse another model or data set than the checkpoint's fingerprints, unless accepted."""
+    if not isinstance(recorded, dict):
+        return  # written before fingerprints were recorded
+    changed = changed_inputs(recorded, current)
+    for key, what in changed.items():
+        if key not in accept_changed:
+            where = "--model PATH" if key == "model" else "--data PATH"
+            raise ConfigError(
+                f"{found}: the {key} differs from the one this run trained on ({what}): give {where} "
+                f"to the same {key}, or {ACCEPT_FLAGS[key]} to continue knowingly (the run is then "
+                "marked as no longer exact)")
+        state["exact"] = False
+        state["changes"] = [*state["changes"], f"{key} changed at iteration {state['iteration']}: {what}"[:1024]]
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -244,14 +275,17 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
     def save(it: int) -> Path:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
-                         "config": config.to_dict()}
+                         "config": config.to_dict(), "fingerprints": s.inputs}
         saved = checkpoint.save(
             s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.
             val_loss=last[1] if last and last[0] == it else None,
+            protect=s.pusher.pinned() if s.pusher is not None else (),
         )
         write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
+        if s.pusher is not None:
+            s.pusher.submit(saved, final=it == config.iters)
         return saved
 
     def validate(it: int) -> None:
@@ -361,6 +395,7 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     callback: Optional[TrainingCallback] = None,
+    accept_changed: frozenset[str] = frozenset(),
 ) -> RunResult:
     """Train ``config``, checkpointing as configured; continue from the checkpoint ``resume_from``.
 
@@ -368,7 +403,8 @@ def run(
     removes them and the metrics log). ``callback`` is an mlx-lm ``TrainingCallback``. The run
     folder is locked for the whole run (:class:`~adamw_lm.runlock.RunLock`): a second writer is
     refused. With ``train: false`` and ``test: true`` the adapters in ``adapter_path`` are only
-    evaluated on the test set, as ``mlx_lm lora`` does.
+    evaluated on the test set, as ``mlx_lm lora`` does. With ``hub.repo_id`` each checkpoint is
+    pushed in the background (:mod:`adamw_lm.hub_runs`) and the end waits for the pushes.
     """
     if mx.distributed.init().size() > 1:
         raise ConfigError("several processes (mx.distributed) are not supported yet: run one process")
@@ -384,8 +420,10 @@ def run(
     try:
         try:
             replace_old_run = _replaces_old_run(config, resume_from, overwrite)
+            pusher = _start_pushing(config)  # a token or access problem ends the run before it starts
             s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
-                      callback=callback)
+                      callback=callback, accept_changed=accept_changed)
+            s.pusher = pusher
         except BaseException:
             if created:  # leave no trace of a run that never started
                 lock.release()
@@ -404,11 +442,23 @@ def run(
             result = train_loop(s, progress=progress)
         finally:
             s.metrics.close()
+        if pusher is not None:
+            from .hub_runs import finish_pushing
+
+            finish_pushing(pusher, run_dir, progress)
         if not result.interrupted:
             plot(run_dir)
         return result
     finally:
         lock.release()
+
+
+def _start_pushing(config: TrainConfig) -> Any:
+    if config.hub.repo_id is None:
+        return None  # huggingface_hub is imported only by runs that push
+    from .hub_runs import start_pushing
+
+    return start_pushing(config)
 
 
 def evaluate_adapters(config: TrainConfig) -> RunResult:
@@ -440,7 +490,7 @@ RESUMABLE_OVERRIDES = (
     "model", "data", "iters", "steps_per_report", "steps_per_eval", "save_every", "val_batches",
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
-    "optimizer.memory_budget", "optimizer.weight_update", "trust_remote_code", "hf_dataset",
+    "optimizer.memory_budget", "optimizer.weight_update", "trust_remote_code", "hf_dataset", "hub.",
 )
 
 #: Saved settings that can run code or send data out: a checkpoint may come from anyone, so these
@@ -510,25 +560,65 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
 
 def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision: bool = False,
            overrides: Optional[dict[str, Any]] = None, progress: bool = True,
-           callback: Optional[TrainingCallback] = None) -> RunResult:
+           callback: Optional[TrainingCallback] = None,
+           accept_changed: frozenset[str] = frozenset()) -> RunResult:
     """Continue the run in ``run_dir`` from its latest complete checkpoint (or the one at ``step``),
     with its saved config.
 
     ``overrides`` may change only :data:`RESUMABLE_OVERRIDES` (a new precision also needs
     ``convert_precision``); the folder may have been moved since the run started. The saved
     ``trust_remote_code``, ``report_to`` and ``hf_dataset`` are ignored unless ``overrides`` gives
-    them again (``{"hf_dataset": True}`` keeps the saved one).
+    them again (``{"hf_dataset": True}`` keeps the saved one). The model and data must match the
+    checkpoint's fingerprints unless ``accept_changed`` names them (see :func:`setup`).
     """
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
         raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
     with RunLock(run_dir):
-        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
+        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback,
+                              frozenset(accept_changed))
+
+
+def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optional[str | Path] = None,
+                    repo_id: Optional[str] = None, **options: Any) -> RunResult:
+    """Continue the Hub run ``source`` (``hub:USER/REPO[@REVISION]``) from its remote latest
+    checkpoint (or the one at ``step``), in ``run_dir`` (default ``runs/<repo name>``).
+
+    Only that step folder is downloaded; it is verified like a local checkpoint and copied into
+    the run folder, then :func:`resume` takes over (``options`` are its keywords). The run keeps
+    pushing to the repo its config names (the source repo if none), or to ``repo_id``.
+    """
+    from .hub_runs import fetch_run
+
+    run_dir, step, spec = fetch_run(source, step, run_dir)
+    overrides = dict(options.pop("overrides", None) or {})
+    with checkpoint.open_verified(run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:07d}") as found:
+        saved = found.trainer_state.get("config")
+    saved_hub = saved.get("hub") if isinstance(saved, dict) else None
+    if repo_id is not None:
+        overrides["hub.repo_id"] = repo_id
+    elif not (isinstance(saved_hub, dict) and saved_hub.get("repo_id")):
+        overrides["hub.repo_id"] = spec.repo_id  # pushed after the fact with `adamw-lm push`
+    return resume(run_dir, step=step, overrides=overrides, **options)
+
+
+def _missing_inputs(config: TrainConfig) -> None:
+    """The model / data folders of another machine: say which option points at them here."""
+    from .loading import _is_local
+
+    for key in ("model", "data"):
+        value = getattr(config, key)
+        if key == "data" and config.hf_dataset is not None:
+            continue
+        if _is_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"the run's {key} {value} is not on this machine: give --{key} PATH "
+                              f"(its fingerprint is checked against the checkpoint's)")
 
 
 def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
-                   progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
+                   progress: bool, callback: Optional[TrainingCallback],
+                   accept_changed: frozenset[str]) -> RunResult:
     found = _pick_checkpoint(run_dir, step)
     saved = _saved_state(found)
     data = saved["config"]
@@ -544,6 +634,7 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
             set_dotted(data, key, value)
     data["checkpoint"] = {**(data.get("checkpoint") or {}), "dir": str(run_dir)}
     config = from_dict(data)
+    _missing_inputs(config)
     if ignored:
         print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
               f"{', '.join(ignored)}; give the flag to use it.", file=sys.stderr)
@@ -561,7 +652,7 @@ def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, 
           + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
              "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
-               callback=callback)
+               callback=callback, accept_changed=accept_changed)
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
@@ -640,5 +731,5 @@ class CheckpointCallback(TrainingCallback):
 __all__ = [
     "CheckpointCallback", "RunResult", "BatchStream", "run", "resume", "compare_runs",
     "load_model", "load_data", "setup_trainable", "build_optimizer", "adapter_config",
-    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES",
+    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES", "resume_from_hub",
 ]

@@ -62,7 +62,7 @@ from .reading import (
     open_verified,
     verify,
 )
-from .writing import save
+from .writing import import_folder, save
 
 __all__ = [
     "ADAPTERS",
@@ -81,6 +81,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "NoCheckpointError",
     "VerifiedCheckpoint",
+    "import_folder",
     "describe",
     "latest_checkpoint",
     "load",
