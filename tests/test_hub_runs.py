@@ -128,16 +128,19 @@ def test_push_then_resume_from_the_hub_equals_an_uninterrupted_run(kind, hub, tm
 
 def test_resume_at_an_older_revision_and_at_a_step(hub, tmp_path, tiny_model_path, data_dir, references):
     repo, office = first_machine(hub, tmp_path, tiny_model_path, data_dir)
-    first_commit = hub.server.history(repo)[-1]  # oldest first in [-1]: the push of step 2
-    assert first_commit.title == "adamw-lm: checkpoint step-0000002"
-    for name, source, extra in (("at-revision", f"hub:{repo}@{first_commit.oid}", ()),
-                                ("at-step", f"hub:{repo}", ("--step", "2"))):
+    first_commit = next(c for c in hub.server.history(repo) if c.title == "adamw-lm: checkpoint step-0000002")
+    # At a step first: the resumed run pushes on into the repo, and keep_remote (= keep_last, 2)
+    # then leaves steps 6 and 8 on main; the older commit still has step 2 as its latest.
+    for name, source, extra in (("at-step", f"hub:{repo}", ("--step", "2")),
+                                ("at-revision", f"hub:{repo}@{first_commit.oid}", ())):
         run_dir = tmp_path / name
         done = cli(hub, "resume", source, *extra, "--run-dir", str(run_dir), "--iters", str(ITERS),
                    "--no-progress")
         assert done.returncode == 0, done.stderr
         assert "from iteration 2" in done.stderr
         trainer.compare_runs(run_dir, references["lora-int8"])
+        steps = sorted({p.split("/")[1] for p in hub.server.files(repo) if p.startswith("checkpoints/step-")})
+        assert steps == ["step-0000006", "step-0000008"]
 
 
 def test_a_user_without_write_access_is_told_before_training_and_can_push_elsewhere(
@@ -227,9 +230,9 @@ def test_fingerprints_refuse_another_model_or_data_unless_accepted(hub, tmp_path
     cfg = json.loads((other_model / "config.json").read_text())
     (other_model / "config.json").write_text(json.dumps({**cfg, "note": "another model"}))
 
-    one_line_error(cli(hub, "resume", str(run_dir), "--data", str(other_data)),
+    one_line_error(cli(hub, "resume", str(run_dir), "--data", str(other_data), "--iters", "6"),
                    "the data differs", "train.jsonl", "--accept-changed-data")
-    one_line_error(cli(hub, "resume", str(run_dir), "--model", str(other_model)),
+    one_line_error(cli(hub, "resume", str(run_dir), "--model", str(other_model), "--iters", "6"),
                    "the model differs", "config.json", "--accept-changed-model")
     # The same files in another place are the same run: no flag needed.
     same = tmp_path / "same-data"
@@ -239,7 +242,7 @@ def test_fingerprints_refuse_another_model_or_data_unless_accepted(hub, tmp_path
     assert state_of(step_dir(run_dir, 6))["exact"] is True
 
     done = cli(hub, "resume", str(run_dir), "--data", str(other_data), "--accept-changed-data",
-               "--no-progress")
+               "--iters", str(ITERS), "--no-progress")
     assert done.returncode == 0, done.stderr
     state = state_of(step_dir(run_dir, ITERS))
     assert state["exact"] is False
