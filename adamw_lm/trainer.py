@@ -272,7 +272,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             grad = None
         return loss, toks, grad
 
-    def save(it: int) -> Path:
+    def save(it: int, final: bool) -> Path:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
                          "config": config.to_dict(), "fingerprints": s.inputs}
@@ -285,7 +285,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         )
         write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
         if s.pusher is not None:
-            s.pusher.submit(saved, final=it == config.iters)
+            s.pusher.submit(saved, final=final)  # the last one of this process, whatever push_every
         return saved
 
     def validate(it: int) -> None:
@@ -327,7 +327,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             save_due = save_due or it % config.checkpoint_every == 0
             # Checkpoints fall on optimizer updates: an accumulated gradient is never saved.
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
-                last_saved = save(it)
+                last_saved = save(it, final=it == config.iters or stop.signal is not None)
                 save_due = False
             if it % config.save_every == 0:  # as mlx_lm lora does, whatever checkpoint.every is
                 write_numbered_adapters(s.run_dir, model, it)
@@ -612,8 +612,8 @@ def _missing_inputs(config: TrainConfig) -> None:
         if key == "data" and config.hf_dataset is not None:
             continue
         if _is_local(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"the run's {key} {value} is not on this machine: give --{key} PATH "
-                              f"(its fingerprint is checked against the checkpoint's)")
+            raise ConfigError(f"the {key} {value} does not exist on this machine: give --{key} PATH "
+                              f"to this run's {key} (its fingerprint is checked against the checkpoint's)")
 
 
 def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],

@@ -234,6 +234,9 @@ def test_fingerprints_refuse_another_model_or_data_unless_accepted(hub, tmp_path
                    "the data differs", "train.jsonl", "--accept-changed-data")
     one_line_error(cli(hub, "resume", str(run_dir), "--model", str(other_model), "--iters", "6"),
                    "the model differs", "config.json", "--accept-changed-model")
+    # A path of the first machine that is not here: the option to give.
+    one_line_error(cli(hub, "resume", str(run_dir), "--model", str(tmp_path / "elsewhere"), "--iters", "6"),
+                   "does not exist on this machine", "--model PATH")
     # The same files in another place are the same run: no flag needed.
     same = tmp_path / "same-data"
     shutil.copytree(data_dir, same, ignore=shutil.ignore_patterns("chat", "completions"))
