@@ -327,3 +327,30 @@ def test_hub_config_section_and_refused_token(tmp_path):
         load_config(write_yaml(tmp_path / "c.yaml", {"hub": {"repo_id": "alice/run", "token": "hf_x"}}))
     with pytest.raises(ConfigError, match="hub.repo_id"):
         from_dict({"hub": {"repo_id": "not a repo"}})
+
+
+def test_ctrl_c_saves_pushes_that_checkpoint_and_exits_130(hub, tmp_path, tiny_model_path, data_dir):
+    import signal
+    import time
+
+    repo = hub.repo_id("stopped")
+    run_dir = tmp_path / "run"
+    # No checkpoint falls due before the stop, and push_every would skip the stop's save: it is
+    # pushed anyway (it is what another machine resumes from).
+    cfg = write_yaml(tmp_path / "c.yaml", config(tiny_model_path, data_dir, run_dir, iters=10_000,
+                                                 checkpoint={"every": 5000},
+                                                 hub={"repo_id": repo, "push_every": 3}))
+    env = {**os.environ, **hub.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "adamw_lm.cli", "train", str(cfg), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.read_text().count("train_loss") < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = checkpoint.latest_checkpoint(run_dir)
+    assert stopped is not None and f"Pushed to {hub.url}/{repo}" in out
+    assert hub.server.files(repo)["checkpoints/latest"] == f"{stopped.name}\n".encode()
