@@ -46,6 +46,8 @@ def cli(hub, *args: str, cwd: Path | None = None, token: str | None = None) -> s
     env = {**os.environ, **hub.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     if token is not None:
         env["HF_TOKEN"] = token
+    if not env["HF_TOKEN"]:  # no token at all (HF_HOME is fresh: no `hf auth login` either)
+        del env["HF_TOKEN"]
     return subprocess.run([sys.executable, "-m", "adamw_lm.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 
@@ -354,3 +356,13 @@ def test_ctrl_c_saves_pushes_that_checkpoint_and_exits_130(hub, tmp_path, tiny_m
     stopped = checkpoint.latest_checkpoint(run_dir)
     assert stopped is not None and f"Pushed to {hub.url}/{repo}" in out
     assert hub.server.files(repo)["checkpoints/latest"] == f"{stopped.name}\n".encode()
+
+
+def test_train_without_a_token_stops_before_training_and_leaves_no_run_folder(hub, tmp_path, tiny_model_path,
+                                                                                data_dir):
+    run_dir = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "c.yaml", config(tiny_model_path, data_dir, run_dir,
+                                                 hub={"repo_id": hub.repo_id("nope")}))
+    one_line_error(cli(hub, "train", str(cfg), "--no-progress", token=""), "no Hugging Face token",
+                   "HF_TOKEN", "hf auth login")
+    assert not run_dir.exists()
