@@ -11,6 +11,7 @@
 
 Bad input exits with status 2 and one line that names what is wrong; a run stopped by Ctrl-C or
 SIGTERM saves a checkpoint, prints the resume command and exits with 130 (SIGINT) or 143 (SIGTERM).
+``push`` exits with 1 when a checkpoint is still not on the Hub after its retries (it says which).
 """
 
 from __future__ import annotations
