@@ -3,12 +3,15 @@
     adamw-lm train [CONFIG.yaml] [options]      # every `mlx_lm lora` option, in any order, plus
                                                 # --section.key value for our sections
     adamw-lm resume RUN_DIR [--iters N] [--step N] [--convert-precision]
+    adamw-lm resume hub:USER/REPO[@REVISION] [--step N] [--run-dir DIR] [--repo-id USER/REPO]
+    adamw-lm push RUN_DIR --repo-id USER/REPO [--step N] [--branch NAME] [--public]
     adamw-lm plan --model PATH_OR_CONFIG --fine-tune-type lora|dora|full [--all-parameters]
-    adamw-lm inspect CHECKPOINT_OR_RUN_DIR
+    adamw-lm inspect CHECKPOINT_OR_RUN_DIR | hub:USER/REPO[@REVISION]
     adamw-lm tiny-model OUT_DIR [--size small|medium] [--seed N]
 
 Bad input exits with status 2 and one line that names what is wrong; a run stopped by Ctrl-C or
 SIGTERM saves a checkpoint, prints the resume command and exits with 130 (SIGINT) or 143 (SIGTERM).
+``push`` exits with 1 when a checkpoint is still not on the Hub after its retries (it says which).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any, Optional, Sequence
 
 RUN_COMMANDS = ("train", "resume")
 
-#: Our own options of ``train`` / ``resume``: option -> whether it takes an int value (else a switch).
-_OWN_OPTIONS = {
-    "train": {"--overwrite": False, "--no-progress": False},
-    "resume": {"--no-progress": False, "--convert-precision": False, "--step": True},
+#: Our own options of ``train`` / ``resume``: option -> the type of its value (``None``: a switch).
+_OWN_OPTIONS: dict[str, dict[str, Optional[type]]] = {
+    "train": {"--overwrite": None, "--no-progress": None},
+    "resume": {"--no-progress": None, "--convert-precision": None, "--step": int, "--run-dir": str,
+               "--repo-id": str, "--accept-changed-model": None, "--accept-changed-data": None},
 }
 
 #: On resume these are the user's word again for what a saved config cannot grant by itself
@@ -47,6 +51,10 @@ class RunArgs:
     no_progress: bool = False
     convert_precision: bool = False
     step: Optional[int] = None
+    run_dir: Optional[str] = None  # resume hub:...: the local run folder
+    repo_id: Optional[str] = None  # resume hub:...: push to this repo instead
+    accept_changed_model: bool = False
+    accept_changed_data: bool = False
 
 
 def _mlx_lm_parser() -> argparse.ArgumentParser:
@@ -151,12 +159,12 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
         other = next((c for c in RUN_COMMANDS if c != command and option in _OWN_OPTIONS[c]), None)
         if option in own:
             dest = option[2:].replace("-", "_")
-            if not own[option]:
+            if own[option] is None:
                 setattr(args, dest, _switch(option, inline))
                 continue
             text = line.value(option, inline)
             try:
-                setattr(args, dest, int(text))
+                setattr(args, dest, own[option](text))
             except ValueError:
                 raise ConfigError(f"option {option} expects an int, got {text!r}") from None
         elif other is not None and option not in mlx_options:
@@ -201,7 +209,12 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
             raise ConfigError(f"two config files given: {args.path} and --config {config_option}")
         args.path = config_option
     if command == "resume" and args.path is None:
-        raise ConfigError("resume needs the run folder: adamw-lm resume RUN_DIR [--key value ...]")
+        raise ConfigError("resume needs the run folder: adamw-lm resume RUN_DIR [--key value ...] "
+                          "or adamw-lm resume hub:USER/REPO[@REVISION]")
+    hub_only = [o for o, v in (("--run-dir", args.run_dir), ("--repo-id", args.repo_id)) if v is not None]
+    if hub_only and not (args.path or "").startswith("hub:"):
+        raise ConfigError(f"option {hub_only[0]} is for a run resumed from the Hub (hub:USER/REPO); "
+                          f"a local run continues in its own folder")
     return args
 
 
@@ -222,11 +235,14 @@ def _run(args: RunArgs) -> int:
     if args.command == "train":
         config = load_config(args.path, args.overrides)
         return _exit_code(trainer.run(config, overwrite=args.overwrite, progress=not args.no_progress))
-    step = {} if args.step is None else {"step": args.step}
-    return _exit_code(trainer.resume(
-        args.path, convert_precision=args.convert_precision, overrides=args.overrides,
-        progress=not args.no_progress, **step,
-    ))
+    options = {"convert_precision": args.convert_precision, "overrides": args.overrides,
+               "progress": not args.no_progress, "step": args.step,
+               "accept_changed": frozenset(k for k in ("model", "data")
+                                           if getattr(args, f"accept_changed_{k}"))}
+    if args.path.startswith("hub:"):
+        return _exit_code(trainer.resume_from_hub(args.path, run_dir=args.run_dir, repo_id=args.repo_id,
+                                                  **options))
+    return _exit_code(trainer.resume(args.path, **options))
 
 
 def plan_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,8 +281,34 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import checkpoint
 
+    if args.path.startswith("hub:"):
+        print(_remote_table(args.path))
+        return 0
     print(checkpoint.describe(args.path))
     return 0
+
+
+def _remote_table(source: str) -> str:
+    """``adamw-lm inspect hub:...``: the remote checkpoints, newest first, as a markdown table."""
+    from .hub import list_remote
+
+    def fmt(x: Optional[float]) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    rows = [f"Checkpoints of {source}:", "", "| step | train loss | val loss | size | |",
+            "|---:|---:|---:|---:|---|"]
+    for c in list_remote(source):
+        rows.append(f"| {c.step} | {fmt(c.train_loss)} | {fmt(c.val_loss)} | {c.size / 1e6:.1f} MB | "
+                    f"{'latest' if c.latest else ''} |")
+    return "\n".join(rows)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub_runs import push_run
+
+    left = push_run(args.run_dir, args.repo_id, step=args.step, branch=args.branch,
+                    private=not args.public)
+    return 1 if left else 0
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -307,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--iters, intervals, locations).")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, help="resume from the checkpoint of this iteration, not the latest")
+    p.add_argument("--run-dir", help="hub:...: the local run folder (default runs/<repo name>)")
+    p.add_argument("--repo-id", help="hub:...: push to this repo (when you cannot write to the source)")
+    p.add_argument("--accept-changed-model", action="store_true",
+                   help="continue although the model differs from the run's (marks the run not exact)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="continue although the data differs from the run's (marks the run not exact)")
     p.add_argument("--convert-precision", action="store_true",
                    help="allow resuming with another optimizer.state_precision (converts the moments)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -338,8 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser("inspect", help="what a checkpoint holds, and whether it verifies")
-    p.add_argument("path", help="a checkpoint folder or a run folder (its latest checkpoint)")
+    p.add_argument("path", help="a checkpoint folder, a run folder (its latest checkpoint), or "
+                                "hub:USER/REPO[@REVISION] (its checkpoints with their losses)")
     p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("push", help="push an existing run's checkpoints to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", required=True, help="USER/REPO (created private if missing)")
+    p.add_argument("--step", type=int, help="push only the checkpoint of this iteration")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--public", action="store_true", help="create the repo public (default private)")
+    p.set_defaults(fn=_cmd_push)
 
     p = sub.add_parser("tiny-model", help="build the offline tiny Llama model (deterministic)")
     p.add_argument("out_dir")

@@ -1,4 +1,4 @@
-"""Run configuration: the keys of ``mlx_lm lora``'s YAML, plus ``optimizer:`` and ``checkpoint:``.
+"""Run configuration: the keys of ``mlx_lm lora``'s YAML, plus ``optimizer:``, ``checkpoint:`` and ``hub:``.
 
 An existing ``mlx_lm lora`` config is accepted unchanged: there ``optimizer`` is a name (``adam`` or
 ``adamw``) and its hyper-parameters sit under ``optimizer_config.<name>``. Ours may instead give
@@ -113,6 +113,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class HubConfig:
+    """Where a run is pushed on the Hugging Face Hub (``hub:`` section); no ``repo_id``, no push.
+
+    The token is never part of a config: it comes from ``HF_TOKEN`` or ``hf auth login``.
+    """
+
+    repo_id: Optional[str] = None
+    private: bool = True  # a run's data and adapters are the user's
+    push_every: int = 1  # every N-th saved checkpoint
+    branch: str = "main"
+    keep_remote: Optional[int] = None  # step folders kept on the Hub; defaults to checkpoint.keep_last
+    push_final: bool = True
+
+
+@dataclass
 class TrainConfig:
     """One fine-tuning run. Field names and defaults are those of ``mlx_lm lora``."""
 
@@ -157,6 +172,7 @@ class TrainConfig:
     config: Optional[str] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -173,7 +189,7 @@ class TrainConfig:
 
     def mlx_lm_args(self) -> types.SimpleNamespace:
         """The namespace mlx-lm's helpers (``load_dataset``, ...) read their settings from."""
-        args = {k: v for k, v in self.to_dict().items() if k not in ("optimizer", "checkpoint")}
+        args = {k: v for k, v in self.to_dict().items() if k not in ("optimizer", "checkpoint", "hub")}
         return types.SimpleNamespace(**{k: v for k, v in args.items() if v is not None})
 
 
@@ -360,6 +376,7 @@ def from_dict(data: Any) -> TrainConfig:
     """Validate plain data (a parsed YAML, a config saved in a checkpoint) into a :class:`TrainConfig`."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(data).__name__}")
+    _refuse_token(data)
     config = _build(TrainConfig, _normalise_optimizer(data), "")
     if config.fine_tune_type not in ("lora", "dora", "full"):
         raise ConfigError(
@@ -384,7 +401,39 @@ def from_dict(data: Any) -> TrainConfig:
         value = getattr(config.checkpoint, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key 'checkpoint.{key}' must be >= 1 or null, got {value}")
+    _check_hub(config.hub)
     return config
+
+
+def _refuse_token(data: dict[str, Any]) -> None:
+    """A token in a config would be saved in every checkpoint and pushed with it."""
+    hub = data.get("hub")
+    for where, section in (("hub.token", hub), ("token", data), ("hf_token", data)):
+        key = where.rsplit(".", 1)[-1]
+        if isinstance(section, dict) and key in section:
+            raise ConfigError(
+                f"config key '{where}': a token never goes in a config (it would be saved in every "
+                "checkpoint and pushed with it); set HF_TOKEN or run `hf auth login`")
+
+
+def _check_hub(hub: HubConfig) -> None:
+    from .hub import HubError, parse_spec
+
+    if hub.repo_id is not None:
+        try:
+            spec = parse_spec(hub.repo_id)
+        except HubError as e:
+            raise ConfigError(f"config key 'hub.repo_id': {e}") from None
+        if hub.repo_id.startswith("hub:") or spec.revision is not None:
+            raise ConfigError(f"config key 'hub.repo_id' must be USER/REPO (the branch goes in "
+                              f"'hub.branch'), got {hub.repo_id!r}")
+    for key in ("push_every", "keep_remote"):
+        value = getattr(hub, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key 'hub.{key}' must be >= 1" + (" or null" if key == "keep_remote" else "")
+                              + f", got {value}")
+    if not hub.branch.strip() or any(c in hub.branch for c in " ~^:?*[\\") or ".." in hub.branch:
+        raise ConfigError(f"config key 'hub.branch' must be a git branch name, got {hub.branch!r}")
 
 
 def _check_schedule(schedule: Optional[dict[str, Any]]) -> None:

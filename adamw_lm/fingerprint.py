@@ -80,4 +80,32 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return found
 
 
-__all__ = ["DATA_FILES", "MODEL_FILES", "differences", "fingerprint"]
+def run_inputs(model: str, data: str, hf_dataset: Any = None) -> dict[str, dict[str, Any]]:
+    """``{"model": fp, "data": fp}`` of a run's inputs: a local folder's files, or ``{"id": NAME}``
+    for a model or data set named by its Hub id (the Hub keeps it; no flag is needed to resume)."""
+
+    def of(value: str, patterns: tuple[str, ...]) -> dict[str, Any]:
+        path = Path(value).expanduser()
+        return fingerprint(path, patterns) if path.exists() else {"id": value}
+
+    found = {"model": of(model, MODEL_FILES)}
+    found["data"] = ({"id": f"hf_dataset:{hf_dataset}"[:1024]} if hf_dataset is not None
+                     else of(data, DATA_FILES))
+    return found
+
+
+def changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
+    """``{"model" | "data": what differs}`` between two :func:`run_inputs`; empty when they match."""
+    found = {}
+    for key in ("model", "data"):
+        old, new = recorded.get(key), current.get(key)
+        if old is None or old == new or (old.get("sha256") is not None and old.get("sha256") == new.get("sha256")):
+            continue
+        if "id" in old or "id" in new:
+            found[key] = f"{old.get('id', 'local files')} -> {new.get('id', 'local files')}"
+        else:
+            found[key] = "; ".join(differences(old, new)[:3]) or "other files"
+    return found
+
+
+__all__ = ["DATA_FILES", "MODEL_FILES", "changed_inputs", "differences", "fingerprint", "run_inputs"]

@@ -148,6 +148,7 @@ top-level adapters are the newest checkpoint's, in mlx-lm's format.
 
 - Checkpoints here: {", ".join(str(s) for s in sorted(steps))}
 {_optimizer_line(folder) if (folder / OPTIMIZER).is_file() else ""}
+{_exactness(state)}
 
 ## Use the adapters
 
@@ -179,6 +180,15 @@ or the data were local folders on the first machine.
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _exactness(state: dict[str, Any]) -> str:
+    """A run resumed on another model or data set, knowingly, is no longer exact: say so."""
+    if state.get("exact") is not False:
+        return ""
+    changes = [c for c in state.get("changes") or [] if isinstance(c, str)]
+    return ("**Not an exact run**: it was resumed on inputs other than those it started with"
+            + (": " + "; ".join(changes[:10]) if changes else "") + ".")
 
 
 def _fmt(value: float | None) -> str:

@@ -35,6 +35,7 @@ from . import checkpoint
 from . import distributed as dist
 from .batches import BatchStream, iteration_seed
 from .config import ConfigError, TrainConfig, from_dict, set_dotted
+from .fingerprint import changed_inputs, run_inputs
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
 from .optim import AdamW
 from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
@@ -121,8 +122,13 @@ def _reporting_callback(config: TrainConfig) -> Optional[TrainingCallback]:
 
 
 #: The trainer state a run starts from (a new run) and saves in every checkpoint.
+#: ``exact`` turns false (and ``changes`` says why) when a resume knowingly accepts another
+#: model or data set than the run's fingerprints.
 _FRESH_STATE = {"iteration": 0, "epoch": 0, "offset": 0, "losses": [], "val_losses": [],
-                "report_start": 0, "trained_tokens": 0}
+                "report_start": 0, "trained_tokens": 0, "exact": True, "changes": []}
+
+#: The flag that accepts a changed input on resume, by input.
+ACCEPT_FLAGS = {"model": "--accept-changed-model", "data": "--accept-changed-data"}
 
 
 @dataclass
@@ -140,6 +146,8 @@ class Setup:
     metrics: MetricsLog
     reports: Fanout
     header: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints of the model and data
+    pusher: Any = None  # an adamw_lm.hub.Pusher when the run pushes to the Hub
 
     @property
     def run_dir(self) -> Path:
@@ -150,12 +158,17 @@ Checkpoint = Union[Path, "checkpoint.VerifiedCheckpoint"]
 
 
 def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, convert_precision: bool = False,
-          callback: Optional[TrainingCallback] = None) -> Setup:
+          callback: Optional[TrainingCallback] = None, accept_changed: frozenset[str] = frozenset()) -> Setup:
     """Load the model and data, open the trainable layers, build the optimizer and restore a
     checkpoint (a folder, or one already verified and open), in ``mlx_lm lora``'s order; touches
-    nothing in the run folder."""
+    nothing in the run folder.
+
+    On resume the model and data must have the fingerprints the checkpoint recorded, unless
+    ``accept_changed`` names them (``"model"``, ``"data"``): the run is then marked not exact.
+    """
     model, tokenizer = load_model(config)
     train_set, valid_set, test_set = load_data(config, tokenizer)
+    inputs = run_inputs(config.model, config.data, config.hf_dataset)
     # Where mlx_lm lora seeds (after loading, before the LoRA layers draw their initial values):
     # the same config gives the same adapters.
     mx.random.seed(config.seed)
@@ -179,6 +192,7 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
         state.update({k: saved[k] for k in state if k in saved})
         if "report_start" not in saved:  # written before the window was saved: restart it here
             state["report_start"] = state["iteration"]
+        _check_inputs(saved.get("fingerprints"), inputs, state, accept_changed, where)
     elif config.resume_adapter_file:
         checkpoint.load_adapters_only(config.resume_adapter_file, model)
     optimizer.init(model.trainable_parameters())
@@ -205,7 +219,24 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
         lines.append(f"Data parallel: {world} processes, {config.batch_size // world} examples each "
                      f"per batch" + (sharded if config.optimizer.shard_state else ""))
     return Setup(config, model, optimizer, train_set, valid_set, test_set, state, batches, metrics,
-                 reports, lines)
+                 reports, lines, inputs)
+
+
+def _check_inputs(recorded: Any, current: dict[str, Any], state: dict[str, Any],
+                  accept_changed: frozenset[str], found: Path) -> None:
+    """Refuse another model or data set than the checkpoint's fingerprints, unless accepted."""
+    if not isinstance(recorded, dict):
+        return  # written before fingerprints were recorded
+    changed = changed_inputs(recorded, current)
+    for key, what in changed.items():
+        if key not in accept_changed:
+            where = "--model PATH" if key == "model" else "--data PATH"
+            raise ConfigError(
+                f"{found}: the {key} differs from the one this run trained on ({what}): give {where} "
+                f"to the same {key}, or {ACCEPT_FLAGS[key]} to continue knowingly (the run is then "
+                "marked as no longer exact)")
+        state["exact"] = False
+        state["changes"] = [*state["changes"], f"{key} changed at iteration {state['iteration']}: {what}"[:1024]]
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -268,18 +299,21 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             grad = None
         return loss, toks, grad
 
-    def save(it: int) -> Path:
+    def save(it: int, final: bool) -> Path:
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
-                         "config": config.to_dict()}
+                         "config": config.to_dict(), "fingerprints": s.inputs}
         saved = checkpoint.save(  # every process: the writer knows who writes what
             s.run_dir, it, model, optimizer, trainer_state, adapter_config(config),
             keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
             # keep_best ranks by a validation loss of exactly these weights, or not at all.
             val_loss=last[1] if last and last[0] == it else None,
+            protect=s.pusher.pinned() if s.pusher is not None else (),
         )
         if main:
             write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
+        if s.pusher is not None:  # rank 0's alone
+            s.pusher.submit(saved, final=final)  # the last one of this process, whatever push_every
         return saved
 
     def validate(it: int) -> None:
@@ -328,7 +362,7 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             save_due = save_due or it % config.checkpoint_every == 0
             # Checkpoints fall on optimizer updates: an accumulated gradient is never saved.
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
-                last_saved = save(it)
+                last_saved = save(it, final=it == config.iters or stop.signal is not None)
                 save_due = False
             if it % config.save_every == 0 and main:  # as mlx_lm lora does, whatever checkpoint.every is
                 write_numbered_adapters(s.run_dir, model, it)
@@ -399,6 +433,7 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     callback: Optional[TrainingCallback] = None,
+    accept_changed: frozenset[str] = frozenset(),
 ) -> RunResult:
     """Train ``config``, checkpointing as configured; continue from the checkpoint ``resume_from``.
 
@@ -406,11 +441,12 @@ def run(
     removes them and the metrics log). ``callback`` is an mlx-lm ``TrainingCallback``. The run
     folder is locked for the whole run (:class:`~adamw_lm.runlock.RunLock`): a second writer is
     refused. With ``train: false`` and ``test: true`` the adapters in ``adapter_path`` are only
-    evaluated on the test set, as ``mlx_lm lora`` does.
+    evaluated on the test set, as ``mlx_lm lora`` does. With ``hub.repo_id`` each checkpoint is
+    pushed in the background (:mod:`adamw_lm.hub_runs`) and the end waits for the pushes.
 
     Under ``mlx.launch`` every process calls this with the same config (and the same run folder,
     which they must all see): each trains on its share of every batch, and rank 0 alone holds the
-    lock, prints, and writes metrics and adapters (see :mod:`adamw_lm.distributed`).
+    lock, prints, writes metrics and adapters, and pushes (see :mod:`adamw_lm.distributed`).
     """
     if not config.train:
         if not config.test:
@@ -426,8 +462,11 @@ def run(
         try:
             replace_old_run = _replaces_old_run(config, resume_from, overwrite)
             dist.barrier()  # every process has looked at the old run before rank 0 removes it
+            # A token or access problem ends the run before it starts.
+            pusher = _start_pushing(config) if main else None
             s = setup(config, resume_from=resume_from, convert_precision=convert_precision,
-                      callback=callback)
+                      callback=callback, accept_changed=accept_changed)
+            s.pusher = pusher
         except BaseException:
             if created:  # leave no trace of a run that never started
                 lock.release()
@@ -449,6 +488,10 @@ def run(
             result = train_loop(s, progress=progress)
         finally:
             s.metrics.close()
+        if pusher is not None:
+            from .hub_runs import finish_pushing
+
+            finish_pushing(pusher, run_dir, progress)
         if main and not result.interrupted:
             plot(run_dir)
         return result
@@ -474,6 +517,14 @@ class _NoLock:
 
 def _lock(run_dir: Path) -> RunLock | _NoLock:
     return RunLock(run_dir) if dist.is_main() else _NoLock()
+
+
+def _start_pushing(config: TrainConfig) -> Any:
+    if config.hub.repo_id is None:
+        return None  # huggingface_hub is imported only by runs that push
+    from .hub_runs import start_pushing
+
+    return start_pushing(config)
 
 
 def evaluate_adapters(config: TrainConfig) -> RunResult:
@@ -506,7 +557,7 @@ RESUMABLE_OVERRIDES = (
     "test", "test_batches", "clear_cache_threshold", "report_to", "project_name", "checkpoint.",
     "optimizer.state_precision", "optimizer.overrides", "optimizer.min_quantize_size",
     "optimizer.memory_budget", "optimizer.weight_update", "optimizer.shard_state", "trust_remote_code",
-    "hf_dataset",
+    "hf_dataset", "hub.",
 )
 
 #: Saved settings that can run code or send data out: a checkpoint may come from anyone, so these
@@ -557,31 +608,72 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
 
 def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision: bool = False,
            overrides: Optional[dict[str, Any]] = None, progress: bool = True,
-           callback: Optional[TrainingCallback] = None) -> RunResult:
+           callback: Optional[TrainingCallback] = None,
+           accept_changed: frozenset[str] = frozenset()) -> RunResult:
     """Continue the run in ``run_dir`` from its latest complete checkpoint (or the one at ``step``),
     with its saved config.
 
     ``overrides`` may change only :data:`RESUMABLE_OVERRIDES` (a new precision also needs
     ``convert_precision``); the folder may have been moved since the run started. The saved
     ``trust_remote_code``, ``report_to`` and ``hf_dataset`` are ignored unless ``overrides`` gives
-    them again (``{"hf_dataset": True}`` keeps the saved one).
+    them again (``{"hf_dataset": True}`` keeps the saved one). The model and data must match the
+    checkpoint's fingerprints unless ``accept_changed`` names them (see :func:`setup`).
     """
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
         raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
     with _lock(run_dir):
-        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback)
+        return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback,
+                              frozenset(accept_changed))
+
+
+def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optional[str | Path] = None,
+                    repo_id: Optional[str] = None, **options: Any) -> RunResult:
+    """Continue the Hub run ``source`` (``hub:USER/REPO[@REVISION]``) from its remote latest
+    checkpoint (or the one at ``step``), in ``run_dir`` (default ``runs/<repo name>``).
+
+    Only that step folder is downloaded; it is verified like a local checkpoint and copied into
+    the run folder, then :func:`resume` takes over (``options`` are its keywords). The run keeps
+    pushing to the repo its config names (the source repo if none), or to ``repo_id``.
+    """
+    from .hub_runs import fetch_run
+
+    run_dir, step, spec = fetch_run(source, step, run_dir)
+    overrides = dict(options.pop("overrides", None) or {})
+    with checkpoint.open_verified(run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:07d}") as found:
+        saved = found.trainer_state.get("config")
+    saved_hub = saved.get("hub") if isinstance(saved, dict) else None
+    if repo_id is not None:
+        overrides["hub.repo_id"] = repo_id
+    elif not (isinstance(saved_hub, dict) and saved_hub.get("repo_id")):
+        overrides["hub.repo_id"] = spec.repo_id  # pushed after the fact with `adamw-lm push`
+    return resume(run_dir, step=step, overrides=overrides, **options)
+
+
+def _missing_inputs(config: TrainConfig) -> None:
+    """The model / data folders of another machine: say which option points at them here."""
+    from .loading import _is_local
+
+    for key in ("model", "data"):
+        value = getattr(config, key)
+        if key == "data" and config.hf_dataset is not None:
+            continue
+        if _is_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"the {key} {value} does not exist on this machine: give --{key} PATH "
+                              f"to this run's {key} (its fingerprint is checked against the checkpoint's)")
 
 
 def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
-                   progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
+                   progress: bool, callback: Optional[TrainingCallback],
+                   accept_changed: frozenset[str]) -> RunResult:
     with _pick_checkpoint(run_dir, step) as found:
-        return _resume_from(run_dir, found, convert_precision, overrides, progress, callback)
+        return _resume_from(run_dir, found, convert_precision, overrides, progress, callback, accept_changed)
 
 
 def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_precision: bool,
-                 overrides: dict[str, Any], progress: bool, callback: Optional[TrainingCallback]) -> RunResult:
+                 overrides: dict[str, Any], progress: bool, callback: Optional[TrainingCallback],
+                 accept_changed: frozenset[str]) -> RunResult:
     saved = found.trainer_state
     data = _saved_config(found)
     for key, value in overrides.items():
@@ -596,6 +688,7 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
             set_dotted(data, key, value)
     set_dotted(data, "checkpoint.dir", str(run_dir))
     config = from_dict(data)
+    _missing_inputs(config)
     if ignored and dist.is_main():
         print(f"Ignored from the checkpoint's config (a checkpoint may come from anyone): "
               f"{', '.join(ignored)}; give the flag to use it.", file=sys.stderr)
@@ -620,7 +713,7 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
               + (f"; the later checkpoints ({', '.join(sorted(later))}) are kept until this run "
                  "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
-               callback=callback)
+               callback=callback, accept_changed=accept_changed)
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:
@@ -710,5 +803,5 @@ class CheckpointCallback(TrainingCallback):
 __all__ = [
     "CheckpointCallback", "RunResult", "BatchStream", "run", "resume", "compare_runs",
     "load_model", "load_data", "setup_trainable", "build_optimizer", "adapter_config",
-    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES",
+    "Setup", "setup", "train_loop", "evaluate_adapters", "RESUMABLE_OVERRIDES", "resume_from_hub",
 ]

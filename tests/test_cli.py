@@ -441,7 +441,22 @@ def test_resume_passes_step_and_the_users_word_again(line, monkeypatch, main_in_
         Path(run_dir), 60, None))
     assert main_in_process("resume", *line)[0] == 0
     assert calls == [("RUN", {"convert_precision": False, "progress": True, "step": 4, "overrides": {
-        "iters": 60, "trust_remote_code": True, "report_to": "wandb", "hf_dataset": True}})]
+        "iters": 60, "trust_remote_code": True, "report_to": "wandb", "hf_dataset": True},
+        "accept_changed": frozenset()})]
+
+
+def test_hub_resume_options_reach_resume_from_hub(monkeypatch, main_in_process):
+    calls = []
+    monkeypatch.setattr(trainer, "resume_from_hub", lambda source, **kw: calls.append((source, kw))
+                        or trainer.RunResult(Path("runs/x"), 8, None))
+    line = ["hub:alice/run@v1", "--run-dir", "here", "--repo-id", "bob/run", "--accept-changed-data",
+            "--step", "4", "--iters", "8"]
+    assert main_in_process("resume", *line)[0] == 0
+    assert calls == [("hub:alice/run@v1", {"run_dir": "here", "repo_id": "bob/run", "convert_precision": False,
+                                           "overrides": {"iters": 8}, "progress": True, "step": 4,
+                                           "accept_changed": frozenset({"data"})})]
+    code, _, err = main_in_process("resume", "RUN", "--run-dir", "here")
+    assert code == 2 and "--run-dir is for a run resumed from the Hub" in err
 
 
 def test_mlx_lm_forms_run(tmp_path, tiny_model_path, data_dir):

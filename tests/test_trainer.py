@@ -21,6 +21,7 @@ from mlx_lm.tuner.trainer import iterate_batches
 
 from adamw_lm import trainer
 from adamw_lm.config import ConfigError, from_dict
+from adamw_lm.fingerprint import fingerprint
 
 
 def base(model: Path, data: Path, run_dir: Path, **extra) -> dict:
@@ -468,6 +469,7 @@ def test_saved_config_cannot_run_code_or_send_data_on_resume(tmp_path, tiny_mode
     state_path = first.checkpoint / "trainer_state.json"
     state = json.loads(state_path.read_text())
     state["config"].update(model=str(evil_model), trust_remote_code=True, report_to="wandb")
+    state["fingerprints"]["model"] = fingerprint(evil_model)  # whoever wrote the checkpoint can do this
     state_path.write_text(json.dumps(state))
     _rehash(first.checkpoint, "trainer_state.json")
 

@@ -64,7 +64,7 @@ from .reading import (
     steps,
     verify,
 )
-from .writing import save
+from .writing import import_folder, save
 
 __all__ = [
     "ADAPTERS",
@@ -83,6 +83,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "NoCheckpointError",
     "VerifiedCheckpoint",
+    "import_folder",
     "describe",
     "latest_checkpoint",
     "load",

@@ -249,6 +249,18 @@ def check_trainer_state(path: Path, state: Any, step: int) -> dict[str, Any]:
         value = state.get("config", {}).get(section)
         if value is not None and not isinstance(value, dict):
             raise fail(f"config.{section} must be a JSON object")
+    if "fingerprints" in state:
+        problem = _fingerprints_problem(state["fingerprints"])
+        if problem:
+            raise fail(f"fingerprints {problem}")
+    if "exact" in state and not isinstance(state["exact"], bool):
+        raise fail("exact must be true or false")
+    if "changes" in state and not (
+        isinstance(state["changes"], list) and len(state["changes"]) <= MAX_CHANGES
+        and all(isinstance(c, str) and len(c) <= MAX_TEXT for c in state["changes"])
+    ):
+        raise fail(f"changes must be a list of at most {MAX_CHANGES} strings of at most {MAX_TEXT} "
+                   "characters")
     versions = state.get("versions", {})
     if not isinstance(versions, dict) or not all(
         isinstance(v, str) and _LABEL.fullmatch(k) and _LABEL.fullmatch(v)
@@ -259,6 +271,39 @@ def check_trainer_state(path: Path, state: Any, step: int) -> dict[str, Any]:
     if not _all_finite(others):
         raise fail("holds NaN or an infinite number outside its loss lists")
     return state
+
+
+#: Caps of the fingerprints in a trainer state (adamw_lm.fingerprint): files per fingerprint, the
+#: length of a name / id / change note, and how many accepted changes a run records.
+MAX_FINGERPRINT_FILES = 10_000
+MAX_TEXT = 1024
+MAX_CHANGES = 1000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _fingerprints_problem(value: Any) -> str | None:
+    """What is wrong with ``{"model": fp, "data": fp}``, or ``None``; ``fp`` is a file fingerprint
+    (``files`` + ``sha256``) or ``{"id": NAME}`` for inputs that came from the Hub by id."""
+    if not isinstance(value, dict) or not set(value) <= {"model", "data"}:
+        return "must be an object with keys model and data"
+    for key, fp in value.items():
+        if not isinstance(fp, dict):
+            return f"{key} must be an object"
+        if set(fp) == {"id"}:
+            if not isinstance(fp["id"], str) or not 0 < len(fp["id"]) <= MAX_TEXT:
+                return f"{key}.id must be a string of at most {MAX_TEXT} characters"
+            continue
+        files = fp.get("files")
+        if set(fp) != {"files", "sha256"} or not isinstance(fp["sha256"], str) or not _SHA256.fullmatch(fp["sha256"]):
+            return f"{key} must hold files and a sha256 (64 hex digits), or an id"
+        if not isinstance(files, dict) or len(files) > MAX_FINGERPRINT_FILES:
+            return f"{key}.files must be an object of at most {MAX_FINGERPRINT_FILES} files"
+        for name, record in files.items():
+            if not (len(name) <= MAX_TEXT and isinstance(record, dict) and set(record) == {"size", "sha256"}
+                    and _is_int(record["size"]) and isinstance(record["sha256"], str)
+                    and _SHA256.fullmatch(record["sha256"])):
+                return f"{key}.files: each file must have a size and a sha256"
+    return None
 
 
 def _all_finite(values: list[Any]) -> bool:

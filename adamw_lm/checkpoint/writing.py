@@ -14,7 +14,7 @@ import stat
 from concurrent.futures import Future
 from importlib.metadata import version as _package_version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -265,6 +265,7 @@ def save(
     keep_last: int | None = None,
     keep_best: int | None = None,
     val_loss: float | None = None,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write a checkpoint of ``step`` atomically and return its folder.
 
@@ -280,6 +281,8 @@ def save(
         keep_last: keep this many newest checkpoints (by step).
         keep_best: also keep this many with the lowest ``val_loss``.
         val_loss: recorded in the manifest for ``keep_best``; a non-finite one is recorded as null.
+        protect: checkpoint folders rotation never deletes (e.g. ``Pusher.pinned()``: not yet on
+            the Hub).
 
     Rotation runs when ``keep_last`` or ``keep_best`` is given; the checkpoint just written (the one
     ``latest`` names) is never deleted. Temporaries of crashed saves are removed first.
@@ -406,7 +409,7 @@ def save(
                     _committed(False)
         raise
     if keep_last is not None or keep_best is not None:
-        _rotate(root, keep_last or 0, keep_best or 0, keep=name)
+        _rotate(root, keep_last or 0, keep_best or 0, keep=name, protect=_names_in(root, protect))
     return Path(run_dir) / CHECKPOINTS_DIR / name
 
 
@@ -494,7 +497,13 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def _rotate(root: Path, keep_last: int, keep_best: int, keep: str) -> None:
+def _names_in(root: Path, folders: Iterable[str | os.PathLike]) -> set[str]:
+    """The names of those ``folders`` that are checkpoint folders of ``root``."""
+    real = root.resolve()
+    return {Path(f).name for f in folders if Path(f).parent.resolve() == real}
+
+
+def _rotate(root: Path, keep_last: int, keep_best: int, keep: str, protect: set[str]) -> None:
     complete = []
     for step, folder in step_dirs(root):
         try:
@@ -503,7 +512,7 @@ def _rotate(root: Path, keep_last: int, keep_best: int, keep: str) -> None:
             continue  # not a checkpoint this package wrote: not ours to delete
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
             complete.append((step, folder, manifest.get("val_loss")))
-    kept = {keep} | {folder.name for _, folder, _ in complete[:keep_last]}
+    kept = {keep} | protect | {folder.name for _, folder, _ in complete[:keep_last]}
     scored = [c for c in complete if isinstance(c[2], (int, float)) and math.isfinite(c[2])]
     best = sorted(scored, key=lambda c: (c[2], -c[0]))[:keep_best]
     kept |= {folder.name for _, folder, _ in best}
@@ -513,3 +522,42 @@ def _rotate(root: Path, keep_last: int, keep_best: int, keep: str) -> None:
             trash = _temporary(root, "trash", folder.name)
             os.rename(folder, trash)
             _remove(trash)
+
+
+def import_folder(run_dir: str | os.PathLike, folder: str | os.PathLike,
+                  files: Iterable[str]) -> Path:
+    """Copy the checkpoint ``folder`` (e.g. one pulled from the Hub, whose files may be links into
+    the Hugging Face cache) into ``run_dir/checkpoints`` under its own name, atomically.
+
+    Only ``files`` (the names its manifest lists, and the manifest) are copied, as regular files;
+    an existing folder of that step is replaced. ``latest`` is pointed at it only when the run
+    folder has none. Verify the result with :func:`verify` before use.
+
+    Raises:
+        CheckpointWriteError: ``run_dir`` is not writable or a copy failed; nothing was replaced.
+    """
+    folder = Path(folder)
+    root = _open_root(Path(run_dir))
+    _clean_stale(root)
+    name = folder.name
+    tmp = _temporary(root, "tmp", name)
+    try:
+        tmp.mkdir()
+        for entry in files:
+            with open(folder / entry, "rb") as src, _create(tmp / entry) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+                dst.flush()
+                _fsync(dst.fileno())
+        _fsync_dir(tmp)
+        _commit(root, tmp, name)
+        if not os.path.lexists(root / LATEST):
+            _point_latest(root, name)
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointWriteError(
+            f"could not copy checkpoint {name} into {root}: {e.strerror or e} ({e.filename or tmp})"
+        ) from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    return Path(run_dir) / CHECKPOINTS_DIR / name
