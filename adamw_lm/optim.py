@@ -15,7 +15,6 @@ checkpoint stores arrays and JSON only.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -129,7 +128,7 @@ class AdamW(optim.AdamW):
             temporaries are then a few slices, not a few copies of each tensor. Results do not
             depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
         streams: how many mlx streams the slices are spread over, in turn; results do not
-            depend on it. ``None``: :func:`default_streams`.
+            depend on it. ``None``: :func:`default_streams` (1: more lanes cost memory).
         weight_update: how a new weight is written into a bfloat16 / float16 parameter whose
             precision is not ``None`` (see :mod:`adamw_lm.weight_update`): ``"nearest"`` (mlx's
             rounding; steps much smaller than the weight are lost), ``"stochastic"`` (unbiased
@@ -420,10 +419,15 @@ _LANES: dict[tuple[int, str], list[mx.Stream]] = {}
 
 
 def default_streams() -> int:
-    """Streams an :class:`AdamW` with ``streams=None`` uses on the default device: 2 on a CPU with
-    two cores or more (mlx runs each CPU stream on its own thread, and an element-wise kernel on
-    one core), else 1."""
-    return min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+    """Streams an :class:`AdamW` with ``streams=None`` uses: 1.
+
+    More streams run slices side by side (on a CPU each stream has its own thread), which speeds
+    the optimizer's step alone on a CPU, but in a training step, evaluated with the backward pass,
+    the lanes run ahead of each other and keep old weights and moments of many tensors alive:
+    measured by ``scripts/bench_memory.py``, two lanes raised the peak of a bf16-state step by
+    ~40 % of the weights + state over one (``docs/benchmarks.md``). ``streams=2`` stays available.
+    """
+    return 1
 
 
 def _lanes(streams: int | None) -> list[mx.Stream]:
