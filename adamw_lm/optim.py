@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
-from .memory import STATE_LADDER, choose_precisions, stored_precision
+from .memory import STATE_LADDER, choose_precisions, default_chunk_size, stored_precision
 from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
 #: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
@@ -350,7 +350,7 @@ class AdamW(optim.AdamW):
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
 
-        slices = _Slices(self.settings.streams, self.settings.chunk_size or _default_chunk_size())
+        slices = _Slices(self.settings.streams, self.settings.chunk_size or default_chunk_size())
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
@@ -439,10 +439,6 @@ def _lanes(streams: int | None) -> list[mx.Stream]:
     while len(made) < streams - 1:
         made.append(mx.new_stream(device))
     return [mx.default_stream(device), *made[: streams - 1]]
-
-
-def _default_chunk_size() -> int:
-    return 1 << 18 if mx.default_device() == mx.cpu else 1 << 22
 
 
 class _Slices:
