@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.child, args)))
         return 0
     passed = sys.argv[1:] if argv is None else argv
+    if args.hidden % args.heads or args.heads % args.kv_heads or (args.hidden // args.heads) % 2:
+        print("bench_memory: --hidden / --heads must be an even head size, and --heads a multiple "
+              "of --kv-heads", file=sys.stderr)
+        return 2
     config = llama_config(args)
     print(
         f"Llama hidden {args.hidden}, {args.layers} layers, intermediate "
@@ -153,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     worst = 0.0
     for name in args.optimizers:
-        out = subprocess.run(
-            [sys.executable, __file__, *passed, "--child", name],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        m = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(
+            [sys.executable, __file__, *passed, "--child", name], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            print(f"bench_memory: the {name} step failed: {tail[0]}", file=sys.stderr)
+            return 2
+        m = json.loads(done.stdout.strip().splitlines()[-1])
         row = predicted(name, args)
         error = row.peak / m["peak"] - 1
         worst = max(worst, abs(error))
