@@ -192,9 +192,9 @@ def choose_precisions(
 
 #: Slice-sized float32 arrays that one slice's compiled update (decode, AdamW, encode) has alive
 #: at once, per state precision: measured (peak of one single-slice step minus what it holds;
-#: mlx 0.32 CPU), since they depend on how mlx's compiler fuses each codec's graph. The int8
-#: dynamic map's search keeps the most.
-SLICE_WORKING_ARRAYS = {"fp32": 8, "bf16": 8, "int8": 18, "int4": 11}
+#: mlx 0.32 CPU, checked by tests/test_memory.py), since they depend on how mlx's compiler fuses
+#: each codec's graph. The int8 dynamic map's search keeps the most; fp32 updates nearly in place.
+SLICE_WORKING_ARRAYS = {"fp32": 3, "bf16": 7, "int8": 18, "int4": 11}
 
 
 #: Share of a Mac's RAM that Metal lets one process use by default (its recommended working-set
@@ -272,8 +272,8 @@ def step_temporaries(
     """Bytes the optimizer step of ``AdamW(state_precision=precision)`` holds beyond weights,
     gradients and state: its largest tensor's.
 
-    Under ``None`` (mlx's ``apply_single``): the new parameter and moments and two intermediates,
-    in the parameter's dtype. Otherwise a tensor is updated in slices of ``chunk_size`` elements
+    Under ``None`` (mlx's ``apply_single``): the new parameter and moments and one intermediate,
+    in the parameter's dtype (measured). Otherwise a tensor is updated in slices of ``chunk_size`` elements
     (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS` float32 arrays alive, and a
     tensor of several slices is joined at the end: its new slices and the joined copy of parameter
     and state exist together before the old ones are freed.
@@ -282,7 +282,7 @@ def step_temporaries(
     largest = 0
     for a in trainable:
         if precision is None:
-            largest = max(largest, 5 * a.nbytes)
+            largest = max(largest, 4 * a.nbytes)
             continue
         stored = stored_precision(precision, a.size, min_quantize_size)
         tensor = a.nbytes + state_bytes(stored, a.shape, a.dtype)
