@@ -274,9 +274,10 @@ def step_temporaries(
 
     Under ``None`` (mlx's ``apply_single``): the new parameter and moments and one intermediate,
     in the parameter's dtype (measured). Otherwise a tensor is updated in slices of ``chunk_size`` elements
-    (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS` float32 arrays alive, and a
-    tensor of several slices is joined at the end: its new slices and the joined copy of parameter
-    and state exist together before the old ones are freed.
+    (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS` float32 arrays alive; a
+    tensor of several slices has two slices' working sets alive at once and is joined at the
+    end: its new slices and the joined copy of parameter and state exist together before the old
+    ones are freed.
     """
     chunk = chunk_size or default_chunk_size()
     largest = 0
@@ -287,9 +288,11 @@ def step_temporaries(
         stored = stored_precision(precision, a.size, min_quantize_size)
         tensor = a.nbytes + state_bytes(stored, a.shape, a.dtype)
         tensor += weight_buffer_bytes(weight_update, stored, a.size, a.dtype)
+        # Several slices: the joined copy, and the next slice's decoding overlaps this one's
+        # encoding (slices wait for each other's gradient only), so two working sets coexist.
         copies = 2 if a.size > chunk else 1
         working = SLICE_WORKING_ARRAYS.get(stored, max(SLICE_WORKING_ARRAYS.values()))
-        largest = max(largest, copies * tensor + working * 4 * min(a.size, chunk))
+        largest = max(largest, copies * (tensor + working * 4 * min(a.size, chunk)))
     return largest
 
 

@@ -519,12 +519,12 @@ def test_activation_bytes_follow_the_block_and_the_logits():
 def test_step_temporaries_by_precision():
     big, small = mx.zeros((1024, 1024), mx.bfloat16), mx.zeros((64,), mx.bfloat16)
     assert step_temporaries([big, small], None) == 4 * big.nbytes
-    # Four slices of 2^18: the new slices and the joined copy of weight and state, plus a slice's
-    # float32 working arrays.
+    # Four slices of 2^18: the new slices and the joined copy of weight and state, and two
+    # slices' float32 working arrays.
     for precision in ("bf16", "int8", "int4"):
         tensor = big.nbytes + state_bytes(precision, big.shape)
         working = SLICE_WORKING_ARRAYS[precision] * 4 * (1 << 18)
-        assert step_temporaries([big], precision, chunk_size=1 << 18) == 2 * tensor + working
+        assert step_temporaries([big], precision, chunk_size=1 << 18) == 2 * (tensor + working)
     exact = step_temporaries([big], "int4", weight_update="exact", chunk_size=1 << 18)
     assert exact - step_temporaries([big], "int4", chunk_size=1 << 18) == 2 * 2 * big.size
     # One slice: no join.
@@ -571,13 +571,13 @@ def test_markdown_says_what_fits_a_mac():
         metal_limit_bytes(0)
 
 
+@pytest.mark.parametrize("shape", [(256, 1024), (688, 1024)], ids=["one slice", "three slices"])
 @pytest.mark.parametrize("precision", [None, "fp32", "bf16", "int8", "int4"])
-def test_step_temporaries_match_a_measured_optimizer_step(precision):
-    """One tensor of one slice, bf16 weights: the step's peak over what it holds (weights,
-    gradient, state) is what step_temporaries says, within 25 % (measured 80-98 %)."""
+def test_step_temporaries_match_a_measured_optimizer_step(precision, shape):
+    """One tensor of bf16 weights: the optimizer step's peak over what it holds (weights,
+    gradient, state) is what step_temporaries says, within 25 % (measured 80-116 %)."""
     import mlx.optimizers as optim
 
-    shape = (256, 1024)
     params = {"w": (0.02 * mx.random.normal(shape, key=mx.random.key(1))).astype(mx.bfloat16)}
     grads = {"w": (0.01 * mx.random.normal(shape, key=mx.random.key(2))).astype(mx.bfloat16)}
     mx.eval(params, grads)
