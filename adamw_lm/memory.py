@@ -11,10 +11,10 @@
 * :func:`choose_precisions` — per-tensor precisions under a byte budget, largest tensors lowest;
   ``AdamW(state_precision="auto", memory_budget=...)`` uses it.
 
-* :func:`activation_bytes` — what a training step's forward pass keeps for the backward pass, and
-  the most one block's recomputation adds in it, for a batch and sequence length, with or without
-  gradient checkpointing; :func:`step_temporaries` — the optimizer step's transient arrays. Given a
-  ``batch_size``, the plans' rows carry them and :attr:`MemoryRow.peak` is a step's peak.
+* :func:`activation_bytes` — what a training step's forward pass keeps for the backward pass,
+  and what one block's recomputation adds, for a batch and sequence length, with or without
+  gradient checkpointing; :func:`step_temporaries` — the optimizer step's transient arrays.
+  Given a ``batch_size``, the plans' rows carry them and :attr:`MemoryRow.peak` is a step's peak.
 """
 
 from __future__ import annotations
@@ -241,8 +241,9 @@ def activation_bytes(
     only), the final norm's input and output, and the logits' working set of mlx-lm's
     ``default_loss``, five arrays of batch x sequence x vocabulary in the weights' dtype: the
     logits, the softmax that is the log-sum-exp's gradient, the scattered gradient of the
-    targets' logits, their sum (the logits' gradient) and the mask's product. ``recompute`` is, with checkpointing, one block's activations, rebuilt during the
-    backward pass while the gradients are alive; 0 without.
+    targets' logits, their sum (the logits' gradient) and the mask's product. ``recompute`` is,
+    with checkpointing, one block's activations, rebuilt during the backward pass while the
+    gradients are alive; 0 without.
     """
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
@@ -273,11 +274,11 @@ def step_temporaries(
     gradients and state: its largest tensor's.
 
     Under ``None`` (mlx's ``apply_single``): the new parameter and moments and one intermediate,
-    in the parameter's dtype (measured). Otherwise a tensor is updated in slices of ``chunk_size`` elements
-    (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS` float32 arrays alive; a
-    tensor of several slices has two slices' working sets alive at once and is joined at the
-    end: its new slices and the joined copy of parameter and state exist together before the old
-    ones are freed.
+    in the parameter's dtype (measured). Otherwise a tensor is updated in slices of
+    ``chunk_size`` elements (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS`
+    float32 arrays alive; a tensor of several slices has two slices' working sets alive at once
+    and is joined at the end: its new slices and the joined copy of parameter and state exist
+    together before the old ones are freed.
     """
     chunk = chunk_size or default_chunk_size()
     largest = 0
