@@ -242,8 +242,10 @@ def activation_bytes(
     ``default_loss``, five arrays of batch x sequence x vocabulary in the weights' dtype: the
     logits, the softmax that is the log-sum-exp's gradient, the scattered gradient of the
     targets' logits, their sum (the logits' gradient) and the mask's product. ``recompute`` is,
-    with checkpointing, one block's activations, rebuilt during the backward pass while the
-    gradients are alive; 0 without.
+    with checkpointing, what one block's backward pass holds while the gradients are alive: its
+    rebuilt activations, with the attention's scores, probabilities and their two gradients in
+    float32 (4 x 4 bytes x heads x sequence length per token; measured on mlx's CPU attention,
+    which materializes them); 0 without.
     """
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
@@ -252,14 +254,18 @@ def activation_bytes(
     layers = config["num_hidden_layers"]
     trained = layers if trained_layers is None or trained_layers <= 0 else trained_layers
     tokens = batch_size * max_seq_length
-    per_block_token = dtype_size * (
+    linear = dtype_size * (
         5 * hidden + 4 * heads * head_dim + 3 * kv_heads * head_dim
-        + 3 * config["intermediate_size"] + 2 * heads * max_seq_length
+        + 3 * config["intermediate_size"]
     )  # fmt: skip
-    block = tokens * per_block_token
+    block = tokens * (linear + 2 * dtype_size * heads * max_seq_length)
     kept = trained * tokens * hidden * dtype_size if grad_checkpoint else trained * block
     head = tokens * dtype_size * (2 * hidden + 5 * config["vocab_size"])
-    return kept + head, block if grad_checkpoint else 0
+    if not grad_checkpoint:
+        return kept + head, 0
+    # A block's backward pass: its activations, with the attention's scores, probabilities and
+    # both their gradients alive at once in float32 (mlx's softmax here is precise).
+    return kept + head, tokens * (linear + 4 * 4 * heads * max_seq_length)
 
 
 def step_temporaries(
@@ -326,8 +332,9 @@ class MemoryRow:
         """A training step's peak: weights and state, plus the larger of its two phases. At the
         end of the forward pass the activations (and the logits' working set) are alive and no
         gradient yet; at the end of the backward pass every gradient is, with the first block's
-        recomputed activations, and the optimizer's temporaries then replace those."""
-        late = self.grads + max(self.recompute, self.temporaries)
+        backward pass, and the optimizer's first temporaries already (measured: the moments'
+        decoding does not wait for the gradients)."""
+        late = self.grads + self.recompute + self.temporaries
         return self.weights + self.state + max(self.activations, late)
 
 
@@ -380,8 +387,8 @@ class MemoryPlan:
             lines.append(line)
         if with_step:
             lines += ["", "Step peak: weights + state + the larger of the forward pass's "
-                      "activations and gradients + the backward pass's recomputation or the "
-                      "optimizer's temporaries; measured by scripts/bench_memory.py."]
+                      "activations and gradients + a block's backward pass + the optimizer's "
+                      "temporaries; checked against scripts/bench_memory.py."]
         else:
             lines += ["", "Activations are not included: give --batch-size (and "
                       "--max-seq-length, --grad-checkpoint) to count them."]

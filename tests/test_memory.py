@@ -510,7 +510,10 @@ def test_activation_bytes_follow_the_block_and_the_logits():
     head = tokens * 2 * (2 * 256 + 5 * 1000)
     assert activation_bytes(SMALL_LLAMA, 2, 128) == (4 * block + head, 0)
     saved = 4 * tokens * 256 * 2
-    assert activation_bytes(SMALL_LLAMA, 2, 128, grad_checkpoint=True) == (saved + head, block)
+    # With checkpointing a block's backward pass holds its activations with the attention's
+    # scores, probabilities and their gradients in float32.
+    backward = block - tokens * 2 * 2 * 8 * 128 + tokens * 4 * 4 * 8 * 128
+    assert activation_bytes(SMALL_LLAMA, 2, 128, grad_checkpoint=True) == (saved + head, backward)
     # Only the trained blocks keep activations; float32 weights double everything.
     assert activation_bytes(SMALL_LLAMA, 2, 128, trained_layers=1) == (block + head, 0)
     assert activation_bytes(SMALL_LLAMA, 2, 128, dtype_size=4) == (2 * (4 * block + head), 0)
@@ -542,10 +545,10 @@ def test_plan_with_a_batch_has_a_step_peak():
     assert (r.activations, r.recompute) == activation_bytes(
         LLAMA3_8B, 1, 2048, grad_checkpoint=True, trained_layers=32
     )
-    assert r.peak == r.weights + r.state + max(r.activations, r.grads + max(r.recompute, r.temporaries))
+    assert r.peak == r.weights + r.state + max(r.activations, r.grads + r.recompute + r.temporaries)
     # At 8B the gradients outweigh batch-1 activations: the backward pass's end is the peak.
-    assert r.peak == r.weights + r.state + r.grads + max(r.recompute, r.temporaries)
-    assert 38e9 < r.peak < 39e9
+    assert r.peak == r.weights + r.state + r.grads + r.recompute + r.temporaries
+    assert 38e9 < r.peak < 41e9
     off = plan_from_config(LLAMA3_8B, "full", num_layers=-1, precisions=("int4",), batch_size=1,
                            max_seq_length=2048).row("int4")
     assert off.activations > 5 * r.activations and off.peak > r.peak
