@@ -558,7 +558,8 @@ def test_plan_command_counts_the_exact_buffers(tmp_path):
     def shown(mode):
         done = subprocess.run(
             [sys.executable, "-m", "adamw_lm.cli", "plan", "--model", str(model),
-             "--fine-tune-type", "full", "--precision", "none", "int8", "--weight-update", mode],
+             "--fine-tune-type", "full", "--all-parameters", "--precision", "none", "int8",
+             "--weight-update", mode],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
