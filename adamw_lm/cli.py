@@ -6,6 +6,7 @@
     adamw-lm resume hub:USER/REPO[@REVISION] [--step N] [--run-dir DIR] [--repo-id USER/REPO]
     adamw-lm push RUN_DIR --repo-id USER/REPO [--step N] [--branch NAME] [--public]
     adamw-lm plan --model PATH_OR_CONFIG --fine-tune-type lora|dora|full [--all-parameters]
+                  [--batch-size N --max-seq-length N --grad-checkpoint --memory GB]
     adamw-lm inspect CHECKPOINT_OR_RUN_DIR | hub:USER/REPO[@REVISION]
     adamw-lm tiny-model OUT_DIR [--size small|medium] [--seed N]
 
@@ -257,8 +258,23 @@ def plan_options(args: argparse.Namespace) -> dict[str, Any]:
     num_layers = None if args.all_parameters else args.num_layers
     if num_layers is None and not args.all_parameters:
         num_layers = 16  # mlx_lm lora's default, for full as for lora: what `train` trains
+    for name in ("batch_size", "max_seq_length"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if getattr(args, "memory", None) is not None and not args.memory > 0:
+        raise ConfigError(f"--memory must be a Mac's RAM in GB (> 0); got {args.memory}")
+    batch_size = getattr(args, "batch_size", None)
+    world_size = getattr(args, "world_size", 1)
+    if batch_size is not None and world_size > 1:
+        if batch_size % world_size:
+            raise ConfigError(f"--batch-size {batch_size} does not split over --world-size {world_size} "
+                              "processes (each takes an equal share of every batch)")
+        batch_size //= world_size  # the activations of one process's share
     return {"fine_tune_type": args.fine_tune_type, "rank": args.rank, "num_layers": num_layers,
-            "weight_update": args.weight_update}
+            "weight_update": args.weight_update, "batch_size": batch_size,
+            "max_seq_length": getattr(args, "max_seq_length", 2048),
+            "grad_checkpoint": getattr(args, "grad_checkpoint", False)}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -274,7 +290,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         plan = per_process_plan(plan, args.world_size, args.shard_state)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    print(plan.to_markdown())
+    print(plan.to_markdown(memory_gb=args.memory))
     return 0
 
 
@@ -383,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-update", choices=["nearest", "stochastic", "exact"], default=None,
                    help="AdamW's weight_update for bf16/fp16 weights ('exact' adds 2 bytes per "
                         "parameter of state; default: AdamW's)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="sequences per step, as mlx_lm lora (default 4): counts activations")
+    p.add_argument("--max-seq-length", type=int, default=2048,
+                   help="tokens per sequence, as mlx_lm lora (default 2048)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="gradient checkpointing, as mlx_lm lora: keeps each block's input only")
+    p.add_argument("--memory", type=float, default=None, metavar="GB",
+                   help="a Mac's RAM: say which rows fit Metal's default working-set limit "
+                        "(about 75 %% of it; sysctl iogpu.wired_limit_mb raises it)")
     p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser("inspect", help="what a checkpoint holds, and whether it verifies")

@@ -11,7 +11,10 @@
 * :func:`choose_precisions` — per-tensor precisions under a byte budget, largest tensors lowest;
   ``AdamW(state_precision="auto", memory_budget=...)`` uses it.
 
-Activations are not counted: they depend on batch size and sequence length, not on the optimizer.
+* :func:`activation_bytes` — what a training step's forward pass keeps for the backward pass,
+  and what one block's recomputation adds, for a batch and sequence length, with or without
+  gradient checkpointing; :func:`step_temporaries` — the optimizer step's transient arrays.
+  Given a ``batch_size``, the plans' rows carry them and :attr:`MemoryRow.peak` is a step's peak.
 """
 
 from __future__ import annotations
@@ -179,21 +182,156 @@ def choose_precisions(
     return {path: plan[path] for path in named_shapes}
 
 
+# -- a training step's activations and temporaries ------------------------------------------------
+
+#: Slice-sized float32 arrays that one slice's compiled update (decode, AdamW, encode) has alive
+#: at once, per state precision: measured (peak of one single-slice step minus what it holds;
+#: mlx 0.32 CPU, checked by tests/test_memory.py), since they depend on how mlx's compiler fuses
+#: each codec's graph. The int8/int4 stochastic level rounding keeps the most; fp32 updates nearly
+#: in place.
+SLICE_WORKING_ARRAYS = {"fp32": 3, "bf16": 7, "int8": 18, "int4": 18}
+
+
+#: Share of a Mac's RAM that Metal lets one process use by default (its recommended working-set
+#: size); ``sysctl iogpu.wired_limit_mb`` raises it.
+METAL_WORKING_SET_SHARE = 0.75
+
+
+def metal_limit_bytes(memory_gb: float) -> int:
+    """Bytes Metal lets a process use by default on a Mac with ``memory_gb`` GB of RAM (about
+    :data:`METAL_WORKING_SET_SHARE` of it)."""
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
+        raise ValueError(f"memory must be a number of GB > 0; got {memory_gb!r}")
+    return int(METAL_WORKING_SET_SHARE * memory_gb * 1e9)
+
+
+def default_chunk_size() -> int:
+    """Slice size of ``AdamW(chunk_size=None)``: 2^18 elements on a CPU, 2^22 on a GPU (fewer,
+    larger kernels)."""
+    return 1 << 18 if mx.default_device() == mx.cpu else 1 << 22
+
+
+def activation_bytes(
+    config: Mapping[str, Any],
+    batch_size: int,
+    max_seq_length: int,
+    *,
+    grad_checkpoint: bool = False,
+    trained_layers: int | None = None,
+    dtype_size: int = 2,
+) -> tuple[int, int]:
+    """``(forward, recompute)``: bytes a training step of a Llama-like mlx-lm model keeps alive.
+
+    Counted from what mlx-lm's forward pass (``models/llama.py``, qwen2, mistral: the same
+    block) keeps for the backward pass, per token of a block, in the weights' dtype: the block
+    input and its norm, the residual, the second norm and the MLP output (5 x hidden); queries
+    before and after RoPE, the attention output and its transposed copy (4 x heads x head_dim);
+    keys before and after RoPE and values (3 x kv_heads x head_dim); gate, up and their product
+    (3 x intermediate); the attention scores and probabilities (2 x heads x sequence length, as
+    mlx's attention materializes them for its gradient). Gradients flow only through the trained
+    last ``trained_layers`` blocks (default all), so only theirs are kept.
+
+    ``forward`` is what is alive when the backward pass starts: the trained blocks' activations
+    (with ``grad_checkpoint`` as in ``mlx_lm.tuner.trainer.grad_checkpoint``: each block's input
+    only), the final norm's input and output, and the logits' working set of mlx-lm's
+    ``default_loss``, five arrays of batch x sequence x vocabulary in the weights' dtype: the
+    logits, the softmax that is the log-sum-exp's gradient, the scattered gradient of the
+    targets' logits, their sum (the logits' gradient) and the mask's product. ``recompute`` is,
+    with checkpointing, what one block's backward pass holds while the gradients are alive: its
+    rebuilt activations, with the attention's scores, probabilities and their two gradients in
+    float32 (4 x 4 bytes x heads x sequence length per token; measured on mlx's CPU attention,
+    which materializes them); 0 without.
+    """
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    layers = config["num_hidden_layers"]
+    trained = layers if trained_layers is None or trained_layers <= 0 else trained_layers
+    tokens = batch_size * max_seq_length
+    linear = dtype_size * (
+        5 * hidden + 4 * heads * head_dim + 3 * kv_heads * head_dim
+        + 3 * config["intermediate_size"]
+    )  # fmt: skip
+    block = tokens * (linear + 2 * dtype_size * heads * max_seq_length)
+    kept = trained * tokens * hidden * dtype_size if grad_checkpoint else trained * block
+    head = tokens * dtype_size * (2 * hidden + 5 * config["vocab_size"])
+    if not grad_checkpoint:
+        return kept + head, 0
+    # A block's backward pass: its activations, with the attention's scores, probabilities and
+    # both their gradients alive at once in float32 (mlx's softmax here is precise).
+    return kept + head, tokens * (linear + 4 * 4 * heads * max_seq_length)
+
+
+def step_temporaries(
+    trainable: Iterable[mx.array],
+    precision: str | None,
+    *,
+    weight_update: str | None = None,
+    chunk_size: int | None = None,
+    min_quantize_size: int = MIN_QUANTIZE_SIZE,
+) -> int:
+    """Bytes the optimizer step of ``AdamW(state_precision=precision)`` holds beyond weights,
+    gradients and state: its largest tensor's.
+
+    Under ``None`` (mlx's ``apply_single``): the new parameter and moments and one intermediate,
+    in the parameter's dtype (measured). Otherwise a tensor is updated in slices of
+    ``chunk_size`` elements (default :class:`AdamW`'s), each with :data:`SLICE_WORKING_ARRAYS`
+    float32 arrays alive; slices run one after the other (one working set at a time), and a tensor
+    of several slices is joined at the end: its new slices and the joined copy of parameter and
+    state (and about a float32 copy of the tensor) exist together before the old ones are freed.
+    """
+    chunk = chunk_size or default_chunk_size()
+    largest = 0
+    for a in trainable:
+        if precision is None:
+            largest = max(largest, 4 * a.nbytes)
+            continue
+        stored = stored_precision(precision, a.size, min_quantize_size)
+        tensor = a.nbytes + state_bytes(stored, a.shape, a.dtype)
+        tensor += weight_buffer_bytes(weight_update, stored, a.size, a.dtype)
+        # Several slices: the new slices and their joined copy coexist, and the joins hold about a
+        # float32 copy of the tensor more (measured on a three-slice tensor, every precision).
+        sliced = a.size > chunk
+        working = SLICE_WORKING_ARRAYS.get(stored, max(SLICE_WORKING_ARRAYS.values()))
+        joins = 4 * a.size if sliced else 0
+        largest = max(largest, (2 if sliced else 1) * tensor + working * 4 * min(a.size, chunk) + joins)
+    return largest
+
+
 # -- memory plans ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MemoryRow:
-    """Bytes of one fine-tune at one state precision."""
+    """Bytes of one fine-tune at one state precision.
+
+    ``activations``, ``recompute`` and ``temporaries`` are 0 unless the plan was given a batch
+    (see :func:`activation_bytes` and :func:`step_temporaries`).
+    """
 
     precision: str | None
     weights: int
     grads: int
     state: int
+    activations: int = 0
+    recompute: int = 0
+    temporaries: int = 0
 
     @property
     def total(self) -> int:
+        """Weights + gradients + optimizer state (what the model and optimizer hold)."""
         return self.weights + self.grads + self.state
+
+    @property
+    def peak(self) -> int:
+        """A training step's peak: weights and state, plus the larger of its two phases. At the
+        end of the forward pass the activations (and the logits' working set) are alive and no
+        gradient yet; at the end of the backward pass every gradient is, with the first block's
+        backward pass, and the optimizer's first temporaries already (measured: the moments'
+        decoding does not wait for the gradients)."""
+        late = self.grads + self.recompute + self.temporaries
+        return self.weights + self.state + max(self.activations, late)
 
 
 @dataclass(frozen=True)
@@ -212,25 +350,50 @@ class MemoryPlan:
                 return row
         raise KeyError(f"no row for precision {precision!r} in this plan")
 
-    def to_markdown(self) -> str:
-        """A markdown table (decimal units: 1 GB = 10^9 bytes); activations are not included."""
+    def to_markdown(self, memory_gb: float | None = None) -> str:
+        """A markdown table (decimal units: 1 GB = 10^9 bytes). With a batch in the plan, it has
+        the activations and each row's step peak; with ``memory_gb`` (a Mac's RAM) it says
+        which rows fit Metal's default working-set limit (:func:`metal_limit_bytes`)."""
         share = self.trainable_parameters / max(self.total_parameters, 1)
+        with_step = any(r.activations for r in self.rows)
         lines = [
             f"{self.description}: {self.total_parameters:,} parameters, "
             f"{self.trainable_parameters:,} trainable ({100 * share:.2f} %).",
             "",
             "| state precision | state bytes/param | weights | gradients | optimizer state "
-            "| total |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| total |" + (" activations | step temporaries | step peak |" if with_step else ""),
+            "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if with_step else ""),
         ]
+        limit = None if memory_gb is None else metal_limit_bytes(memory_gb)
         for r in self.rows:
             name = "None (param dtype)" if r.precision is None else r.precision
             per_param = r.state / max(self.trainable_parameters, 1)
-            lines.append(
+            line = (
                 f"| {name} | {per_param:.4f} | {_human(r.weights)} | {_human(r.grads)} "
                 f"| {_human(r.state)} | {_human(r.total)} |"
             )
-        lines += ["", "Activations are not included: they depend on batch and sequence length."]
+            if with_step:
+                needed = r.peak
+                line += (
+                    f" {_human(max(r.activations, r.recompute))} | {_human(r.temporaries)} "
+                    f"| {_human(needed)}"
+                    + ("" if limit is None else (" fits" if needed <= limit else " does not fit"))
+                    + " |"
+                )
+            lines.append(line)
+        if with_step:
+            lines += ["", "Step peak: weights + state + the larger of the forward pass's "
+                      "activations and gradients + a block's backward pass + the optimizer's "
+                      "temporaries; checked against scripts/bench_memory.py."]
+        else:
+            lines += ["", "Activations are not included: give --batch-size (and "
+                      "--max-seq-length, --grad-checkpoint) to count them."]
+        if limit is not None:
+            lines += [
+                f"A {memory_gb:g} GB Mac: Metal's default working-set limit is about "
+                f"{100 * METAL_WORKING_SET_SHARE:.0f} % of RAM, {_human(limit)}; "
+                "`sudo sysctl iogpu.wired_limit_mb=N` raises it (leave the system a few GB)."
+            ]
         return "\n".join(lines)
 
 
@@ -240,6 +403,8 @@ def _rows(
     precisions: Sequence[str | None],
     min_quantize_size: int,
     weight_update: str | None,
+    activations: tuple[int, int] = (0, 0),
+    chunk_size: int | None = None,
 ) -> tuple[MemoryRow, ...]:
     trainable = list(trainable)
     weight_bytes = sum(a.nbytes for a in weights)
@@ -253,7 +418,18 @@ def _rows(
             total += weight_buffer_bytes(weight_update, stored, a.size, a.dtype)
         return total
 
-    return tuple(MemoryRow(p, weight_bytes, grad_bytes, state(p)) for p in precisions)
+    def temporaries(precision: str | None) -> int:
+        if activations == (0, 0):
+            return 0
+        return step_temporaries(
+            trainable, precision, weight_update=weight_update, chunk_size=chunk_size,
+            min_quantize_size=min_quantize_size,
+        )  # fmt: skip
+
+    return tuple(
+        MemoryRow(p, weight_bytes, grad_bytes, state(p), *activations, temporaries(p))
+        for p in precisions
+    )
 
 
 def _check_precisions(precisions: Sequence[str | None], weight_update: str | None) -> None:
@@ -369,6 +545,10 @@ def plan_from_config(
     lora_keys: Sequence[str] | None = None,
     min_quantize_size: int = MIN_QUANTIZE_SIZE,
     weight_update: str | None = None,
+    batch_size: int | None = None,
+    max_seq_length: int = 2048,
+    grad_checkpoint: bool = False,
+    chunk_size: int | None = None,
 ) -> MemoryPlan:
     """The memory plan of fine-tuning the model described by a ``config.json`` (no weights needed).
 
@@ -390,6 +570,10 @@ def plan_from_config(
             default every linear layer of the block, as mlx-lm does.
         min_quantize_size: tensors with fewer elements keep fp32 moments under lower precisions.
         weight_update: ``AdamW``'s; its buffers count as state (:func:`weight_buffer_bytes`).
+        batch_size: sequences per step; given, each row also counts the step's activations for
+            ``max_seq_length`` tokens a sequence, with or without ``grad_checkpoint``
+            (:func:`activation_bytes`), and the optimizer's temporaries for ``chunk_size``
+            (:func:`step_temporaries`), so that :attr:`MemoryRow.peak` is the step's peak.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import get_total_parameters
@@ -443,6 +627,19 @@ def plan_from_config(
         name = {"lora": "LoRA", "dora": "DoRA"}[fine_tune_type]
         what = f"{name} rank {rank} on the last {trained} of {n_blocks} layers"
 
+    activations = (0, 0)
+    if batch_size is not None:
+        for name, value in (("batch_size", batch_size), ("max_seq_length", max_seq_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        activations = activation_bytes(
+            _model_args(model, data), batch_size, max_seq_length,
+            grad_checkpoint=grad_checkpoint, trained_layers=trained, dtype_size=dtype.size,
+        )  # fmt: skip
+        details.append(
+            f"batch {batch_size} x {max_seq_length} tokens, gradient checkpointing "
+            + ("on" if grad_checkpoint else "off")
+        )
     weight_arrays = [a for _, a in tree_flatten(model.parameters())]
     trainable = [a for _, a in tree_flatten(model.trainable_parameters())]
     return MemoryPlan(
@@ -450,12 +647,28 @@ def plan_from_config(
         + _weight_update_note(weight_update),
         get_total_parameters(model),
         sum(a.size for a in trainable),
-        _rows(weight_arrays, trainable, precisions, min_quantize_size, weight_update),
+        _rows(weight_arrays, trainable, precisions, min_quantize_size, weight_update,
+              activations, chunk_size),
     )
+
+
+def _model_args(model: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
+    """The shape fields :func:`activation_bytes` reads, from the built model's arguments (they
+    hold mlx-lm's defaults and derived values) over the config's."""
+    args = getattr(model, "args", None)
+    fields = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "intermediate_size", "vocab_size")
+    return {f: getattr(args, f, None) or data.get(f) for f in fields}
 
 
 __all__ = [
     "DEFAULT_PRECISIONS",
+    "METAL_WORKING_SET_SHARE",
+    "SLICE_WORKING_ARRAYS",
+    "activation_bytes",
+    "default_chunk_size",
+    "metal_limit_bytes",
+    "step_temporaries",
     "FINE_TUNE_TYPES",
     "MIN_QUANTIZE_SIZE",
     "MemoryPlan",

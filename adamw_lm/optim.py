@@ -15,7 +15,6 @@ checkpoint stores arrays and JSON only.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -26,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
-from .memory import STATE_LADDER, choose_precisions, stored_precision
+from .memory import STATE_LADDER, choose_precisions, default_chunk_size, stored_precision
 from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
 #: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
@@ -129,7 +128,7 @@ class AdamW(optim.AdamW):
             temporaries are then a few slices, not a few copies of each tensor. Results do not
             depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
         streams: how many mlx streams the slices are spread over, in turn; results do not
-            depend on it. ``None``: :func:`default_streams`.
+            depend on it. ``None``: :func:`default_streams` (1: more lanes cost memory).
         weight_update: how a new weight is written into a bfloat16 / float16 parameter whose
             precision is not ``None`` (see :mod:`adamw_lm.weight_update`): ``"nearest"`` (mlx's
             rounding; steps much smaller than the weight are lost), ``"stochastic"`` (unbiased
@@ -352,7 +351,7 @@ class AdamW(optim.AdamW):
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
 
-        slices = _Slices(self.settings.streams, self.settings.chunk_size or _default_chunk_size())
+        slices = _Slices(self.settings.streams, self.settings.chunk_size or default_chunk_size())
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
@@ -421,10 +420,15 @@ _LANES: dict[tuple[int, str], list[mx.Stream]] = {}
 
 
 def default_streams() -> int:
-    """Streams an :class:`AdamW` with ``streams=None`` uses on the default device: 2 on a CPU with
-    two cores or more (mlx runs each CPU stream on its own thread, and an element-wise kernel on
-    one core), else 1."""
-    return min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+    """Streams an :class:`AdamW` with ``streams=None`` uses: 1.
+
+    More streams run slices side by side (on a CPU each stream has its own thread), which speeds
+    the optimizer's step alone on a CPU, but in a training step, evaluated with the backward pass,
+    the lanes run ahead of each other and keep old weights and moments of many tensors alive:
+    measured by ``scripts/bench_memory.py``, two lanes raised the peak of a bf16-state step by
+    ~40 % of the weights + state over one (``docs/benchmarks.md``). ``streams=2`` stays available.
+    """
+    return 1
 
 
 def _lanes(streams: int | None) -> list[mx.Stream]:
@@ -436,10 +440,6 @@ def _lanes(streams: int | None) -> list[mx.Stream]:
     while len(made) < streams - 1:
         made.append(mx.new_stream(device))
     return [mx.default_stream(device), *made[: streams - 1]]
-
-
-def _default_chunk_size() -> int:
-    return 1 << 18 if mx.default_device() == mx.cpu else 1 << 22
 
 
 class _Slices:

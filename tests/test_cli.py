@@ -570,3 +570,20 @@ def test_logger_warnings_are_one_plain_line(capsys, main_in_process):
     logging.getLogger("adamw_lm.checkpoint").warning("falling back to %s", "step-0000002")
     logging.getLogger("adamw_lm").info("not shown")
     assert capsys.readouterr().err == "adamw-lm: warning: falling back to step-0000002\n"
+
+
+def test_plan_step_options_and_memory(tmp_path):
+    qwen = Path(__file__).resolve().parents[1] / "recipes" / "model-configs" / "qwen2.5-7b.json"
+    done = cli("plan", "--model", str(qwen), "--fine-tune-type", "full", "--num-layers", "-1",
+               "--batch-size", "1", "--max-seq-length", "2048", "--grad-checkpoint",
+               "--memory", "64", "--precision", "none", "int4")
+    assert done.returncode == 0, done.stderr
+    assert "batch 1 x 2048 tokens, gradient checkpointing on" in done.stdout
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert rows["None (param dtype)"].endswith("does not fit |") and rows["int4"].endswith(" fits |")
+    assert "about 75 % of RAM, 48.00 GB" in done.stdout
+    for bad, message in ((["--batch-size", "0"], "--batch-size must be >= 1"),
+                         (["--max-seq-length", "-3"], "--max-seq-length must be >= 1"),
+                         (["--memory", "0"], "--memory must be a Mac's RAM in GB")):
+        done = cli("plan", "--model", str(qwen), "--fine-tune-type", "full", *bad)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

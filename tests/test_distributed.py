@@ -206,6 +206,12 @@ def test_plan_per_process_divides_only_the_sharded_state(tiny_model_path, capsys
     assert cells[0] == cells[1] and cells[2][:2] == cells[0][:2]
     assert float(cells[2][2].split()[0]) == pytest.approx(float(cells[0][2].split()[0]) / 2, rel=1e-3)
     assert cli.main(["plan", "--model", str(tiny_model_path), "--num-layers", "2", "--world-size", "0"]) == 2
+    assert cli.main(["plan", "--model", str(tiny_model_path), "--num-layers", "2", "--world-size", "3"]) == 2
+    # Each process computes its share of every batch: 4 examples over 2 processes are, per process,
+    # the activations of 2 examples in one.
+    common = ["--precision", "none", "int8", "--max-seq-length", "64"]
+    assert table("--batch-size", "4", "--world-size", "2", *common) == table("--batch-size", "2", *common)
+    assert table("--batch-size", "4", *common) != table("--batch-size", "2", *common)
 
 
 def test_manifest_shard_entries_are_checked(runs, tmp_path):
