@@ -143,7 +143,9 @@ class AdamW(optim.AdamW):
 
     Under a precision other than ``None``, a step whose gradients hold a NaN or an infinity leaves
     parameters and moments unchanged and is counted in ``state["skipped_steps"]``; ``None`` keeps
-    mlx's behaviour exactly, non-finite values included.
+    mlx's behaviour exactly, non-finite values included. In a mixed plan (``precision_overrides``
+    pinning some tensors to ``None``) such a step is skipped for the other tensors only: the
+    ``None`` ones take mlx's update.
     """
 
     def __init__(
