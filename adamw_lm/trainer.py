@@ -506,13 +506,13 @@ class _NoLock:
         return self
 
     def release(self) -> None:
-        pass
+        """Nothing to release: this process never held the lock."""
 
     def __enter__(self) -> "_NoLock":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        pass
+        self.release()
 
 
 def _lock(run_dir: Path) -> RunLock | _NoLock:

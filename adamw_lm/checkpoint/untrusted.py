@@ -270,7 +270,7 @@ def read_json(folder: Folder, name: str, label: str, *, max_size: int = MAX_JSON
 
 
 class _Refused(ValueError):
-    pass
+    """A JSON construct this reader refuses (a duplicate key, NaN...), raised while parsing."""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
