@@ -75,11 +75,11 @@ def default_run_dir(spec: HubSpec) -> Path:
 
 
 def fetch_run(source: str, step: Optional[int] = None,
-              run_dir: Optional[str | Path] = None) -> tuple[Path, int, HubSpec]:
+              run_dir: Optional[str | Path] = None) -> tuple[Path, int, HubSpec, dict]:
     """Download one checkpoint of the Hub run ``source`` (``hub:USER/REPO[@REV]``; default step:
     the remote latest), verify it, and copy it into ``run_dir`` (default ``runs/<repo name>``).
 
-    Returns the run folder, the step and the parsed spec.
+    Returns the run folder, the step, the parsed spec and the checkpoint's (verified) trainer state.
 
     Raises:
         HubError: the repo, revision or step does not exist or cannot be read.
@@ -92,22 +92,23 @@ def fetch_run(source: str, step: Optional[int] = None,
     spec = parse_spec(source)
     folder = pull(spec, step)
     try:
-        manifest = checkpoint.verify(folder)
+        with checkpoint.open_verified(folder) as found:
+            manifest, trainer_state = found.manifest, found.trainer_state
     except checkpoint.CheckpointError as e:
         raise HubError(f"Hub repo {spec}: {folder.name} does not verify: {e}") from None
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(spec)
     with RunLock(run_dir):
         _check_same_run(run_dir, spec, ConfigError)
         checkpoint.import_folder(run_dir, folder, [*manifest["files"], checkpoint.MANIFEST])
-    return run_dir, manifest["step"], spec
+    return run_dir, manifest["step"], spec, trainer_state
 
 
 def _check_same_run(run_dir: Path, spec: HubSpec, error: type[Exception]) -> None:
     """A run folder that already holds checkpoints may only be one of this Hub run."""
-    existing = checkpoint.latest_checkpoint(run_dir)
+    existing = checkpoint.open_latest(run_dir)
     if existing is None:
         return
-    with checkpoint.open_verified(existing) as found:
+    with existing as found:
         saved = found.trainer_state.get("config")
     hub = saved.get("hub") if isinstance(saved, dict) else None
     if not isinstance(hub, dict) or hub.get("repo_id") != spec.repo_id:

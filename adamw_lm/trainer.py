@@ -639,10 +639,9 @@ def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optiona
     """
     from .hub_runs import fetch_run
 
-    run_dir, step, spec = fetch_run(source, step, run_dir)
+    run_dir, step, spec, trainer_state = fetch_run(source, step, run_dir)
     overrides = dict(options.pop("overrides", None) or {})
-    with checkpoint.open_verified(run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:07d}") as found:
-        saved = found.trainer_state.get("config")
+    saved = trainer_state.get("config")
     saved_hub = saved.get("hub") if isinstance(saved, dict) else None
     if repo_id is not None:
         overrides["hub.repo_id"] = repo_id
