@@ -194,6 +194,18 @@ def test_hub_resume_errors_are_one_line_exit_2(case, hub, tmp_path, tiny_model_p
     assert checkpoint.latest_checkpoint(run_dir) is None if run_dir.exists() else True
 
 
+def test_hub_resume_into_a_folder_of_another_run_is_refused(hub, tmp_path, tiny_model_path, data_dir):
+    repo, office = first_machine(hub, tmp_path, tiny_model_path, data_dir)
+    other = tmp_path / "other"
+    done = cli(hub, "train", str(write_yaml(tmp_path / "other.yaml", config(tiny_model_path, data_dir, other,
+                                                                           iters=2))), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    before = sorted(p.name for p in (other / "checkpoints").iterdir())
+    one_line_error(cli(hub, "resume", f"hub:{repo}", "--run-dir", str(other), "--no-progress"),
+                   str(other), "another run", "--run-dir")
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == before
+
+
 def test_inspect_lists_remote_checkpoints_and_push_sends_a_run_after_the_fact(
         hub, tmp_path, tiny_model_path, data_dir, references):
     repo = hub.repo_id("after")
