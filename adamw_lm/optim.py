@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import zlib
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import mlx.core as mx
@@ -352,6 +353,18 @@ class AdamW(optim.AdamW):
                 for path in stochastic
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
+        step = self.step.astype(mx.uint32)
+
+        def moment_keys(path: str, codecs: Precision) -> tuple[mx.array | None, ...]:
+            # A rotating codec's phases must stay the same from step to step, so they come from
+            # the parameter's path, not from the state's key (and neither from ``seed``, which a
+            # resumed state does not carry): the same in every run and every process.
+            seed = zlib.crc32(path.encode())
+            return tuple(
+                mx.stack([mx.array(seed, mx.uint32), step]) if codec.rotating
+                else keys[path] if codec.stochastic else None
+                for codec in (codecs.m, codecs.v)
+            )  # fmt: skip
 
         slices = _Slices(self.settings.streams, self.settings.chunk_size or default_chunk_size())
 
@@ -367,7 +380,7 @@ class AdamW(optim.AdamW):
                 tensors["buffer"] = s[buffer]
             new = slices.update(
                 self._update_fn(codecs, mode), tensors, codecs,
-                coefficients, keys.get(path), weight_keys.get(path),
+                coefficients, moment_keys(path, codecs), weight_keys.get(path),
             )  # fmt: skip
             s["m"], s["v"] = new["m"], new["v"]
             if buffer:
@@ -526,7 +539,7 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
     ``mode`` has one, the weight's ``"buffer"``.
     """
 
-    def update(tensors: dict, k: _Coefficients, key, weight_key, offset) -> dict:
+    def update(tensors: dict, k: _Coefficients, keys, weight_key, offset) -> dict:
         g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
         m_stored, v_stored = tensors["m"], tensors["v"]
         shape = g.shape
@@ -539,12 +552,12 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             mx.sqrt(v) * k.root_scale + eps
         )
         new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
-        # One key for both moments: a stochastic pair draws disjoint bits of one hash, which
-        # the compiler computes once.
+        # Moments that are not rotating share one key: a stochastic pair draws disjoint bits of
+        # one hash, which the compiler computes once.
         new = {
             "p": new_p,
-            "m": precision.m.encode(m, key, offset),
-            "v": precision.v.encode(v, key, offset),
+            "m": precision.m.encode(m, keys[0], offset),
+            "v": precision.v.encode(v, keys[1], offset),
         }
         if new_buffer is not None:
             new["buffer"] = new_buffer

@@ -12,12 +12,14 @@ Prints one markdown table. ``tests/test_convergence.py`` runs the same problems 
 int4 formats were chosen (docs/benchmarks.md).
 
 Usage: python scripts/bench_convergence.py [--steps 300] [--hidden 512] [--layers 2] [--candidates]
+       [--draws N]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -80,12 +82,15 @@ def mlp(seed: int = 0) -> tuple[dict, Callable]:
     return params, loss
 
 
-PROBLEMS: dict[str, Problem] = {
-    "least squares": lambda: least_squares(),
-    "least squares, cond 1e4": lambda: least_squares(condition=100.0),
-    "logistic regression": lambda: logistic_regression(),
-    "MLP": lambda: mlp(),
+#: Each problem by name, as a function of the seed of its random draw.
+DRAWS: dict[str, Callable[[int], tuple[dict, Callable]]] = {
+    "least squares": lambda seed: least_squares(seed=seed),
+    "least squares, cond 1e4": lambda seed: least_squares(condition=100.0, seed=seed),
+    "logistic regression": lambda seed: logistic_regression(seed=seed),
+    "MLP": lambda seed: mlp(seed=seed),
 }
+
+PROBLEMS: dict[str, Problem] = {name: (lambda draw=draw: draw(0)) for name, draw in DRAWS.items()}
 
 
 def final_loss(problem: Problem, precision: str, steps: int = 300) -> float:
@@ -127,28 +132,55 @@ def candidates() -> list[str]:
     """Register the formats measured when int8 and int4 were chosen; returns their names."""
     from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 
-    def pair(bits: int, m: tuple[int, bool], v: tuple[int, bool]) -> Precision:
+    def pair(bits: int, m: tuple, v: tuple) -> Precision:
+        """``m``, ``v``: (power, stochastic[, rotating])."""
         block = 256 if bits == 8 else 128
+        m_rotating = len(m) > 2 and m[2]
         return Precision(
-            f"int{bits} m p{m[0]}{' SR' if m[1] else ''}, v p{v[0]}{' SR' if v[1] else ''}",
-            Blockwise(PowerMap(bits, True, m[0]), block, stochastic=m[1], half=1),
+            f"int{bits} m p{m[0]}{' SR' if m[1] else ''}{' rot' if m_rotating else ''}, "
+            f"v p{v[0]}{' SR' if v[1] else ''}",
+            Blockwise(PowerMap(bits, True, m[0]), block, stochastic=m[1], rotating=m_rotating),
             Blockwise(PowerMap(bits, False, v[0]), block, stochastic=v[1], half=0),
         )
 
-    chosen = [
+    tried = [
         pair(bits, m, v)
         for bits in (8, 4)
         for m, v in [
             ((2, False), (2, False)),  # the same levels, rounded to nearest
+            ((2, True), (2, True)),  # fresh noise for m too (int8's choice)
+            ((2, True, True), (2, True)),  # rotating noise for m (int4's choice)
             ((1, True), (1, True)),  # linear levels
             ((4, True), (4, True)),  # fourth-root companding
             ((2, True), (2, False)),  # v rounded to nearest
             ((2, True), (4, True)),
         ]
     ]
-    for precision in chosen:
+    for precision in tried:
         PRECISIONS[precision.name] = precision
-    return [p.name for p in chosen]
+    return [p.name for p in tried]
+
+
+def print_draws(args: argparse.Namespace) -> None:
+    """The table over ``args.draws`` draws of each problem: differences to float32 moments."""
+    precisions = [p for p in PRECISIONS if p != "fp32"]
+    if args.candidates:
+        precisions += candidates()
+    start = time.perf_counter()
+    print(f"{args.steps} full-batch steps, cosine 1e-2 -> 1e-4, draws 0-{args.draws - 1} of each "
+          f"problem; mlx {mx.__version__}, {mx.default_device()}.\n")  # fmt: skip
+    print("| problem | state | vs fp32, mean ± std | largest |")
+    print("|---|---|---:|---:|")
+    for name, draw in DRAWS.items():
+        references = [final_loss(lambda s=s: draw(s), "fp32", args.steps) for s in range(args.draws)]
+        for precision in precisions:
+            diffs = [
+                100 * (final_loss(lambda s=s: draw(s), precision, args.steps) / ref - 1)
+                for s, ref in enumerate(references)
+            ]
+            print(f"| {name} | {precision} | {statistics.mean(diffs):+.1f} ± "
+                  f"{statistics.stdev(diffs):.1f} % | {max(diffs):+.1f} % |", flush=True)  # fmt: skip
+    print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
 def main() -> None:
@@ -158,9 +190,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="layers of the timing tree")
     parser.add_argument("--time-steps", type=int, default=9, help="timed steps per optimizer")
     parser.add_argument("--candidates", action="store_true", help="also the formats not chosen")
+    parser.add_argument(
+        "--draws", type=int, default=1,
+        help="random draws of each problem (seeds 0, 1, ...); above 1, the table gives the mean "
+        "± standard deviation and the largest difference over the draws, and no final loss",
+    )  # fmt: skip
     args = parser.parse_args()
-    if min(args.steps, args.hidden, args.layers, args.time_steps) < 1:
-        parser.error("--steps, --hidden, --layers and --time-steps must be >= 1")
+    if min(args.steps, args.hidden, args.layers, args.time_steps, args.draws) < 1:
+        parser.error("--steps, --hidden, --layers, --time-steps and --draws must be >= 1")
+    if args.draws > 1:
+        print_draws(args)
+        return
 
     precisions = [p for p in PRECISIONS if p != "fp32"]
     if args.candidates:

@@ -84,8 +84,16 @@ def np_random_bits(shape: tuple, key: np.ndarray, offset: int = 0) -> np.ndarray
         return np_fmix32(h ^ key[1])
 
 
-def np_noise(shape: tuple, key: mx.array, half: int, offset: int = 0) -> np.ndarray:
-    drawn = np_random_bits(shape, np.array(key), offset)
+def np_noise(shape: tuple, key: mx.array, half: int, offset: int = 0, rotating: bool = False):
+    """The noise in [0, 1) of a codec's elements; a rotating codec's key is (seed, step): a phase
+    hashed from the seed alone, advanced by step / golden ratio (in 32-bit fixed point)."""
+    key = np.array(key).astype(np.uint32)
+    if rotating:
+        with np.errstate(over="ignore"):
+            phase = np_random_bits(shape, np.array([key[0], 0], np.uint32), offset)
+            drawn = phase + key[1] * np.uint32(round(2**32 / ((1 + 5**0.5) / 2)))
+    else:
+        drawn = np_random_bits(shape, key, offset)
     return ((drawn >> np.uint32(16)) if half else (drawn & np.uint32(0xFFFF))) / 65536.0
 
 
@@ -224,6 +232,10 @@ def test_bad_map_and_block_arguments():
         Blockwise(PowerMap(4, signed=False), 128, half=2)
     with pytest.raises(ValueError, match="key"):
         INT8_M.encode(mx.ones((300,)), None)
+    with pytest.raises(ValueError, match="rotating"):
+        Blockwise(PowerMap(4, signed=True), 128, half=0, rotating=True)
+    with pytest.raises(ValueError, match="rotating"):
+        Blockwise(PowerMap(4, signed=True), 128, stochastic=False, rotating=True)
 
 
 # -- block-wise codecs ----------------------------------------------------------------------------
@@ -245,7 +257,7 @@ def test_blockwise_matches_reference(name, shape):
     key, offset = mx.random.key(5), 3 * codec.block
     stored = codec.encode(mx.array(x), key, offset)
     nb = math.ceil(math.prod(shape) / codec.block)
-    noise = np_noise((nb, codec.block), key, codec.half, offset)
+    noise = np_noise((nb, codec.block), key, codec.half, offset, codec.rotating)
     codes, scales = np_blockwise(x, values, codec.block, code_map.signed, noise)
     assert set(stored) == {"levels", "scales"}
     np.testing.assert_array_equal(np.array(stored["scales"]), scales)
@@ -286,6 +298,46 @@ def test_slices_round_as_the_whole(name):
     part = codec.encode(x[2 * codec.block :], key, 2 * codec.block)
     for leaf in ("levels", "scales"):
         assert mx.array_equal(part[leaf], whole[leaf][2:]).item()
+
+
+def _rounded_up(codec, x: np.ndarray, keys: list) -> np.ndarray:
+    """Per encoding (rows) and element: whether ``x`` (between the map's two top levels) took the
+    upper one."""
+    ups = []
+    for key in keys:
+        stored = codec.encode(mx.array(x), key)
+        ups.append(np.array(codec.decode(stored, x.shape)) > x)
+    return np.array(ups)
+
+
+def test_rotating_noise_spreads_roundings_evenly():
+    """Why int4's first moment's noise rotates: over the steps of one element, the share of roundings
+    up equals the fraction of the gap its value covers to within ~1/steps (golden-ratio
+    sequence), where fresh random bits are off by ~sqrt(c(1-c)/steps); and at each step, over
+    the elements, the rounding is unbiased."""
+    codec = INT4_M
+    values = np.array(codec.map.values())
+    rng = np.random.default_rng(0)
+    covered = rng.uniform(0.05, 0.95, 4 * codec.block)
+    x = (values[-2] + covered * (values[-1] - values[-2])).astype(np.float32)
+    x[:: codec.block] = 1.0  # each block's largest, so its scale is 1
+    inside = np.ones(x.size, bool)
+    inside[:: codec.block] = False
+    steps = 200
+    seed = 12345
+    rotating = _rounded_up(codec, x, [mx.array([seed, t], mx.uint32) for t in range(1, steps + 1)])
+    fresh_codec = Blockwise(codec.map, codec.block, half=codec.half)
+    fresh = _rounded_up(fresh_codec, x, list(mx.random.split(mx.random.key(3), steps)))
+    rotating_error = np.abs(rotating.mean(0) - covered)[inside]
+    fresh_error = np.abs(fresh.mean(0) - covered)[inside]
+    assert rotating_error.max() <= 0.02
+    assert fresh_error.max() >= 0.05 and np.median(fresh_error) > 4 * np.median(rotating_error)
+    # Unbiased at every step: over the elements (of one covered fraction, many phases).
+    same = np.full(x.size, values[-2] + 0.3 * (values[-1] - values[-2]), np.float32)
+    same[:: codec.block] = 1.0
+    for t in (1, 2, 50):
+        share = _rounded_up(codec, same, [mx.array([seed, t], mx.uint32)])[0][inside].mean()
+        assert abs(share - 0.3) < 0.06, t
 
 
 def test_int4_packing_matches_numpy():

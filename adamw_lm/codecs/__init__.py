@@ -33,6 +33,9 @@ class MomentCodec(Protocol):
 
     #: Whether ``encode`` consumes a random key (stochastic rounding).
     stochastic: bool
+    #: Whether that key is ``(seed, step)``, the same seed at every step of one tensor, instead of
+    #: a fresh random key (see :mod:`adamw_lm.codecs.blockwise`).
+    rotating: bool
     #: Elements per stored row: the optimizer updates a tensor in slices of whole blocks.
     block: int
 
@@ -53,8 +56,8 @@ class MomentCodec(Protocol):
 
 @dataclass(frozen=True)
 class Precision:
-    """A storage choice for both moments of one parameter. The optimizer passes one key to both
-    codecs, so a stochastic pair must draw disjoint random bits from it."""
+    """A storage choice for both moments of one parameter. The optimizer passes one fresh key to
+    both codecs that are not rotating, so such a pair must draw disjoint random bits from it."""
 
     name: str
     m: MomentCodec

@@ -62,6 +62,7 @@ class _BF16:
     """bfloat16 storage; ``half`` picks the 16 random bits (see :func:`round_stochastic`)."""
 
     stochastic = True
+    rotating = False
     block = 1
 
     def __init__(self, half: int):

@@ -13,6 +13,15 @@ move by small fractions of a step (``m`` by 10 %, ``v`` by 0.1 %), which roundin
 level undoes every step, so the stored moments stall where they are; an unbiased rounding keeps
 their average right (docs/benchmarks.md, "Low-bit states that converge", has the measurements).
 
+A *rotating* codec (int4's first moment) draws its noise from a golden-ratio sequence instead of
+fresh random bits: each element has a fixed random phase ``u`` and at step ``t`` its noise is
+``frac(u + t/φ)``. Over the elements, each step's noise is uniform, so the rounding stays
+unbiased; over the steps of one element, the roundings up and down alternate as evenly as the
+stored value allows, so their errors cancel within a few steps instead of adding up as a random
+walk, which is what the parameters integrate. At 4 bits this took the first moment's excess loss
+on noise-free least squares from +18 % to about 0 (same docs section); at 8 bits the gaps are 16
+times finer and fresh noise already matches float32 moments.
+
 Maps encode and decode with element-wise arithmetic only: no table gathers (on a CPU one gather
 costs more than a whole AdamW step), so ``mx.compile`` fuses them into a few kernels.
 """
@@ -29,6 +38,9 @@ _F32 = mx.float32
 
 #: Within this fraction of a gap from a level, rounding goes to that level whatever the noise.
 _MARGIN = 2.0**-12
+
+#: ``2^32 / φ``: a rotating codec's noise, in 32-bit fixed point, advances by this each step.
+GOLDEN_STEP = 0x9E3779B9
 
 
 class PowerMap:
@@ -114,18 +126,32 @@ class Blockwise:
         block: elements per block (even, so 4-bit codes pair up within a block).
         stochastic: round stochastically (``encode`` needs a key), else to the nearest level.
         half: which 16 bits of the element's random draw are the noise: the high (1) or low (0)
-            ones. The optimizer gives both moments one key; their halves must differ.
+            ones. Two codecs given one key must use different halves.
+        rotating: draw the noise from a golden-ratio sequence (see the module's docstring); its
+            key is then ``(seed, step)``: ``seed`` fixes each element's phase, and must stay the
+            same from step to step of one tensor, ``step`` advances it. Uses the high half.
     """
 
-    def __init__(self, code_map: PowerMap, block: int, stochastic: bool = True, half: int = 1):
+    def __init__(
+        self,
+        code_map: PowerMap,
+        block: int,
+        stochastic: bool = True,
+        half: int = 1,
+        rotating: bool = False,
+    ):
         if code_map.bits not in (4, 8):
             raise ValueError(f"Blockwise stores 8- or 4-bit codes; the map has {code_map.bits}")
         if block < 2 or block % 2:
             raise ValueError(f"block must be an even number >= 2; got {block}")
         if half not in (0, 1):
             raise ValueError(f"half must be 0 or 1; got {half!r}")
+        if rotating and not (stochastic and half):
+            # The low half of ``u + t·GOLDEN_STEP`` turns by 0x79B9 / 2^16 ≈ 0.48 a step: nearly
+            # a period of two, which would not spread the roundings evenly.
+            raise ValueError("a rotating codec rounds stochastically with the high half (half=1)")
         self.map, self.block = code_map, block
-        self.stochastic, self.half = stochastic, half
+        self.stochastic, self.half, self.rotating = stochastic, half, rotating
         self._packed = code_map.bits == 4
 
     def blocks(self, shape: tuple[int, ...]) -> int:
@@ -151,7 +177,8 @@ class Blockwise:
     ) -> dict[str, mx.array]:
         """Quantize the float32 moment ``x``; a stochastic codec draws its noise from ``key`` and
         each element's flat position plus ``offset`` (see
-        :func:`~adamw_lm.codecs.bf16.random_bits`)."""
+        :func:`~adamw_lm.codecs.bf16.random_bits`); a rotating one's ``key`` is ``(seed, step)``
+        (uint32)."""
         nb = self.blocks(x.shape)
         flat = x.astype(_F32).reshape(-1)
         if nb * self.block != flat.size:
@@ -163,7 +190,12 @@ class Blockwise:
         if self.stochastic:
             if key is None:
                 raise ValueError("this codec rounds stochastically: encode needs a random key")
-            drawn = random_bits(blocks.shape, key, offset)
+            if self.rotating:
+                key = key.astype(mx.uint32)
+                phase = random_bits(blocks.shape, key * mx.array([1, 0], dtype=mx.uint32), offset)
+                drawn = phase + key[1] * mx.array(GOLDEN_STEP, dtype=mx.uint32)
+            else:
+                drawn = random_bits(blocks.shape, key, offset)
             drawn = drawn >> 16 if self.half else drawn & mx.array(0xFFFF, dtype=mx.uint32)
             noise = drawn.astype(_F32) * 2.0**-16
         else:

@@ -9,6 +9,7 @@ import mlx.core as mx
 
 class _FP32:
     stochastic = False
+    rotating = False
     block = 1
 
     def nbytes(self, shape: tuple[int, ...]) -> int:

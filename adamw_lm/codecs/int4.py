@@ -6,7 +6,8 @@ per element and moment. The first moment has 15 signed levels ``±(k/7)^2``. The
 levels ``(k/16)^2``, ``k >= 1``, *without zero*: on a map with a zero level the small values of a
 block round to ``v = 0`` while their ``m`` does not, and ``m / (sqrt(v) + eps)`` explodes (the
 zero-point problem of that paper; ``tests/test_optim_lowprec.py`` shows it). Its smallest level
-is 1/256 of the block's largest (1/16 on a linear map).
+is 1/256 of the block's largest (1/16 on a linear map). The first moment's noise rotates (see
+:mod:`.blockwise`); the second's is fresh each step.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from .blockwise import Blockwise, PowerMap
 
 BLOCK = 128
 
-INT4_M = Blockwise(PowerMap(bits=4, signed=True), BLOCK, half=1)
-"""First moment: signed square-root-companded levels."""
+INT4_M = Blockwise(PowerMap(bits=4, signed=True), BLOCK, half=1, rotating=True)
+"""First moment: signed square-root-companded levels, golden-ratio rotating noise."""
 
 INT4_V = Blockwise(PowerMap(bits=4, signed=False), BLOCK, half=0)
 """Second moment: unsigned square-root-companded levels without zero."""
