@@ -14,6 +14,7 @@ checkpoint stores arrays and JSON only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import zlib
@@ -343,9 +344,11 @@ class AdamW(optim.AdamW):
                 lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters
             )
             stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
-            split = mx.random.split(self.state["key"], len(stochastic) + 1)
-            self.state["key"] = split[0]
-            keys = {path: split[i + 1] for i, path in enumerate(stochastic)}
+            self.state["key"], step_key = mx.random.split(self.state["key"])
+            # A parameter's key comes from this step's key and its path, not from its place among
+            # the stochastic parameters: a process holding a share of them (ShardedOptimizer)
+            # draws for them what the whole optimizer draws.
+            keys = {path: step_key ^ _path_bits(path) for path in stochastic}
             # The moments of a bf16 pair use both halves of their key's hash: the weight
             # rounds with bits of a key drawn from it.
             weight_keys = {
@@ -359,9 +362,8 @@ class AdamW(optim.AdamW):
             # A rotating codec's phases must stay the same from step to step, so they come from
             # the parameter's path, not from the state's key (and neither from ``seed``, which a
             # resumed state does not carry): the same in every run and every process.
-            seed = zlib.crc32(path.encode())
             return tuple(
-                mx.stack([mx.array(seed, mx.uint32), step]) if codec.rotating
+                mx.stack([_path_bits(path)[0], step]) if codec.rotating
                 else keys[path] if codec.stochastic else None
                 for codec in (codecs.m, codecs.v)
             )  # fmt: skip
@@ -420,6 +422,13 @@ class AdamW(optim.AdamW):
     def state_nbytes(self) -> int:
         """Bytes held by every array of the optimizer state (scales, step and keys included)."""
         return sum(a.nbytes for _, a in tree_flatten(self.state))
+
+
+@functools.lru_cache(maxsize=65536)
+def _path_bits(path: str) -> mx.array:
+    """Two uint32 hashes of a parameter's path (CRC-32 from two start values)."""
+    data = path.encode()
+    return mx.array([zlib.crc32(data), zlib.crc32(data, 0x9E3779B9)], dtype=mx.uint32)
 
 
 def _sum_wide(g: mx.array) -> mx.array:

@@ -107,9 +107,9 @@ class ShardedOptimizer:
     process keeps alike. After ``inner`` updates its parameters, ``exchange`` (``"all_gather"`` or
     ``"all_sum"``) gives every process every updated parameter.
 
-    Results are bit-identical to the unsharded optimizer's under every deterministic precision;
-    stochastic rounding draws its keys per process's share, so sharded and unsharded runs then
-    differ in which random bits round which element (same distribution).
+    Results are bit-identical to the unsharded optimizer's under every precision: stochastic
+    rounding draws each parameter's bits from the step's key and the parameter's path, whichever
+    process holds it.
     """
 
     def __init__(self, inner: AdamW, group: Optional[mx.distributed.Group] = None,

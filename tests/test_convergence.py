@@ -2,18 +2,23 @@
 
 The problems and the training loop are those of ``scripts/bench_convergence.py``: 300 full-batch
 AdamW steps, cosine schedule 1e-2 -> 1e-4, every tensor quantized. The final loss of each state
-precision is held within a bound of the float32-moment run's: the issue's targets, bf16 1 %, int8
-2 %, int4 10 %, except int4 on the MLP, held to 20 %. Round-to-nearest codes stalled (int4 +815 %,
-+589 %, +91 %, int8 +3.6 % on least squares); stochastic rounding with fresh random bits left int4
-at +17.1 %, +12.6 % and +12.8 % (least squares, cond 1e4, MLP), which the rotating noise of int4's
-first moment brought to -1.8 %, +0.9 % and +12.4 %. On the MLP, a non-convex fit, the final loss
-under int4 depends on the rounding pattern: +7.9 ± 3.8 % over six patterns of phases (+0.9 to
-+12.4 %; +7.2 ± 5.3 % on another draw of the problem, up to +17.5 %), so one run meets 10 % only
-on average, and this draw is one of the worse ones (docs/benchmarks.md).
+precision is held within the issue's targets of the float32-moment run's: bf16 1 %, int8 2 %,
+int4 10 %. Round-to-nearest codes stalled (int4 +815 %, +589 %, +91 %, int8 +3.6 % on least
+squares); stochastic rounding with fresh random bits left int4 at +17.1 %, +12.6 % and +12.8 %
+(least squares, cond 1e4, MLP), which the rotating noise of int4's first moment removed on the
+convex problems (docs/benchmarks.md).
+
+The MLP, a non-convex fit, is held by its median over five draws: its final loss under quantized
+moments depends on the rounding pattern (int4 on draw 0: +0.9 % to +12.4 % over six patterns of
+the first moment's phases, +18.6 % with the package's), while float32 moments with the learning
+rate moved by 0.1 % move it by 0.1 %; one draw (1) swings much further (int4 +54 %). One run is a
+sample of the effect, not the effect. int4 misses its 10 % target there (median +13.0 %; draws
++18.6, +54.2, +5.2, -5.2, +13.0 %) and is held to 20 %.
 """
 
 import importlib.util
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -24,22 +29,42 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 BOUNDS = {"bf16": 0.01, "int8": 0.02, "int4": 0.10}
-#: int4 on the MLP (see the module docstring).
-INT4_MLP_BOUND = 0.20
+#: On the MLP (see the module docstring).
+MLP_BOUNDS = {**BOUNDS, "int4": 0.20}
+CONVEX = [name for name in bench.PROBLEMS if name != "MLP"]
+MLP_DRAWS = 5
 
 
 @pytest.fixture(scope="session")
 def fp32_losses() -> dict[str, float]:
-    return {name: bench.final_loss(problem, "fp32") for name, problem in bench.PROBLEMS.items()}
+    return {name: bench.final_loss(bench.PROBLEMS[name], "fp32") for name in CONVEX}
+
+
+@pytest.fixture(scope="session")
+def mlp_fp32_losses() -> list[float]:
+    return [bench.final_loss(lambda d=d: bench.DRAWS["MLP"](d), "fp32") for d in range(MLP_DRAWS)]
 
 
 @pytest.mark.parametrize("precision", list(BOUNDS))
-@pytest.mark.parametrize("problem", list(bench.PROBLEMS))
+@pytest.mark.parametrize("problem", CONVEX)
 def test_final_loss_is_near_float32_moments(problem, precision, fp32_losses):
     reference = fp32_losses[problem]
     params, loss = bench.PROBLEMS[problem]()
     assert loss(params).item() > 5 * reference  # the problem is learned, not started solved
     ours = bench.final_loss(bench.PROBLEMS[problem], precision)
     assert math.isfinite(ours)
-    bound = INT4_MLP_BOUND if (precision, problem) == ("int4", "MLP") else BOUNDS[precision]
+    bound = BOUNDS[precision]
     assert ours <= reference * (1 + bound), f"{ours / reference - 1:+.1%} over float32 moments"
+
+
+@pytest.mark.parametrize("precision", list(MLP_BOUNDS))
+def test_mlp_median_final_loss_is_near_float32_moments(precision, mlp_fp32_losses):
+    for draw, reference in enumerate(mlp_fp32_losses):
+        params, loss = bench.DRAWS["MLP"](draw)
+        assert loss(params).item() > 5 * reference
+    excess = [
+        bench.final_loss(lambda d=d: bench.DRAWS["MLP"](d), precision) / reference - 1
+        for d, reference in enumerate(mlp_fp32_losses)
+    ]
+    assert all(math.isfinite(e) for e in excess)
+    assert statistics.median(excess) <= MLP_BOUNDS[precision], [f"{e:+.1%}" for e in excess]

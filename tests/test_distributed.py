@@ -282,10 +282,6 @@ if group.rank() == 0:
 '''
 
 
-#: Precisions whose stored moments round stochastically (and, on the bf16 tensor, the weight too).
-STOCHASTIC = ("bf16", "int8", "int4")
-
-
 def test_every_state_precision_works_sharded(tmp_path):
     script = tmp_path / "sharded_precisions.py"
     script.write_text(SHARDED_PRECISIONS_SCRIPT)
@@ -295,14 +291,13 @@ def test_every_state_precision_works_sharded(tmp_path):
     results = json.loads(line[len("RESULT "):])
     for precision, runs in results.items():
         whole = runs["whole"]
+        # Stochastic rounding draws each parameter's bits from the step's key and its path, so a
+        # process rounds its share as the whole optimizer does; another seed rounds otherwise
+        # (under fp32 too: the bf16 tensor's weight is written with stochastic rounding).
+        assert runs["other_seed"]["equal"] == (precision == "None"), precision
         for exchange in ("all_gather", "all_sum"):
             run = runs[exchange]
-            if precision in STOCHASTIC:
-                # Each process draws the rounding keys of its own share: the bits that round each
-                # element differ, which must move the result no more than another seed does.
-                assert run["max_diff"] <= 1.5 * runs["other_seed"]["max_diff"], (precision, exchange, run)
-            else:
-                assert run["equal"], (precision, exchange, run)
+            assert run["equal"], (precision, exchange, run)
             assert run["skipped"] == whole["skipped"] == (0 if precision == "None" else 1)
             assert 0.3 * whole["state_bytes"] < run["state_bytes"] < 0.7 * whole["state_bytes"], (precision, run)
 

@@ -3,6 +3,7 @@ independence from slices and streams, resumes, skipped steps, state accounting, 
 effect that motivates it (bf16 weights at lr 1e-5 learn like float32 ones)."""
 
 import math
+import zlib
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -188,7 +189,10 @@ def test_stochastic_weight_bits_are_apart_from_bf16_moment_bits():
     opt = AdamW(lr, (b1, b2), eps, weight_decay=0.0, state_precision="bf16", seed=3)
     new = opt.apply_gradients({"w": g}, params)["w"]
 
-    param_key = mx.random.split(mx.random.key(3), 2)[1]
+    # The parameter's key: this step's key (split from the state's) xor two CRC-32s of its path.
+    step_key = mx.random.split(mx.random.key(3))[1]
+    path_bits = [zlib.crc32(b"w"), zlib.crc32(b"w", 0x9E3779B9)]
+    param_key = step_key ^ mx.array(path_bits, dtype=mx.uint32)
     weight_key = mx.random.split(param_key, 1)[0]
     g32 = g.astype(mx.float32)
     m, v = (1 - b1) * g32, (1 - b2) * (g32 * g32)
