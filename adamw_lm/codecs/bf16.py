@@ -31,11 +31,10 @@ def random_bits(
     """Uniform uint32 bits of ``shape``, a pure function of ``key`` (an ``mx.random.key``) and of
     each element's flat position plus ``offset``: a slice of a tensor starting at element
     ``offset`` draws the same bits as that part of the whole tensor."""
-    cols = shape[-1] if shape else 1
-    rows = math.prod(shape) // cols if cols else 0
-    # Broadcast row and column counters instead of an arange over every element: element-wise only.
-    position = mx.arange(rows, dtype=mx.uint32)[:, None] * mx.array(cols, dtype=mx.uint32)
-    position = position + (mx.arange(cols, dtype=mx.uint32) + mx.array(offset, dtype=mx.uint32))
+    # One contiguous counter, not broadcast row and column counters: a compiled kernel with a
+    # broadcast input indexes every element through its strides, which made the whole fused
+    # update 15-30 % slower on a CPU (docs/benchmarks.md).
+    position = mx.arange(math.prod(shape), dtype=mx.uint32) + mx.array(offset, dtype=mx.uint32)
     key = key.astype(mx.uint32)
     h = _fmix32(position * mx.array(0x9E3779B9, dtype=mx.uint32) + key[0])
     return _fmix32(h ^ key[1]).reshape(shape)
