@@ -172,14 +172,16 @@ def print_draws(args: argparse.Namespace) -> None:
     print("| problem | state | vs fp32, mean ± std | largest |")
     print("|---|---|---:|---:|")
     for name, draw in DRAWS.items():
-        references = [final_loss(lambda s=s: draw(s), "fp32", args.steps) for s in range(args.draws)]
+        references = [
+            final_loss(lambda s=s: draw(s), "fp32", args.steps) for s in range(args.draws)
+        ]
         for precision in precisions:
             diffs = [
                 100 * (final_loss(lambda s=s: draw(s), precision, args.steps) / ref - 1)
                 for s, ref in enumerate(references)
             ]
-            print(f"| {name} | {precision} | {statistics.mean(diffs):+.1f} ± "
-                  f"{statistics.stdev(diffs):.1f} % | {max(diffs):+.1f} % |", flush=True)  # fmt: skip
+            spread = f"{statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs):.1f} %"
+            print(f"| {name} | {precision} | {spread} | {max(diffs):+.1f} % |", flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

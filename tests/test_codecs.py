@@ -311,8 +311,8 @@ def _rounded_up(codec, x: np.ndarray, keys: list) -> np.ndarray:
 
 
 def test_rotating_noise_spreads_roundings_evenly():
-    """Why int4's first moment's noise rotates: over the steps of one element, the share of roundings
-    up equals the fraction of the gap its value covers to within ~1/steps (golden-ratio
+    """Why int4's first moment's noise rotates: over the steps of one element, the share of
+    roundings up equals the fraction of the gap its value covers to within ~1/steps (golden-ratio
     sequence), where fresh random bits are off by ~sqrt(c(1-c)/steps); and at each step, over
     the elements, the rounding is unbiased."""
     codec = INT4_M
