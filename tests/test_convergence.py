@@ -8,7 +8,8 @@ squares); stochastic rounding with fresh random bits left int4 at +17.1 %, +12.6
 (least squares, cond 1e4, MLP), which the rotating noise of int4's first moment removed on the
 convex problems (docs/benchmarks.md).
 
-The MLP, a non-convex fit, is held by its median over five draws: its final loss under quantized
+The MLP, a non-convex fit, is held under int8 and int4 by its median over five draws (bf16 on
+draw 0): its final loss under quantized
 moments depends on the rounding pattern (int4 on draw 0: +0.9 % to +12.4 % over six patterns of
 the first moment's phases, +18.6 % with the package's), while float32 moments with the learning
 rate moved by 0.1 % move it by 0.1 %; one draw (1) swings much further (int4 +54 %). One run is a
@@ -29,15 +30,21 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 BOUNDS = {"bf16": 0.01, "int8": 0.02, "int4": 0.10}
-#: On the MLP (see the module docstring).
-MLP_BOUNDS = {**BOUNDS, "int4": 0.20}
-CONVEX = [name for name in bench.PROBLEMS if name != "MLP"]
+#: On the MLP, by the median of its draws (see the module docstring); bf16 moments do not move
+#: its final loss beyond their bound on any draw, so they are held on draw 0 like the others.
+MLP_BOUNDS = {"int8": 0.02, "int4": 0.20}
 MLP_DRAWS = 5
+SINGLE_DRAW = [
+    (problem, precision)
+    for problem in bench.PROBLEMS
+    for precision in BOUNDS
+    if not (problem == "MLP" and precision in MLP_BOUNDS)
+]
 
 
 @pytest.fixture(scope="session")
 def fp32_losses() -> dict[str, float]:
-    return {name: bench.final_loss(bench.PROBLEMS[name], "fp32") for name in CONVEX}
+    return {name: bench.final_loss(problem, "fp32") for name, problem in bench.PROBLEMS.items()}
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +52,7 @@ def mlp_fp32_losses() -> list[float]:
     return [bench.final_loss(lambda d=d: bench.DRAWS["MLP"](d), "fp32") for d in range(MLP_DRAWS)]
 
 
-@pytest.mark.parametrize("precision", list(BOUNDS))
-@pytest.mark.parametrize("problem", CONVEX)
+@pytest.mark.parametrize(("problem", "precision"), SINGLE_DRAW)
 def test_final_loss_is_near_float32_moments(problem, precision, fp32_losses):
     reference = fp32_losses[problem]
     params, loss = bench.PROBLEMS[problem]()
