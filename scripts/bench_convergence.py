@@ -161,11 +161,8 @@ def candidates() -> list[str]:
     return [p.name for p in tried]
 
 
-def print_draws(args: argparse.Namespace) -> None:
+def print_draws(args: argparse.Namespace, precisions: list[str]) -> None:
     """The table over ``args.draws`` draws of each problem: differences to float32 moments."""
-    precisions = [p for p in PRECISIONS if p != "fp32"]
-    if args.candidates:
-        precisions += candidates()
     start = time.perf_counter()
     print(f"{args.steps} full-batch steps, cosine 1e-2 -> 1e-4, draws 0-{args.draws - 1} of each "
           f"problem; mlx {mx.__version__}, {mx.default_device()}.\n")  # fmt: skip
@@ -200,13 +197,13 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.steps, args.hidden, args.layers, args.time_steps, args.draws) < 1:
         parser.error("--steps, --hidden, --layers, --time-steps and --draws must be >= 1")
-    if args.draws > 1:
-        print_draws(args)
-        return
-
     precisions = [p for p in PRECISIONS if p != "fp32"]
     if args.candidates:
         precisions += candidates()
+    if args.draws > 1:
+        print_draws(args, precisions)
+        return
+
     start = time.perf_counter()
     ratios = step_time_ratios(["fp32", *precisions], args.hidden, args.layers, args.time_steps)
     print(
