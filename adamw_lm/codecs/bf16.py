@@ -30,14 +30,23 @@ def random_bits(
 ) -> mx.array:
     """Uniform uint32 bits of ``shape``, a pure function of ``key`` (an ``mx.random.key``) and of
     each element's flat position plus ``offset``: a slice of a tensor starting at element
-    ``offset`` draws the same bits as that part of the whole tensor."""
-    # One contiguous counter, not broadcast row and column counters: a compiled kernel with a
-    # broadcast input indexes every element through its strides, which made the whole fused
-    # update 15-30 % slower on a CPU (docs/benchmarks.md).
-    position = mx.arange(math.prod(shape), dtype=mx.uint32) + mx.array(offset, dtype=mx.uint32)
+    ``offset`` draws the same bits as that part of the whole tensor.
+
+    Element ``i`` gets ``fmix32(G·(offset + i) + s)``, ``G`` the golden-ratio constant and ``s``
+    a hash of both words of the key: one finalizer over a Weyl sequence, the counter-based
+    generator of SplitMix, with a start the key picks.
+    """
     key = key.astype(mx.uint32)
-    h = _fmix32(position * mx.array(0x9E3779B9, dtype=mx.uint32) + key[0])
-    return _fmix32(h ^ key[1]).reshape(shape)
+    golden = mx.array(0x9E3779B9, dtype=mx.uint32)
+    # Everything that does not depend on the element is one scalar, so the per-element chain
+    # (multiply, add, finalizer) is 10 operations deep: mx.compile fuses at most 11 levels into
+    # one kernel, and where it cuts a longer chain, a broadcast constant becomes an input and
+    # the kernel indexes every element through strides (not vectorized on a CPU: this hash took
+    # two such kernels before, docs/benchmarks.md, "Fusion-friendly codecs").
+    start = mx.array(offset, dtype=mx.uint32) * golden + _fmix32(key[0] ^ _fmix32(key[1]))
+    counter = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
+    # Its own kernel: consumers start a fresh chain, and two roundings share the bits.
+    return mx.contiguous(_fmix32(counter * golden + start))
 
 
 def round_stochastic(

@@ -107,12 +107,20 @@ class PowerMap:
         # Float clamps and truncating casts, not floor/clip: those compile to libm calls and
         # selects, which keep the CPU kernel from vectorizing (3-4x slower here).
         k = mx.minimum(mx.maximum(root * n, 0.0 if self.signed else 1.0), n - 1)
-        k = k.astype(mx.int32).astype(_F32)
+        # The lower level, and below the upward threshold, each its own kernel (see
+        # ``random_bits``: chains over 11 deep are cut where a broadcast constant becomes a
+        # strided input); the square root's kernel is the one gcc leaves scalar (errno).
+        k = mx.contiguous(k.astype(mx.int32).astype(_F32))
+        # Up when covered + noise >= 1, the margins included: (covered - M) / (1 - 2M) >= 1 -
+        # noise, i.e. covered >= M + (1 - noise)(1 - 2M), i.e. without dividing by the gap:
+        if not isinstance(noise, mx.array):
+            noise = mx.array(noise, dtype=_F32)
+        threshold = mx.contiguous((1 - _MARGIN) - noise * (1 - 2 * _MARGIN))
         low = self._pow(k)
         gap = 2 * k + 1 if self.power == 2 else self._pow(k + 1) - low
-        covered = (a * n**self.power - low) / gap
-        covered = mx.minimum(mx.maximum((covered - _MARGIN) * (1 / (1 - 2 * _MARGIN)), 0.0), 1.0)
-        level = k + (covered + noise).astype(mx.int32).astype(_F32)
+        # ``where``, not a bool cast, and a sign product, not a second ``where``: the forms
+        # gcc vectorizes.
+        level = k + mx.where(a * n**self.power >= low + gap * threshold, 1.0, 0.0)
         if self.signed:
             return (n + mx.sign(x) * level).astype(mx.uint8)
         return (level - 1).astype(mx.uint8)
@@ -215,7 +223,9 @@ class Blockwise:
             # Each byte's two nibbles spread into the two bytes of a little-endian uint16.
             wide = codes.astype(mx.uint16)
             codes = mx.view((wide & 0xF) | ((wide & 0xF0) << 4), mx.uint8)
-        flat = (self.map.decode(codes) * scales[:, None]).reshape(-1)
+        # The levels' values in a contiguous kernel, then the broadcast scale in the consumer's:
+        # one strided kernel converting bytes runs at half the speed (docs/benchmarks.md).
+        flat = (mx.contiguous(self.map.decode(codes)) * scales[:, None]).reshape(-1)
         size = math.prod(shape)
         if flat.size != size:
             flat = flat[:size]
