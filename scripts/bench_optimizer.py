@@ -11,19 +11,30 @@ state) and the size of the largest tensor in float32.
 Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI).
 ``--weight-dtype bfloat16`` stores the weights in bfloat16 and compares the ``weight_update`` modes
 (nearest / stochastic / exact) at every state precision instead of the stream counts.
+``--against REV`` also times the package as of git revision REV (imported under another name),
+interleaved with this one: a change to a hot path measured side by side.
 
 Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
                                         [--breakdown] [--weight-dtype float32]
+                                        [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import io
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import mlx.core as mx
@@ -73,7 +84,29 @@ def nbytes(tree) -> int:
     return sum(a.nbytes for _, a in tree_flatten(tree))
 
 
-def make_optimizers(weight_updates: bool = False) -> dict[str, Callable[[], optim.Optimizer]]:
+def package_at(revision: str) -> tuple[ModuleType, str]:
+    """``adamw_lm`` as of git ``revision`` of this repository, imported as ``adamw_lm_<sha>``
+    from a temporary folder (its modules import each other relatively), and the short sha."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> bytes:
+        done = subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+        return done.stdout
+
+    sha = git("rev-parse", "--short", revision).decode().strip()
+    folder = Path(tempfile.mkdtemp(prefix="bench_optimizer_"))
+    with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", sha, "adamw_lm"))) as tar:
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(folder, **extra)
+    name = f"adamw_lm_{sha}"
+    (folder / "adamw_lm").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name), sha
+
+
+def make_optimizers(
+    weight_updates: bool = False, against: tuple[ModuleType, str] | None = None
+) -> dict[str, Callable[[], optim.Optimizer]]:
     lr = 1e-3
     makers: dict[str, Callable[[], optim.Optimizer]] = {
         "mlx.optimizers.AdamW": lambda: optim.AdamW(lr),
@@ -88,6 +121,11 @@ def make_optimizers(weight_updates: bool = False) -> dict[str, Callable[[], opti
         return makers
     for name in PRECISIONS:
         makers[name] = lambda name=name: AdamW(lr, state_precision=name)
+        if against:
+            package, sha = against
+            makers[f"{name} @ {sha}"] = lambda name=name, package=package: package.AdamW(
+                lr, state_precision=name
+            )
     if (os.cpu_count() or 1) > 1 and mx.default_device() == mx.cpu:
         # The default is one stream (more cost memory in a training step: bench_memory.py); the
         # 2-stream rows show what spreading the update over two CPU cores buys in time.
@@ -163,6 +201,10 @@ def main() -> None:
         help="also time each codec's encode and decode alone, on every tensor of the tree",
     )  # fmt: skip
     parser.add_argument("--weight-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--against", metavar="REV",
+        help="also time each state precision as of this git revision, interleaved",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--hidden, --layers and --steps must be >= 1, --warmup >= 0")
@@ -171,7 +213,13 @@ def main() -> None:
     grads = gradient_like(weights)
     n_params = sum(p.size for _, p in tree_flatten(weights))
     largest = max(p.size for _, p in tree_flatten(weights)) * 4
-    makers = make_optimizers(weight_updates=args.weight_dtype != "float32")
+    against = None
+    if args.against:
+        try:
+            against = package_at(args.against)
+        except subprocess.CalledProcessError as err:
+            parser.error(f"--against {args.against}: {err.stderr.decode().strip()}")
+    makers = make_optimizers(weight_updates=args.weight_dtype != "float32", against=against)
 
     runners = {name: Runner(make, weights, grads) for name, make in makers.items()}
     state_bytes = {

@@ -1,0 +1,48 @@
+"""scripts/bench_optimizer.py, small: its table, and ``--against`` timing another revision's
+package side by side with this one."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--hidden", "64",
+         "--layers", "1", "--steps", "1", "--warmup", "0", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+
+
+def rows(table: str) -> dict[str, list[str]]:
+    """The markdown table's rows by their first cell."""
+    found = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            found[cells[0]] = cells[1:]
+    return found
+
+
+def test_against_a_revision_adds_its_rows_next_to_ours():
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    done = run("--against", "HEAD")
+    assert done.returncode == 0, done.stderr
+    table = rows(done.stdout)
+    for precision, bytes_per_param in (("int8", 2.03), ("int4", 1.07)):
+        ours, theirs = table[precision], table[f"{precision} @ {sha}"]
+        # Same state layout at HEAD: the same bytes; a time was measured for both.
+        assert ours[0] == theirs[0] and float(ours[0]) < bytes_per_param + 0.02
+        assert float(ours[1]) > 0 and float(theirs[1]) > 0
+
+
+def test_against_an_unknown_revision_is_one_line():
+    done = run("--against", "no-such-revision")
+    assert done.returncode == 2
+    assert "--against no-such-revision" in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
