@@ -114,7 +114,10 @@ def final_loss_of_draw(problem: str, draw: int, precision: str, steps: int = 300
 
 
 def final_losses(
-    cases: list[tuple[str, int, str]], steps: int = 300, jobs: int = 1, with_candidates=False
+    cases: list[tuple[str, int, str]],
+    steps: int = 300,
+    jobs: int = 1,
+    with_candidates: bool = False,
 ) -> list[float]:
     """:func:`final_loss_of_draw` of each ``(problem, draw, precision)``, in ``jobs`` processes
     (each run is deterministic and single-threaded, so this gives the same losses, sooner);

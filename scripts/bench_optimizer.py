@@ -22,11 +22,13 @@ Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import io
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +97,7 @@ def package_at(revision: str) -> tuple[ModuleType, str]:
 
     sha = git("rev-parse", "--short", revision).decode().strip()
     folder = Path(tempfile.mkdtemp(prefix="bench_optimizer_"))
+    atexit.register(shutil.rmtree, folder, True)
     with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", sha, "adamw_lm"))) as tar:
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(folder, **extra)
@@ -118,6 +121,11 @@ def make_optimizers(
                 makers[f"{name}, {mode}"] = lambda name=name, mode=mode: AdamW(
                     lr, state_precision=name, weight_update=mode
                 )
+                if against:
+                    package, sha = against
+                    makers[f"{name}, {mode} @ {sha}"] = lambda n=name, m=mode, a=package: a.AdamW(
+                        lr, state_precision=n, weight_update=m
+                    )
         return makers
     for name in PRECISIONS:
         makers[name] = lambda name=name: AdamW(lr, state_precision=name)

@@ -107,9 +107,10 @@ class PowerMap:
         # Float clamps and truncating casts, not floor/clip: those compile to libm calls and
         # selects, which keep the CPU kernel from vectorizing (3-4x slower here).
         k = mx.minimum(mx.maximum(root * n, 0.0 if self.signed else 1.0), n - 1)
-        # The lower level, and below the upward threshold, each its own kernel (see
-        # ``random_bits``: chains over 11 deep are cut where a broadcast constant becomes a
-        # strided input); the square root's kernel is the one gcc leaves scalar (errno).
+        # The lower level and (below) the threshold are each computed in a kernel of their own,
+        # so that what follows fits in one (see ``random_bits``: a chain over 11 deep is cut
+        # where a broadcast constant becomes a strided input). The square root's kernel is the
+        # one gcc leaves scalar (errno).
         k = mx.contiguous(k.astype(mx.int32).astype(_F32))
         # Up when covered + noise >= 1, the margins included: (covered - M) / (1 - 2M) >= 1 -
         # noise, i.e. covered >= M + (1 - noise)(1 - 2M), i.e. without dividing by the gap:
