@@ -9,12 +9,12 @@ squares); stochastic rounding with fresh random bits left int4 at +17.1 %, +12.6
 convex problems (docs/benchmarks.md).
 
 The MLP, a non-convex fit, is held under int8 and int4 by its median over five draws (bf16 on
-draw 0): its final loss under quantized
-moments depends on the rounding pattern (int4 on draw 0: +0.9 % to +12.4 % over six patterns of
-the first moment's phases, +17.4 % with the package's), while float32 moments with the learning
-rate moved by 0.1 % move it by 0.1 %; one draw (1) swings much further (int4 +41 %). One run is a
-sample of the effect, not the effect. int4 misses its 10 % target there (median +15.9 %; draws
-+17.4, +41.4, -0.1, +15.9, +6.6 %; with session 4's random bits +13.0 %) and is held to 20 %.
+draw 0): its final loss under quantized moments depends on the rounding pattern (int4 on draw 0,
+with session 4's random bits: +0.9 % to +12.4 % over six patterns of the first moment's phases;
++17.4 % with today's), while float32 moments with the learning rate moved by 0.1 % move it by
+0.1 %; one draw (1) swings much further (int4 +41 %). One run is a sample of the effect, not the
+effect. int4 misses its 10 % target there (median +15.9 %; draws +17.4, +41.4, -0.1, +15.9,
++6.6 %; with session 4's random bits +13.0 %) and is held to 20 %.
 """
 
 import math
