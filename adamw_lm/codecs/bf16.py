@@ -15,6 +15,10 @@ import mlx.core as mx
 
 _HIGH_HALF = 0xFFFF0000
 
+#: ``2^32 / φ`` (odd): the step of the Weyl sequence that :func:`random_bits` hashes, and of a
+#: rotating codec's noise (:mod:`.blockwise`), both in 32-bit fixed point.
+GOLDEN = 0x9E3779B9
+
 
 def _fmix32(h: mx.array) -> mx.array:
     """MurmurHash3's 32-bit finalizer: a bijection mixing every input bit into every output bit."""
@@ -37,7 +41,7 @@ def random_bits(
     generator of SplitMix, with a start the key picks.
     """
     key = key.astype(mx.uint32)
-    golden = mx.array(0x9E3779B9, dtype=mx.uint32)
+    golden = mx.array(GOLDEN, dtype=mx.uint32)
     # Everything that does not depend on the element is one scalar, so the per-element chain
     # (multiply, add, finalizer) is 10 operations deep: mx.compile fuses at most 11 levels into
     # one kernel, and where it cuts a longer chain, a broadcast constant becomes an input and

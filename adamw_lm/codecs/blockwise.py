@@ -32,16 +32,12 @@ import math
 
 import mlx.core as mx
 
-from .bf16 import random_bits
+from .bf16 import GOLDEN, random_bits
 
 _F32 = mx.float32
 
 #: Within this fraction of a gap from a level, rounding goes to that level whatever the noise.
 _MARGIN = 2.0**-12
-
-#: ``2^32 / φ``: a rotating codec's noise, in 32-bit fixed point, advances by this each step.
-GOLDEN_STEP = 0x9E3779B9
-
 
 class PowerMap:
     """Levels on a power-companded grid: level ``k`` stands for ``(k / N)^power``.
@@ -156,7 +152,7 @@ class Blockwise:
         if half not in (0, 1):
             raise ValueError(f"half must be 0 or 1; got {half!r}")
         if rotating and not (stochastic and half):
-            # The low half of ``u + t·GOLDEN_STEP`` turns by 0x79B9 / 2^16 ≈ 0.48 a step: nearly
+            # The low half of ``u + t·GOLDEN`` turns by 0x79B9 / 2^16 ≈ 0.48 a step: nearly
             # a period of two, which would not spread the roundings evenly.
             raise ValueError("a rotating codec rounds stochastically with the high half (half=1)")
         self.map, self.block = code_map, block
@@ -202,7 +198,7 @@ class Blockwise:
             if self.rotating:
                 key = key.astype(mx.uint32)
                 phase = random_bits(blocks.shape, key * mx.array([1, 0], dtype=mx.uint32), offset)
-                drawn = phase + key[1] * mx.array(GOLDEN_STEP, dtype=mx.uint32)
+                drawn = phase + key[1] * mx.array(GOLDEN, dtype=mx.uint32)
             else:
                 drawn = random_bits(blocks.shape, key, offset)
             drawn = drawn >> 16 if self.half else drawn & mx.array(0xFFFF, dtype=mx.uint32)
