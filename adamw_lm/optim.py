@@ -72,27 +72,33 @@ def zeros_state(fmt: StateFormat, parameter: mx.array) -> dict:
 
 
 def convert_state(
-    state: dict, old: StateFormat, new: StateFormat, parameter: mx.array, key: mx.array
+    state: dict,
+    old: StateFormat,
+    new: StateFormat,
+    parameter: mx.array,
+    key: mx.array,
+    old_eps: float | None,
+    new_eps: float | None,
 ) -> dict:
     """The state of ``parameter`` stored as ``old``, re-stored as ``new``.
 
-    Moments are decoded to float32 and encoded again (stochastic codecs draw from ``key``). A
+    Moments are decoded to float32 and encoded again (stochastic codecs draw from ``key``). A first
+    moment stored as its step (:class:`~adamw_lm.codecs.Precision`'s ``m_over_root_v``) is read
+    with the optimizer's ``eps`` it was written with, ``old_eps``, and written with ``new_eps``. A
     weight buffer that ``new`` has and ``old`` had not starts at zero, which is exact: the master
     weight is then the parameter itself. One that ``old`` had and ``new`` has not is dropped: the
     weight keeps its rounded value, and what the buffer held (under half a unit in the last
     place) is lost.
     """
-    converted = {}
-    for moment, moment_key in zip(("m", "v"), mx.random.split(key)):
-        if old.precision is None:
-            x = state[moment].astype(mx.float32)
-        else:
-            x = getattr(PRECISIONS[old.precision], moment).decode(state[moment], parameter.shape)
-        if new.precision is None:
-            converted[moment] = x.astype(parameter.dtype)
-        else:
-            codec = getattr(PRECISIONS[new.precision], moment)
-            converted[moment] = codec.encode(x, moment_key if codec.stochastic else None)
+    if old.precision is None:
+        m, v = state["m"].astype(mx.float32), state["v"].astype(mx.float32)
+    else:
+        m, v = PRECISIONS[old.precision].decode(state, parameter.shape, old_eps)
+    if new.precision is None:
+        converted = {"m": m.astype(parameter.dtype), "v": v.astype(parameter.dtype)}
+    else:
+        keys = tuple(mx.random.split(key))
+        converted = PRECISIONS[new.precision].encode(m, v, keys, 0, new_eps)
     buffer = new.buffer(parameter.dtype)
     if buffer is not None:
         kept = old.buffer(parameter.dtype) == buffer
@@ -408,6 +414,7 @@ class AdamW(optim.AdamW):
             root_scale = mx.rsqrt(1 - b2**t)
         return _Coefficients(
             finite=finite,
+            live=finite.astype(mx.float32),
             beta1=mx.where(finite, b1, 1.0),
             one_minus_beta1=mx.where(finite, 1 - b1, 0.0),
             beta2=mx.where(finite, b2, 1.0),
@@ -532,6 +539,7 @@ class _Coefficients(NamedTuple):
     """A step's scalars, computed once per step, not once per element of every slice."""
 
     finite: mx.array  # bool: whether this step's gradients are finite (else it is skipped)
+    live: mx.array  # the same as 1.0 or 0.0
     beta1: mx.array
     one_minus_beta1: mx.array
     beta2: mx.array
@@ -550,13 +558,25 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
 
     def update(tensors: dict, k: _Coefficients, keys, weight_key, offset) -> dict:
         g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
-        m_stored, v_stored = tensors["m"], tensors["v"]
         shape = g.shape
         # A skipped step zeroes the gradient and its coefficients keep everything as it is
         # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
         g32 = mx.where(k.finite, g.astype(mx.float32), 0.0)
-        m = k.beta1 * precision.m.decode(m_stored, shape) + k.one_minus_beta1 * g32
-        v = k.beta2 * precision.v.decode(v_stored, shape) + k.one_minus_beta2 * (g32 * g32)
+        m_stored = precision.m.decode(tensors["m"], shape)
+        v_old = precision.v.decode(tensors["v"], shape)
+        v = k.beta2 * v_old + k.one_minus_beta2 * (g32 * g32)
+        if precision.m_over_root_v:
+            # The new m / (sqrt(v) + eps) from the stored old one: m_old = stored · root_old.
+            root = mx.sqrt(v) + eps
+            inverse = 1 / root
+            ratio = (precision.v.decode_root(tensors["v"], shape) + eps) * inverse
+            # A skipped step (beta1 = 1, g = 0, v unchanged) must give the stored step back bit
+            # for bit; the two roots of one v, computed two ways, may differ in the last bit.
+            ratio = 1 + k.live * (ratio - 1)
+            m_stored = k.beta1 * m_stored * ratio + k.one_minus_beta1 * g32 * inverse
+            m = m_stored * root
+        else:
+            m = m_stored = k.beta1 * m_stored + k.one_minus_beta1 * g32
         w = weights.read(p, buffer) * k.decay - k.step_size * m / (
             mx.sqrt(v) * k.root_scale + eps
         )
@@ -565,7 +585,7 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         # one hash, which the compiler computes once.
         new = {
             "p": new_p,
-            "m": precision.m.encode(m, keys[0], offset),
+            "m": precision.m.encode(m_stored, keys[0], offset),
             "v": precision.v.encode(v, keys[1], offset),
         }
         if new_buffer is not None:

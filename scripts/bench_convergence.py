@@ -157,15 +157,20 @@ def candidates() -> list[str]:
     """Register the formats measured when int8 and int4 were chosen; returns their names."""
     from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 
-    def pair(bits: int, m: tuple, v: tuple) -> Precision:
-        """``m``, ``v``: (power, stochastic[, rotating])."""
+    def pair(bits: int, m: tuple, v: tuple, as_step: bool = False) -> Precision:
+        """``m``, ``v``: (power, stochastic[, rotating]); ``as_step``: m stored as
+        ``m / (sqrt(v) + eps)``."""
         block = 256 if bits == 8 else 128
         m_rotating = len(m) > 2 and m[2]
         return Precision(
-            f"int{bits} m p{m[0]}{' SR' if m[1] else ''}{' rot' if m_rotating else ''}, "
-            f"v p{v[0]}{' SR' if v[1] else ''}",
-            Blockwise(PowerMap(bits, True, m[0]), block, stochastic=m[1], rotating=m_rotating),
+            f"int{bits} m{'/√v' if as_step else ''} p{m[0]}{' SR' if m[1] else ''}"
+            f"{' rot' if m_rotating else ''}, v p{v[0]}{' SR' if v[1] else ''}",
+            Blockwise(
+                PowerMap(bits, True, m[0]), block, stochastic=m[1], rotating=m_rotating,
+                name="step_levels" if as_step else "levels",
+            ),
             Blockwise(PowerMap(bits, False, v[0]), block, stochastic=v[1], half=0),
+            m_over_root_v=as_step,
         )
 
     tried = [
@@ -174,12 +179,17 @@ def candidates() -> list[str]:
         for m, v in [
             ((2, False), (2, False)),  # the same levels, rounded to nearest
             ((2, True), (2, True)),  # fresh noise for m too (int8's choice)
-            ((2, True, True), (2, True)),  # rotating noise for m (int4's choice)
+            ((2, True, True), (2, True)),  # rotating noise for m (int4's before m/√v)
             ((1, True), (1, True)),  # linear levels
             ((4, True), (4, True)),  # fourth-root companding
             ((2, True), (2, False)),  # v rounded to nearest
             ((2, True), (4, True)),
         ]
+    ] + [
+        # The first moment stored as its step (int4's choice, with rotating noise).
+        pair(8, (2, True), (2, True), as_step=True),
+        pair(4, (2, True), (2, True), as_step=True),
+        pair(4, (1, True, True), (2, True), as_step=True),
     ]
     for precision in tried:
         PRECISIONS[precision.name] = precision

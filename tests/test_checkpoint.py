@@ -472,10 +472,13 @@ def test_precision_conversion_decodes_then_encodes(tiny_model_path, tmp_path, st
     assert layout(converted) == layout(fresh)
     assert converted.state["step"].item() == 2
     for name, param in tree_flatten(model.trainable_parameters()):
-        for which in ("m", "v"):
-            old, new = moment(optimizer, name, which), moment(converted, name, which)
-            decoded = (old.astype(mx.float32) if stored is None
-                       else getattr(PRECISIONS[stored], which).decode(old, param.shape))
+        olds = {which: moment(optimizer, name, which) for which in ("m", "v")}
+        moments = (tuple(olds[which].astype(mx.float32) for which in ("m", "v")) if stored is None
+                   else PRECISIONS[stored].decode(olds, param.shape, optimizer.eps))
+        if requested is not None and PRECISIONS[requested].m_over_root_v:  # m stored as its step
+            moments = (moments[0] / (mx.sqrt(moments[1]) + converted.eps), moments[1])
+        for which, decoded in zip(("m", "v"), moments):
+            new = moment(converted, name, which)
             if requested is None:
                 assert mx.array_equal(new, decoded.astype(param.dtype)).item(), name
                 continue
@@ -492,6 +495,36 @@ def test_precision_conversion_decodes_then_encodes(tiny_model_path, tmp_path, st
             else:
                 assert_trees_equal(new, codec.encode(decoded, None))
     lm_steps(model2, converted, 1, first=2)
+
+
+def test_int4_first_moment_is_reread_with_a_new_eps(tiny_model_path, tmp_path):
+    """int4 stores m / (sqrt(v) + eps): resumed with another eps, the state is read with the eps it
+    was written with and stored again with the new one, so m itself carries over (to within the
+    rounding of the re-store); with the same eps it is restored bit for bit."""
+    model, optimizer = lora_model(tiny_model_path), make_optimizer("int4")
+    lm_steps(model, optimizer, 3)
+    path = checkpoint.save(tmp_path, 3, model, optimizer, {}, adapter_config(tiny_model_path))
+    same = make_optimizer("int4")
+    checkpoint.load(path, lora_model(tiny_model_path), same)
+    assert_trees_equal(same.state, optimizer.state)
+
+    other = AdamW(1e-2, weight_decay=0.01, eps=1e-2, state_precision="int4", min_quantize_size=0)
+    checkpoint.load(path, lora_model(tiny_model_path), other)
+    codecs = PRECISIONS["int4"]
+    largest_gap = max(b - a for a, b in zip(codecs.m.map.values(), codecs.m.map.values()[1:]))
+    for name, param in tree_flatten(model.trainable_parameters()):
+        stored = {which: moment(optimizer, name, which) for which in ("m", "v")}
+        reread = {which: moment(other, name, which) for which in ("m", "v")}
+        assert_trees_equal(reread["v"], stored["v"])  # v does not depend on eps
+        m, v = codecs.decode(stored, param.shape, optimizer.eps)
+        again, _ = codecs.decode(reread, param.shape, other.eps)
+        root = mx.sqrt(v) + other.eps
+        bound = largest_gap * mx.abs(m / root).max().item() * (1 + 1e-6)
+        assert mx.abs((again - m) / root).max().item() <= bound, name
+        # Read with the new eps, the old steps would make another m: off by more, on average.
+        wrong, _ = codecs.decode(stored, param.shape, other.eps)
+        error = lambda x: mx.abs((x - m) / root).mean().item()  # noqa: E731
+        assert error(again) < error(wrong) / 2, name
 
 
 def moment(optimizer: AdamW, name: str, which: str):

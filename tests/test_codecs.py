@@ -262,13 +262,13 @@ def test_blockwise_matches_reference(name, shape):
     nb = math.ceil(math.prod(shape) / codec.block)
     noise = np_noise((nb, codec.block), key, codec.half, offset, codec.rotating)
     codes, scales = np_blockwise(x, values, codec.block, code_map.signed, noise)
-    assert set(stored) == {"levels", "scales"}
+    assert set(stored) == {codec.name, "scales"}
     np.testing.assert_array_equal(np.array(stored["scales"]), scales)
-    ours = np.array(stored["levels"])
+    ours = np.array(stored[codec.name])
     if code_map.bits == 4:
         assert ours.shape == (nb, codec.block // 2)
         ours = np_unpack4(ours)
-    assert ours.shape == (nb, codec.block) and stored["levels"].dtype == mx.uint8
+    assert ours.shape == (nb, codec.block) and stored[codec.name].dtype == mx.uint8
     assert (ours != codes).mean() < 1e-3  # float32 ties only (checked in the map tests)
     decoded = np.array(codec.decode(stored, shape))
     assert decoded.shape == shape
@@ -299,7 +299,7 @@ def test_slices_round_as_the_whole(name):
     key = mx.random.key(8)
     whole = codec.encode(x, key)
     part = codec.encode(x[2 * codec.block :], key, 2 * codec.block)
-    for leaf in ("levels", "scales"):
+    for leaf in (codec.name, "scales"):
         assert mx.array_equal(part[leaf], whole[leaf][2:]).item()
 
 
@@ -343,15 +343,27 @@ def test_rotating_noise_spreads_roundings_evenly():
         assert abs(share - 0.3) < 0.06, t
 
 
+@pytest.mark.parametrize("codec", [INT8_V, INT4_V], ids=["int8 v", "int4 v"])
+def test_decode_root_is_the_square_root_of_decode(codec):
+    x = np.abs(moment_like((5 * codec.block + 7,), False, seed=6)).astype(np.float32)
+    stored = codec.encode(mx.array(x), mx.random.key(2))
+    decoded = np.array(codec.decode(stored, x.shape)).astype(np.float64)
+    np.testing.assert_allclose(
+        np.array(codec.decode_root(stored, x.shape)), np.sqrt(decoded), rtol=1e-6, atol=0
+    )
+    with pytest.raises(ValueError, match="unsigned map"):
+        INT4_M.map.decode_root(mx.zeros((4,), mx.uint8))
+
+
 def test_int4_packing_matches_numpy():
     codes = np.random.default_rng(2).integers(0, 15, (5, 128)).astype(np.uint8)
     values = decoded_map(INT4_M.map)
     scales = np.ones(5, np.float32)
-    stored = {"levels": mx.array(np_pack4(codes)), "scales": mx.array(scales)}
+    stored = {INT4_M.name: mx.array(np_pack4(codes)), "scales": mx.array(scales)}
     decoded = np.array(INT4_M.decode(stored, (5 * 128,)))
     np.testing.assert_array_equal(decoded, values[codes].reshape(-1))
     encoded = INT4_M.encode(mx.array(values[codes].reshape(-1)), mx.random.key(0))
-    np.testing.assert_array_equal(np.array(encoded["levels"]), np_pack4(codes))
+    np.testing.assert_array_equal(np.array(encoded[INT4_M.name]), np_pack4(codes))
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -366,9 +378,9 @@ def test_zero_blocks(name):
     assert np.array_equal(decoded[: codec.block], np.zeros(codec.block))
     assert np.array_equal(decoded[2 * codec.block :], np.zeros(codec.block + 5))
     zeros = codec.zeros(x.shape)
-    assert zeros["levels"].shape == stored["levels"].shape and zeros["scales"].shape == (4,)
+    assert zeros[codec.name].shape == stored[codec.name].shape and zeros["scales"].shape == (4,)
     np.testing.assert_array_equal(np.array(codec.decode(zeros, x.shape)), np.zeros(x.shape))
-    for leaf in ("levels", "scales"):  # zeros() is what encoding zeros gives
+    for leaf in (codec.name, "scales"):  # zeros() is what encoding zeros gives
         np.testing.assert_array_equal(
             np.array(codec.encode(mx.zeros(x.shape), key)[leaf]), np.array(zeros[leaf])
         )

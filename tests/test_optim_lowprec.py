@@ -71,7 +71,7 @@ def test_plan_quantizes_big_tensors_only():
     opt = AdamW(1e-3, state_precision="int4")
     opt.init(params)
     assert opt.precision_plan == {"w1": "int4", "b1": "fp32", "w2": "fp32"}
-    assert set(opt.state["w1"]["m"]) == {"levels", "scales"}
+    assert set(opt.state["w1"]["m"]) == {"step_levels", "scales"}
 
 
 @pytest.mark.parametrize("precision", LOW)
@@ -254,6 +254,41 @@ def test_compiled_training_step(precision):
     assert compiled[-1] < compiled[0]
 
 
+def test_int4_first_moment_is_stored_as_its_step():
+    """int4 stores ``u = m / (sqrt(v) + eps)``: each step's stored ``u`` is, to within one gap of
+    its block's largest, a float64 NumPy reference computed from the decoded state before it
+    (``m = u·(sqrt(v) + eps)``), on gradients of two scales a thousand times apart in each block."""
+    eps, n = 1e-8, 1024
+    codecs = PRECISIONS["int4"]
+    assert codecs.m_over_root_v
+    levels = codecs.m.map.values()
+    gap = max(b - a for a, b in zip(levels, levels[1:]))
+    rng = np.random.default_rng(0)
+    scale = np.where(np.arange(n) % 2, 1.0, 1e-3)
+    params = {"w": mx.zeros((n,))}
+    opt = AdamW(1e-3, eps=eps, state_precision="int4", min_quantize_size=0, weight_decay=0.0)
+    opt.init(params)
+    for _ in range(4):
+        state = opt.state["w"]
+        u_old = np.array(codecs.m.decode(state["m"], (n,))).astype(np.float64)
+        v_old = np.array(codecs.v.decode(state["v"], (n,))).astype(np.float64)
+        g = (rng.normal(size=n) * scale).astype(np.float32)
+        params = opt.apply_gradients({"w": mx.array(g)}, params)
+        mx.eval(params, opt.state)
+        g64 = g.astype(np.float64)
+        v = 0.999 * v_old + 0.001 * g64**2
+        expected = (0.9 * u_old * (np.sqrt(v_old) + eps) + 0.1 * g64) / (np.sqrt(v) + eps)
+        u = np.array(codecs.m.decode(opt.state["w"]["m"], (n,))).astype(np.float64)
+        blocks = lambda a: a.reshape(-1, codecs.m.block)  # noqa: E731
+        largest = np.abs(blocks(expected)).max(1, keepdims=True)
+        assert np.all(np.abs(blocks(u - expected)) <= gap * largest * (1 + 1e-5))
+        m, _ = codecs.decode(opt.state["w"], (n,), eps)
+        np.testing.assert_allclose(
+            np.array(m), u * (np.sqrt(np.array(codecs.v.decode(opt.state["w"]["v"], (n,)))) + eps),
+            rtol=1e-6,
+        )
+
+
 def test_int4_second_moment_has_no_zero_point(monkeypatch):
     """Li et al.'s zero-point problem: after one step of moderate gradients that then stop, their
     second moment is tiny next to the block's largest; on a map with a zero code (their B128/DE)
@@ -301,17 +336,38 @@ class _OldLayout:
         return self._rename(self.codec.encode(x, key, offset))
 
     def decode(self, stored, shape):
-        return self.codec.decode({"levels": stored["codes"], "scales": stored["scales"]}, shape)
+        codes = {self.codec.name: stored["codes"], "scales": stored["scales"]}
+        return self.codec.decode(codes, shape)
 
-    @staticmethod
-    def _rename(stored):
-        return {"codes": stored["levels"], "scales": stored["scales"]}
+    def _rename(self, stored):
+        return {"codes": stored[self.codec.name], "scales": stored["scales"]}
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_old_layout_checkpoint_is_refused(tiny_model_path, tmp_path, monkeypatch, precision):
-    """A checkpoint whose int8/int4 moments were written by the old codecs must not be decoded on
-    the new levels: the loader sees another layout and refuses it, naming the leaves."""
+def _dynamic_map_codecs(precision: str) -> Precision:
+    new = PRECISIONS[precision]
+    return Precision(precision, _OldLayout(new.m), _OldLayout(new.v))
+
+
+def _int4_m_as_moment(precision: str) -> Precision:
+    new = PRECISIONS[precision]
+    m = Blockwise(new.m.map, new.m.block, half=new.m.half, rotating=new.m.rotating)
+    return Precision(precision, m, new.v)
+
+
+@pytest.mark.parametrize(
+    ("precision", "old_codecs", "leaves"),
+    [
+        ("int8", _dynamic_map_codecs, r"levels.*codes|codes.*levels"),
+        ("int4", _dynamic_map_codecs, r"levels.*codes|codes.*levels"),
+        # int4's first moment before it was stored as its step (m / (sqrt(v) + eps)).
+        ("int4", _int4_m_as_moment, r"expected \{'m\.step_levels'[^\n]*found \{[^}]*'m\.levels'"),
+    ],
+)
+def test_old_layout_checkpoint_is_refused(
+    tiny_model_path, tmp_path, monkeypatch, precision, old_codecs, leaves
+):
+    """A checkpoint whose int8/int4 moments were written by older codecs must not be decoded with
+    the new meaning: the loader sees another layout and refuses it, naming the leaves."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
@@ -327,8 +383,7 @@ def test_old_layout_checkpoint_is_refused(tiny_model_path, tmp_path, monkeypatch
     def make():
         return AdamW(1e-2, state_precision=precision, min_quantize_size=0)
 
-    new = PRECISIONS[precision]
-    old = Precision(precision, _OldLayout(new.m), _OldLayout(new.v))
+    old = old_codecs(precision)
     model = lora_model()
     tokens = mx.random.randint(0, 512, (2, 12), key=mx.random.key(0))
     loss_and_grad = nn.value_and_grad(
@@ -343,5 +398,5 @@ def test_old_layout_checkpoint_is_refused(tiny_model_path, tmp_path, monkeypatch
         config = {"fine_tune_type": "lora", "num_layers": 2, "model": str(tiny_model_path),
                   "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}  # fmt: skip
         path = checkpoint.save(tmp_path, 1, model, opt, {}, config)
-    with pytest.raises(IncompatibleCheckpointError, match=r"levels.*codes|codes.*levels"):
+    with pytest.raises(IncompatibleCheckpointError, match=leaves):
         checkpoint.load(path, lora_model(), make())

@@ -352,6 +352,14 @@ def check_optimizer_metadata(
         raise CorruptCheckpointError(
             f"{path}: metadata 'precision_plan' and 'hyperparameters' must be JSON objects"
         )
+    eps = hyper.get("eps")
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf
+    ):
+        # int4's first moment is stored relative to it (codecs.Precision.m_over_root_v).
+        raise CorruptCheckpointError(
+            f"{path}: metadata 'hyperparameters' has eps {eps!r}; expected a number > 0"
+        )
     for name, precision in plan.items():
         if not PARAMETER_PATH.fullmatch(name):
             raise CorruptCheckpointError(

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from ..codecs import PRECISIONS
 from ..optim import AdamW, StateFormat, convert_state, zeros_state
 from ..weight_update import WEIGHT_UPDATES
 from .format import (
@@ -92,6 +93,10 @@ def _stored_formats(
     return {p: StateFormat.of(stored_plan[p], a.dtype, mode) for p, a in params.items()}
 
 
+def _stored_as_step(fmt: StateFormat) -> bool:
+    return fmt.precision is not None and PRECISIONS[fmt.precision].m_over_root_v
+
+
 def _differs(old: StateFormat, new: StateFormat, dtype: mx.Dtype) -> bool:
     """Whether state stored as ``old`` must be converted to be ``new`` (nearest and stochastic
     weight updates store the same arrays)."""
@@ -141,12 +146,22 @@ def restore_state(
     expected, _ = _group_by_parameter(dict(tree_flatten(probe.state)), params)
     stored, stored_top = _group_by_parameter(flat, params)
 
+    # A first moment stored as its step, m / (sqrt(v) + eps), is read with the eps it was written
+    # with and, when this optimizer's differs, written again with this one's.
+    eps = (stored_hyperparameters or {}).get("eps"), getattr(optimizer, "eps", None)
+    if eps[0] is None:  # not recorded (a checkpoint of one of mlx's optimizers without eps)
+        eps = eps[1], eps[1]
+    renormalized = [
+        p for p in params
+        if p not in changed and eps[0] != eps[1] and _stored_as_step(stored_formats[p])
+    ]  # fmt: skip
     keys = {}
-    if changed:
+    if changed or renormalized:
         # Rounding keys for stochastic codecs come from the optimizer's seed: a conversion is
         # reproducible.
         seed = optimizer.settings.seed if isinstance(optimizer, AdamW) else 0
-        keys = dict(zip(changed, mx.random.split(mx.random.key(seed), len(changed))))
+        converted = changed + renormalized
+        keys = dict(zip(converted, mx.random.split(mx.random.key(seed), len(converted))))
     problems = []
     restored = {}
     for name, parameter in params.items():
@@ -158,7 +173,7 @@ def restore_state(
                 problems.append(f"{name}: expected {old_layout}, found {_layout(entries)}")
                 continue
             tree = tree_unflatten(list(entries.items()))
-            new = convert_state(tree, old, requested[name], parameter, keys[name])
+            new = convert_state(tree, old, requested[name], parameter, keys[name], *eps)
             entries = dict(tree_flatten(new))
         if _layout(entries) != _layout(expected.get(name, {})):
             problems.append(

@@ -57,15 +57,52 @@ class MomentCodec(Protocol):
 @dataclass(frozen=True)
 class Precision:
     """A storage choice for both moments of one parameter. The optimizer passes one fresh key to
-    both codecs that are not rotating, so such a pair must draw disjoint random bits from it."""
+    both codecs that are not rotating, so such a pair must draw disjoint random bits from it.
+
+    ``m_over_root_v``: the first moment is stored as ``m / (sqrt(v) + eps)``, the (uncorrected)
+    step AdamW takes, ``v`` being the second moment it is stored with and ``eps`` the optimizer's.
+    A block of a block-wise format then spends its levels on the steps of its elements rather than
+    on their gradients' scales: an element whose gradients are small next to its block's largest
+    takes a step as precise as the others' instead of one made of rounding noise. ``sqrt(v)`` is
+    then the second moment's ``decode_root`` (:meth:`.blockwise.Blockwise.decode_root`).
+    """
 
     name: str
     m: MomentCodec
     v: MomentCodec
+    m_over_root_v: bool = False
+
+    def __post_init__(self):
+        if self.m_over_root_v and not hasattr(self.v, "decode_root"):
+            raise ValueError(f"{self.name}: m_over_root_v needs a second moment with decode_root")
 
     @property
     def stochastic(self) -> bool:
         return self.m.stochastic or self.v.stochastic
+
+    def decode(
+        self, stored: dict[str, Stored], shape: tuple[int, ...], eps: float
+    ) -> tuple[mx.array, mx.array]:
+        """The float32 moments ``(m, v)`` that ``{"m": ..., "v": ...}`` holds."""
+        v = self.v.decode(stored["v"], shape)
+        m = self.m.decode(stored["m"], shape)
+        if self.m_over_root_v:
+            m = m * (self.v.decode_root(stored["v"], shape) + eps)
+        return m, v
+
+    def encode(
+        self,
+        m: mx.array,
+        v: mx.array,
+        keys: tuple[mx.array | None, mx.array | None],
+        offset: mx.array | int,
+        eps: float,
+    ) -> dict[str, Stored]:
+        """The stored form ``{"m": ..., "v": ...}`` of the float32 moments ``m`` and ``v``;
+        ``keys``: the codecs' random keys (see :meth:`MomentCodec.encode`)."""
+        if self.m_over_root_v:
+            m = m / (mx.sqrt(v) + eps)
+        return {"m": self.m.encode(m, keys[0], offset), "v": self.v.encode(v, keys[1], offset)}
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of both stored moments of a tensor of ``shape``."""
@@ -77,5 +114,5 @@ PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", FP32, FP32),
     "bf16": Precision("bf16", BF16_M, BF16_V),
     "int8": Precision("int8", INT8_M, INT8_V),
-    "int4": Precision("int4", INT4_M, INT4_V),
+    "int4": Precision("int4", INT4_M, INT4_V, m_over_root_v=True),
 }

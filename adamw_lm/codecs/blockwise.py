@@ -29,6 +29,7 @@ costs more than a whole AdamW step), so ``mx.compile`` fuses them into a few ker
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import mlx.core as mx
 
@@ -85,6 +86,16 @@ class PowerMap:
             return mx.sign(k) * self._pow(mx.abs(k)) / scale
         return self._pow(code.astype(_F32) + 1) / scale
 
+    def decode_root(self, code: mx.array) -> mx.array:
+        """The square roots of the values (float32) of ``code``, an unsigned map's: on a
+        square-law map (power 2) ``k / N``, with no square root per element."""
+        if self.signed:
+            raise ValueError("decode_root takes the codes of an unsigned map")
+        k = (code.astype(_F32) + 1) / self.levels
+        if self.power == 1:
+            return mx.sqrt(k)
+        return k if self.power == 2 else k * k
+
     def encode(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
         """Codes (uint8) of ``x`` (``|x| <= 1``; ``x >= 0`` when unsigned).
 
@@ -124,7 +135,7 @@ class PowerMap:
 
 
 class Blockwise:
-    """A moment stored as ``{"levels": uint8 (blocks, block*bits/8), "scales": float32 (blocks,)}``.
+    """A moment stored as ``{name: uint8 (blocks, block*bits/8), "scales": float32 (blocks,)}``.
 
     Args:
         code_map: a :class:`PowerMap` of 8 or 4 bits.
@@ -135,6 +146,9 @@ class Blockwise:
         rotating: draw the noise from a golden-ratio sequence (see the module's docstring); its
             key is then ``(seed, step)``: ``seed`` fixes each element's phase, and must stay the
             same from step to step of one tensor, ``step`` advances it. Uses the high half.
+        name: the key of the codes in the stored dict. Codes that mean something else (another
+            map, or another quantity: see :class:`~adamw_lm.codecs.Precision`) take another name,
+            so that a checkpoint's state is never decoded with the wrong meaning.
     """
 
     def __init__(
@@ -144,6 +158,7 @@ class Blockwise:
         stochastic: bool = True,
         half: int = 1,
         rotating: bool = False,
+        name: str = "levels",
     ):
         if code_map.bits not in (4, 8):
             raise ValueError(f"Blockwise stores 8- or 4-bit codes; the map has {code_map.bits}")
@@ -157,6 +172,7 @@ class Blockwise:
             raise ValueError("a rotating codec rounds stochastically with the high half (half=1)")
         self.map, self.block = code_map, block
         self.stochastic, self.half, self.rotating = stochastic, half, rotating
+        self.name = name
         self._packed = code_map.bits == 4
 
     def blocks(self, shape: tuple[int, ...]) -> int:
@@ -173,7 +189,7 @@ class Blockwise:
         nb = self.blocks(shape)
         width = self.block // 2 if self._packed else self.block
         return {
-            "levels": mx.full((nb, width), z | z << 4 if self._packed else z, dtype=mx.uint8),
+            self.name: mx.full((nb, width), z | z << 4 if self._packed else z, dtype=mx.uint8),
             "scales": mx.zeros((nb,), dtype=_F32),
         }
 
@@ -211,18 +227,33 @@ class Blockwise:
             # wise on contiguous data, where splitting even and odd elements reads with a stride.
             pairs = mx.view(codes, mx.uint16)
             codes = ((pairs & 0xF) | ((pairs >> 4) & 0xF0)).astype(mx.uint8)
-        return {"levels": codes, "scales": scales}
+        return {self.name: codes, "scales": scales}
 
     def decode(self, stored: dict[str, mx.array], shape: tuple[int, ...]) -> mx.array:
         """The float32 moment of ``shape`` that ``stored`` holds."""
-        codes, scales = stored["levels"], stored["scales"]
+        return self._decoded(stored, shape, self.map.decode, lambda scales: scales)
+
+    def decode_root(self, stored: dict[str, mx.array], shape: tuple[int, ...]) -> mx.array:
+        """The square root of :meth:`decode`'s moment (unsigned maps), computed per block, not
+        per element, on a square-law map (:meth:`PowerMap.decode_root`). Not bit-identical with
+        ``mx.sqrt`` of the decoded moment: use one or the other throughout."""
+        return self._decoded(stored, shape, self.map.decode_root, mx.sqrt)
+
+    def _decoded(
+        self,
+        stored: dict[str, mx.array],
+        shape: tuple[int, ...],
+        values: Callable[[mx.array], mx.array],
+        scaled: Callable[[mx.array], mx.array],
+    ) -> mx.array:
+        codes, scales = stored[self.name], stored["scales"]
         if self._packed:
             # Each byte's two nibbles spread into the two bytes of a little-endian uint16.
             wide = codes.astype(mx.uint16)
             codes = mx.view((wide & 0xF) | ((wide & 0xF0) << 4), mx.uint8)
         # The levels' values in a contiguous kernel, then the broadcast scale in the consumer's:
         # one strided kernel converting bytes runs at half the speed (docs/benchmarks.md).
-        flat = (mx.contiguous(self.map.decode(codes)) * scales[:, None]).reshape(-1)
+        flat = (mx.contiguous(values(codes)) * scaled(scales)[:, None]).reshape(-1)
         size = math.prod(shape)
         if flat.size != size:
             flat = flat[:size]
