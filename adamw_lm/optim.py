@@ -414,7 +414,6 @@ class AdamW(optim.AdamW):
             root_scale = mx.rsqrt(1 - b2**t)
         return _Coefficients(
             finite=finite,
-            live=finite.astype(mx.float32),
             beta1=mx.where(finite, b1, 1.0),
             one_minus_beta1=mx.where(finite, 1 - b1, 0.0),
             beta2=mx.where(finite, b2, 1.0),
@@ -539,7 +538,6 @@ class _Coefficients(NamedTuple):
     """A step's scalars, computed once per step, not once per element of every slice."""
 
     finite: mx.array  # bool: whether this step's gradients are finite (else it is skipped)
-    live: mx.array  # the same as 1.0 or 0.0
     beta1: mx.array
     one_minus_beta1: mx.array
     beta2: mx.array
@@ -572,7 +570,7 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             ratio = (precision.v.decode_root(tensors["v"], shape) + eps) * inverse
             # A skipped step (beta1 = 1, g = 0, v unchanged) must give the stored step back bit
             # for bit; the two roots of one v, computed two ways, may differ in the last bit.
-            ratio = 1 + k.live * (ratio - 1)
+            ratio = 1 + k.finite.astype(mx.float32) * (ratio - 1)
             m_stored = k.beta1 * m_stored * ratio + k.one_minus_beta1 * g32 * inverse
             m = m_stored * root
         else:

@@ -572,6 +572,22 @@ def test_bad_optimizer_metadata(run, key, value, error, problem):
     assert problem in refused(run, folder, error)
 
 
+def test_int4_state_without_eps_is_refused(run):
+    """int4's first moment is stored relative to eps: a plan with int4 state and no eps to read it
+    with is refused when verified, before anything is decoded."""
+    folder = step_dir(run)
+
+    def change(_, metadata):
+        plan = json.loads(metadata["precision_plan"])
+        hyper = json.loads(metadata["hyperparameters"])
+        del hyper["eps"]
+        metadata.update(precision_plan=json.dumps(dict.fromkeys(plan, "int4")),
+                        hyperparameters=json.dumps(hyper))  # fmt: skip
+
+    rewrite_safetensors(folder, "optimizer.safetensors", change)
+    assert "'hyperparameters' has no eps, which int4 state" in refused(run, folder)
+
+
 def test_safetensors_header_lies(run):
     folder = step_dir(run)
     path = folder / "adapters.safetensors"

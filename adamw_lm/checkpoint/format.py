@@ -370,4 +370,8 @@ def check_optimizer_metadata(
                 f"{path}: parameter {name} is stored in a precision this adamw_lm does not have "
                 f"(known: None, {', '.join(map(repr, PRECISIONS))}); upgrade adamw_lm"
             )
+    if eps is None and any(p is not None and PRECISIONS[p].m_over_root_v for p in plan.values()):
+        raise CorruptCheckpointError(
+            f"{path}: metadata 'hyperparameters' has no eps, which int4 state is stored relative to"
+        )
     return plan, hyper

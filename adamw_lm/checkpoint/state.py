@@ -147,13 +147,12 @@ def restore_state(
     stored, stored_top = _group_by_parameter(flat, params)
 
     # A first moment stored as its step, m / (sqrt(v) + eps), is read with the eps it was written
-    # with and, when this optimizer's differs, written again with this one's.
+    # with (check_optimizer_metadata made sure there is one) and, when this optimizer's differs,
+    # written again with this one's.
     eps = (stored_hyperparameters or {}).get("eps"), getattr(optimizer, "eps", None)
-    if eps[0] is None:  # not recorded (a checkpoint of one of mlx's optimizers without eps)
-        eps = eps[1], eps[1]
     renormalized = [
         p for p in params
-        if p not in changed and eps[0] != eps[1] and _stored_as_step(stored_formats[p])
+        if p not in changed and _stored_as_step(stored_formats[p]) and eps[0] != eps[1]
     ]  # fmt: skip
     keys = {}
     if changed or renormalized:

@@ -40,6 +40,7 @@ _F32 = mx.float32
 #: Within this fraction of a gap from a level, rounding goes to that level whatever the noise.
 _MARGIN = 2.0**-12
 
+
 class PowerMap:
     """Levels on a power-companded grid: level ``k`` stands for ``(k / N)^power``.
 
