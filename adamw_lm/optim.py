@@ -530,8 +530,18 @@ def _slice_stored(codec: MomentCodec | None, stored: Stored, start: int, stop: i
 def _join_stored(parts: list[Stored], shape: tuple[int, ...]) -> Stored:
     """The stored moment of ``shape`` made of consecutive slices ``parts``."""
     if isinstance(parts[0], dict):
-        return {name: mx.concatenate([part[name] for part in parts]) for name in parts[0]}
-    return mx.concatenate(parts).reshape(shape)
+        return {name: _concatenate([part[name] for part in parts]) for name in parts[0]}
+    return _concatenate(parts).reshape(shape)
+
+
+def _concatenate(parts: list[mx.array]) -> mx.array:
+    """``mx.concatenate(parts)`` (along the first axis), 8 bytes at a time where the parts allow:
+    a CPU concatenates element by element, as slow for a 1-byte code as for a float32 (measured
+    in docs/benchmarks.md, "Square roots without sqrt")."""
+    if parts[0].dtype.size >= 8 or any(part.nbytes % 8 for part in parts):
+        return mx.concatenate(parts)
+    words = mx.concatenate([mx.view(part.reshape(-1), mx.uint64) for part in parts])
+    return mx.view(words, parts[0].dtype).reshape(-1, *parts[0].shape[1:])
 
 
 class _Coefficients(NamedTuple):
@@ -563,9 +573,14 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         m_stored = precision.m.decode(tensors["m"], shape)
         v_old = precision.v.decode(tensors["v"], shape)
         v = k.beta2 * v_old + k.one_minus_beta2 * (g32 * g32)
+        root_v = precision.root(v)
+        if not precision.exact_root:
+            # Its own kernel, read by the update and (int4) the step's encoding: within theirs,
+            # its dozen operations would take them past the depth where mx.compile cuts a chain.
+            root_v = mx.contiguous(root_v)
         if precision.m_over_root_v:
             # The new m / (sqrt(v) + eps) from the stored old one: m_old = stored · root_old.
-            root = mx.sqrt(v) + eps
+            root = root_v + eps
             inverse = 1 / root
             ratio = (precision.v.decode_root(tensors["v"], shape) + eps) * inverse
             # A skipped step (beta1 = 1, g = 0, v unchanged) must give the stored step back bit
@@ -575,9 +590,7 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             m = m_stored * root
         else:
             m = m_stored = k.beta1 * m_stored + k.one_minus_beta1 * g32
-        w = weights.read(p, buffer) * k.decay - k.step_size * m / (
-            mx.sqrt(v) * k.root_scale + eps
-        )
+        w = weights.read(p, buffer) * k.decay - k.step_size * m / (root_v * k.root_scale + eps)
         new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # Moments that are not rotating share one key: a stochastic pair draws disjoint bits of
         # one hash, which the compiler computes once.

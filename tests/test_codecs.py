@@ -13,6 +13,7 @@ from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
 from adamw_lm.codecs.int8 import INT8_M, INT8_V
+from adamw_lm.codecs.roots import ROOT_ERROR, root
 
 # -- NumPy references -----------------------------------------------------------------------------
 
@@ -188,8 +189,15 @@ def test_encode_nearest_matches_reference(name):
 def test_encode_stochastic_matches_reference(name):
     code_map = MAPS[name]
     values = np_power_map(code_map.bits, code_map.signed, code_map.power)
-    x = sample(code_map.signed, 5000, seed=1)
+    values32 = values.astype(np.float32)
+    # Random values, and values at and next to every level, where the level below x's root and
+    # the one below that (which the encoding tells apart without a square root) meet.
+    edges = np.concatenate([values32 * (1 + d) for d in (-1e-6, -1e-7, 0, 1e-7, 1e-6)])
+    x = np.concatenate([sample(code_map.signed, 5000, seed=1), np.clip(edges, -1, 1)])
+    x = x.astype(np.float32)
     noise = (np.random.default_rng(2).integers(0, 65536, x.size) / 65536).astype(np.float32)
+    noise[::7] = 0.0  # the thresholds at the levels themselves
+    noise[1::7] = 1 - 2**-16
     ours = np.array(code_map.encode(mx.array(x), mx.array(noise))).astype(int)
     reference = np_encode(x, values, noise)
     assert not np.any((ours != reference) & ~near_a_threshold(x, values, noise, 1e-5))
@@ -459,12 +467,48 @@ def _leaves(stored):
     return list(stored.values()) if isinstance(stored, dict) else [stored]
 
 
+# -- square roots ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", sorted(ROOT_ERROR))
+def test_root_is_within_its_error_of_sqrt(steps):
+    rng = np.random.default_rng(0)
+    # Every normal float32 (random bit patterns), and one octave pair densely: the start's error
+    # repeats every two octaves.
+    every = rng.integers(0x00800000, 0x7F800000, 1_000_000, dtype=np.uint32).view(np.float32)
+    dense = np.linspace(1, 4, 1_000_001, dtype=np.float32)
+    x = np.concatenate([every, dense])
+    exact = np.sqrt(x.astype(np.float64))
+    got = np.array(root(mx.array(x), steps)).astype(np.float64)
+    error = np.abs(got / exact - 1)
+    assert error.max() <= ROOT_ERROR[steps]
+    assert error.max() > ROOT_ERROR[steps] / 2  # the bound is the error's, not a loose one
+    special = np.array([0.0, np.nan, 1e-40, 1e-45], np.float32)
+    got = np.array(root(mx.array(special), steps))
+    assert got[0] == 0 and np.isnan(got[1]) and np.all((got[2:] >= 0) & (got[2:] < 2.0**-63))
+    if steps == 2:
+        assert np.array(root(mx.array([np.inf], dtype=mx.float32), 2))[0] == np.inf
+
+
+def test_root_takes_one_or_two_steps():
+    with pytest.raises(ValueError, match="1 or 2 Newton steps"):
+        root(mx.array([1.0]), 3)
+
+
+def test_low_precisions_step_with_root_and_fp32_with_sqrt():
+    v = mx.array([0.0, 1e-12, 0.3, 7.0, 1e20])
+    np.testing.assert_array_equal(np.array(PRECISIONS["fp32"].root(v)), np.array(mx.sqrt(v)))
+    for name in ("bf16", "int8", "int4"):
+        np.testing.assert_array_equal(np.array(PRECISIONS[name].root(v)), np.array(root(v)))
+
+
 # -- bf16 stochastic rounding ---------------------------------------------------------------------
 
 
 def test_random_bits_match_numpy():
     key = mx.random.key(5)
-    for shape in [(3, 1000), (17,), ()]:
+    # Sizes within the positions made once (2^18), at their end and past it.
+    for shape in [(3, 1000), (17,), (), (1 << 18,), ((1 << 18) + 5,)]:
         np.testing.assert_array_equal(
             np.array(random_bits(shape, key)), np_random_bits(shape, np.array(key))
         )

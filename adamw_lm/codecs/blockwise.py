@@ -34,6 +34,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .bf16 import GOLDEN, random_bits
+from .roots import root
 
 _F32 = mx.float32
 
@@ -108,28 +109,42 @@ class PowerMap:
         that level.
         """
         n = float(self.levels)
-        a = mx.abs(x) if self.signed else x
-        root = a if self.power == 1 else mx.sqrt(a)
-        if self.power == 4:
-            root = mx.sqrt(root)
-        # Float clamps and truncating casts, not floor/clip: those compile to libm calls and
-        # selects, which keep the CPU kernel from vectorizing (3-4x slower here).
-        k = mx.minimum(mx.maximum(root * n, 0.0 if self.signed else 1.0), n - 1)
-        # The lower level and (below) the threshold are each computed in a kernel of their own,
-        # so that what follows fits in one (see ``random_bits``: a chain over 11 deep is cut
-        # where a broadcast constant becomes a strided input). The square root's kernel is the
-        # one gcc leaves scalar (errno).
-        k = mx.contiguous(k.astype(mx.int32).astype(_F32))
-        # Up when covered + noise >= 1, the margins included: (covered - M) / (1 - 2M) >= 1 -
-        # noise, i.e. covered >= M + (1 - noise)(1 - 2M), i.e. without dividing by the gap:
+        # x on the levels' scale: level k stands for y = k^power.
+        y = (mx.abs(x) if self.signed else x) * n**self.power
+        # The level nearest to the root of y, from a root without mx.sqrt (see roots): one Newton
+        # step is within 1.76e-3 · 256 < 0.45 of a level, so y's level from below (the floor of
+        # its root) is k or k - 1. Float compares and truncating casts, not floor or clip: those
+        # compile to libm calls and branches, which keep the CPU kernel scalar.
+        if self.power == 1:
+            r = y
+        else:
+            r = root(y, newton_steps=1) if self.power == 2 else root(root(y))
+        k = (r + 0.5).astype(mx.int32).astype(_F32)
+        # At least 1, or 2 on an unsigned map, so that k - 1 is a level (the lowest unsigned level
+        # is 1: x below it takes it).
+        k = k + mx.where(k < 1, 1.0, 0.0)
+        if not self.signed:
+            k = k + mx.where(k < 2, 1.0, 0.0)
+        # k and (below) the threshold each in a kernel of their own, so that what follows fits in
+        # one (see ``random_bits``: a chain over 11 deep is cut where a broadcast constant becomes
+        # a strided input).
+        k = mx.contiguous(k)
+        # Up from a level j when covered + noise >= 1, the margins included: (covered - M) / (1 -
+        # 2M) >= 1 - noise, i.e. covered >= M + (1 - noise)(1 - 2M), i.e. without dividing by the
+        # gap: y >= j^p + gap_j · threshold. x takes k - 1, plus one for each of the thresholds
+        # above k - 1 and above k that it reaches.
         if not isinstance(noise, mx.array):
             noise = mx.array(noise, dtype=_F32)
         threshold = mx.contiguous((1 - _MARGIN) - noise * (1 - 2 * _MARGIN))
-        low = self._pow(k)
-        gap = 2 * k + 1 if self.power == 2 else self._pow(k + 1) - low
-        # ``where``, not a bool cast, and a sign product, not a second ``where``: the forms
-        # gcc vectorizes.
-        level = k + mx.where(a * n**self.power >= low + gap * threshold, 1.0, 0.0)
+        below = k - 1
+        low_below, low_k = self._pow(below), self._pow(k)
+        # ``where``, not a bool cast, and (below) a sign product, not a second ``where``: the
+        # forms gcc vectorizes.
+        level = (
+            below
+            + mx.where(y >= low_below + (low_k - low_below) * threshold, 1.0, 0.0)
+            + mx.where(y >= low_k + (self._pow(k + 1) - low_k) * threshold, 1.0, 0.0)
+        )
         if self.signed:
             return (n + mx.sign(x) * level).astype(mx.uint8)
         return (level - 1).astype(mx.uint8)
@@ -206,7 +221,14 @@ class Blockwise:
         if nb * self.block != flat.size:
             flat = mx.pad(flat, [(0, nb * self.block - flat.size)])
         blocks = flat.reshape(nb, self.block)
-        scales = mx.max(mx.abs(blocks) if self.map.signed else blocks, axis=1)
+        # The largest magnitude of a block, compared as integers: a non-negative float's bits
+        # order as the float does, and an integer maximum has no NaN test, which keeps a float
+        # maximum scalar on a CPU (twice slower). A NaN's bits are above infinity's, so a NaN
+        # still wins, as with a float maximum.
+        magnitude = mx.view(blocks, mx.int32)
+        if self.map.signed:
+            magnitude = magnitude & 0x7FFFFFFF
+        scales = mx.view(mx.max(magnitude, axis=1), _F32)
         # Dividing (not multiplying by 1/scale) keeps denormal scales finite.
         normalized = blocks / mx.where(scales == 0, 1.0, scales)[:, None]
         if self.stochastic:
