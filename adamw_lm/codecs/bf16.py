@@ -13,16 +13,17 @@ import math
 
 import mlx.core as mx
 
-#: 0, 1, ... for the positions of a slice of up to 2^18 elements (a slice on a CPU, see
-#: ``adamw_lm.memory.default_chunk_size``), made once: the hash reads them, where ``mx.arange``
-#: in each step would write them first (one more pass over the slice, ~5 % of a bf16 step).
-#: Larger draws make their own.
-_POSITIONS = mx.arange(1 << 18, dtype=mx.uint32)
-mx.eval(_POSITIONS)
 
 #: ``2^32 / φ`` (odd): the step of the Weyl sequence that :func:`random_bits` hashes, and of a
 #: rotating codec's noise (:mod:`.blockwise`), both in 32-bit fixed point.
 GOLDEN = 0x9E3779B9
+
+#: ``G·i`` for the positions ``i`` of a slice of up to 2^18 elements (a slice on a CPU, see
+#: ``adamw_lm.memory.default_chunk_size``), made once: the hash reads them, where ``mx.arange``
+#: and the product in each step would be two more passes over the slice (~5 % of a bf16 step; a
+#: product of constants is not fused into the hash's kernel). Larger draws make their own.
+_WEYL = mx.arange(1 << 18, dtype=mx.uint32) * mx.array(GOLDEN, dtype=mx.uint32)
+mx.eval(_WEYL)
 
 
 def _fmix32(h: mx.array) -> mx.array:
@@ -48,16 +49,15 @@ def random_bits(
     key = key.astype(mx.uint32)
     golden = mx.array(GOLDEN, dtype=mx.uint32)
     # Everything that does not depend on the element is one scalar, so the per-element chain
-    # (multiply, add, finalizer) is 10 operations deep: mx.compile fuses at most 11 levels into
+    # (add, finalizer) is 9 operations deep: mx.compile fuses at most 11 levels into
     # one kernel, and where it cuts a longer chain, a broadcast constant becomes an input and
     # the kernel indexes every element through strides (not vectorized on a CPU: this hash took
     # two such kernels before, docs/benchmarks.md, "Fusion-friendly codecs").
     start = mx.array(offset, dtype=mx.uint32) * golden + _fmix32(key[0] ^ _fmix32(key[1]))
     size = math.prod(shape)
-    counter = _POSITIONS[:size] if size <= _POSITIONS.size else mx.arange(size, dtype=mx.uint32)
-    counter = counter.reshape(shape)
+    weyl = _WEYL[:size] if size <= _WEYL.size else mx.arange(size, dtype=mx.uint32) * golden
     # Its own kernel: consumers start a fresh chain, and two roundings share the bits.
-    return mx.contiguous(_fmix32(counter * golden + start))
+    return mx.contiguous(_fmix32(weyl.reshape(shape) + start))
 
 
 def round_stochastic(
