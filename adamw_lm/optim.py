@@ -584,7 +584,8 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             inverse = 1 / root
             ratio = (precision.v.decode_root(tensors["v"], shape) + eps) * inverse
             # A skipped step (beta1 = 1, g = 0, v unchanged) must give the stored step back bit
-            # for bit; the two roots of one v, computed two ways, may differ in the last bit.
+            # for bit; the two roots of one v, computed two ways (per block from its codes, and
+            # per element by roots.root), differ by up to roots.ROOT_ERROR.
             ratio = 1 + k.finite.astype(mx.float32) * (ratio - 1)
             m_stored = k.beta1 * m_stored * ratio + k.one_minus_beta1 * g32 * inverse
             m = m_stored * root

@@ -259,7 +259,8 @@ class Blockwise:
     def decode_root(self, stored: dict[str, mx.array], shape: tuple[int, ...]) -> mx.array:
         """The square root of :meth:`decode`'s moment (unsigned maps), computed per block, not
         per element, on a square-law map (:meth:`PowerMap.decode_root`). Not bit-identical with
-        ``mx.sqrt`` of the decoded moment: use one or the other throughout."""
+        a root of the decoded moment computed per element (see the int4 step in
+        ``adamw_lm.optim``, which compares the two)."""
         return self._decoded(stored, shape, self.map.decode_root, mx.sqrt)
 
     def _decoded(
