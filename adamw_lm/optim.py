@@ -564,6 +564,8 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
     ``mode`` has one, the weight's ``"buffer"``.
     """
 
+    shared_key = all(c.stochastic and not c.rotating for c in (precision.m, precision.v))
+
     def update(tensors: dict, k: _Coefficients, keys, weight_key, offset) -> dict:
         g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
         shape = g.shape
@@ -594,7 +596,10 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         w = weights.read(p, buffer) * k.decay - k.step_size * m / (root_v * k.root_scale + eps)
         new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # Moments that are not rotating share one key: a stochastic pair draws disjoint bits of
-        # one hash, which the compiler computes once.
+        # one hash, computed once only if both encodings read one traced array (mx.compile gives
+        # each argument its own, even the same array passed twice: a hash pass more per slice).
+        if shared_key:
+            keys = (keys[0], keys[0])
         new = {
             "p": new_p,
             "m": precision.m.encode(m_stored, keys[0], offset),
