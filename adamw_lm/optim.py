@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
+from .codecs.bf16 import key_start
 from .memory import STATE_LADDER, choose_precisions, default_chunk_size, stored_precision
 from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
@@ -358,10 +359,13 @@ class AdamW(optim.AdamW):
             # The moments of a bf16 pair use both halves of their key's hash: the weight
             # rounds with bits of a key drawn from it.
             weight_keys = {
-                path: mx.random.split(keys[path], 1)[0]
+                path: key_start(mx.random.split(keys[path], 1)[0])
                 for path in stochastic
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
+            # Each key's start, once per tensor: hashed in every slice, it took a few dispatches
+            # each (random_bits draws the same bits from a key or its start).
+            keys = {path: key_start(key) for path, key in keys.items()}
         step = self.step.astype(mx.uint32)
 
         def moment_keys(path: str, codecs: Precision) -> tuple[mx.array | None, ...]:

@@ -35,25 +35,34 @@ def _fmix32(h: mx.array) -> mx.array:
     return h ^ (h >> 16)
 
 
+def key_start(key: mx.array) -> mx.array:
+    """The start (a uint32 scalar) that ``key`` (an ``mx.random.key``) picks for
+    :func:`random_bits`: a hash of both its words."""
+    key = key.astype(mx.uint32)
+    return _fmix32(key[0] ^ _fmix32(key[1]))
+
+
 def random_bits(
     shape: tuple[int, ...], key: mx.array, offset: mx.array | int = 0
 ) -> mx.array:
-    """Uniform uint32 bits of ``shape``, a pure function of ``key`` (an ``mx.random.key``) and of
-    each element's flat position plus ``offset``: a slice of a tensor starting at element
-    ``offset`` draws the same bits as that part of the whole tensor.
+    """Uniform uint32 bits of ``shape``, a pure function of ``key`` (an ``mx.random.key``, or its
+    :func:`key_start`) and of each element's flat position plus ``offset``: a slice of a tensor
+    starting at element ``offset`` draws the same bits as that part of the whole tensor.
 
     Element ``i`` gets ``fmix32(G·(offset + i) + s)``, ``G`` the golden-ratio constant and ``s``
-    a hash of both words of the key: one finalizer over a Weyl sequence, the counter-based
-    generator of SplitMix, with a start the key picks.
+    the key's start: one finalizer over a Weyl sequence, the counter-based generator of
+    SplitMix, with a start the key picks. A caller drawing for many slices with one key passes
+    its start: hashing the key takes a handful of scalar kernels, each a dispatch to the
+    stream's thread.
     """
-    key = key.astype(mx.uint32)
     golden = mx.array(GOLDEN, dtype=mx.uint32)
     # Everything that does not depend on the element is one scalar, so the per-element chain
     # (add, finalizer) is 9 operations deep: mx.compile fuses at most 11 levels into
     # one kernel, and where it cuts a longer chain, a broadcast constant becomes an input and
     # the kernel indexes every element through strides (not vectorized on a CPU: this hash took
     # two such kernels before, docs/benchmarks.md, "Fusion-friendly codecs").
-    start = mx.array(offset, dtype=mx.uint32) * golden + _fmix32(key[0] ^ _fmix32(key[1]))
+    start = key.astype(mx.uint32) if key.ndim == 0 else key_start(key)
+    start = mx.array(offset, dtype=mx.uint32) * golden + start
     size = math.prod(shape)
     weyl = _WEYL[:size] if size <= _WEYL.size else mx.arange(size, dtype=mx.uint32) * golden
     # Its own kernel: consumers start a fresh chain, and two roundings share the bits.
