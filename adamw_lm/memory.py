@@ -190,8 +190,9 @@ def choose_precisions(
 #: each codec's graph. The int8/int4 stochastic level rounding keeps the most; fp32 updates nearly
 #: in place. (int8/int4 were 18 before the codecs were reshaped for fusion, then 12 / 12; the
 #: square roots made of multiplications add kernel boundaries: measured bf16 8, int8 14.5, int4
-#: 16-16.2.)
-SLICE_WORKING_ARRAYS = {"fp32": 3, "bf16": 8, "int8": 15, "int4": 16}
+#: 16-16.2; one hash for both moments and int8's shift-root levels: bf16 6-9, int8 9.5-12.3, int4
+#: 14.5-18 over one and three slices.)
+SLICE_WORKING_ARRAYS = {"fp32": 3, "bf16": 7, "int8": 11, "int4": 16}
 
 
 #: Share of a Mac's RAM that Metal lets one process use by default (its recommended working-set

@@ -155,7 +155,7 @@ def step_time_ratios(precisions: list[str], hidden: int, layers: int, steps: int
 
 def candidates() -> list[str]:
     """Register the formats measured when int8 and int4 were chosen; returns their names."""
-    from adamw_lm.codecs.blockwise import Blockwise, PowerMap
+    from adamw_lm.codecs.blockwise import Blockwise, PowerMap, ShiftRootMap
 
     def pair(bits: int, m: tuple, v: tuple, as_step: bool = False) -> Precision:
         """``m``, ``v``: (power, stochastic[, rotating]); ``as_step``: m stored as
@@ -190,6 +190,14 @@ def candidates() -> list[str]:
         pair(8, (2, True), (2, True), as_step=True),
         pair(4, (2, True), (2, True), as_step=True),
         pair(4, (1, True, True), (2, True), as_step=True),
+    ] + [
+        # int4's first moment on int8's shift-root levels (session 8).
+        Precision(
+            "int4 m/√v shift root SR rot, v p2 SR",
+            Blockwise(ShiftRootMap(4, True), 128, rotating=True, name="step_root_levels"),
+            Blockwise(PowerMap(4, False, 2), 128, half=0),
+            m_over_root_v=True,
+        ),
     ]
     for precision in tried:
         PRECISIONS[precision.name] = precision

@@ -1,6 +1,6 @@
-"""Moment codecs against NumPy references: power-companded maps, nearest and stochastic level
-choice, block scales, 4-bit packing, odd sizes, zeros, extreme magnitudes, stored sizes, and bf16
-stochastic rounding."""
+"""Moment codecs against NumPy references: power-companded and shift-root maps, nearest and
+stochastic level choice, block scales, 4-bit packing, odd sizes, zeros, extreme magnitudes, stored
+sizes, and bf16 stochastic rounding."""
 
 import math
 
@@ -10,10 +10,16 @@ import pytest
 
 from adamw_lm.codecs import PRECISIONS
 from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits
-from adamw_lm.codecs.blockwise import Blockwise, PowerMap
+from adamw_lm.codecs.blockwise import Blockwise, PowerMap, ShiftRootMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
 from adamw_lm.codecs.int8 import INT8_M, INT8_V
-from adamw_lm.codecs.roots import ROOT_ERROR, root
+from adamw_lm.codecs.roots import (
+    HALF_ONE,
+    ROOT_ERROR,
+    root,
+    shift_root,
+    shift_square,
+)
 
 # -- NumPy references -----------------------------------------------------------------------------
 
@@ -27,6 +33,27 @@ def np_power_map(bits: int, signed: bool, power: int) -> np.ndarray:
         return np.sign(k) * np.abs(k / n) ** power
     n = 2**bits
     return (np.arange(1, n + 1, dtype=np.float64) / n) ** power
+
+
+def np_shift_root_map(bits: int, signed: bool) -> np.ndarray:
+    """The levels by their definition: the float32 ``x`` whose bits are twice those of ``k / Q``
+    less ``HALF_ONE``'s (so that ``bits(k/Q) = bits(x) / 2 + HALF_ONE``), ``Q = 2^(bits-1)``,
+    divided by that of ``k = Q - 1`` (signed), or ``Q = 2^bits`` (unsigned, ``k >= 1``)."""
+    q = 2 ** (bits - 1) if signed else 2**bits
+    k = np.arange(1, q, dtype=np.float64) if signed else np.arange(1, q + 1, dtype=np.float64)
+    s = (k / q).astype(np.float32).view(np.uint32).astype(np.int64)
+    x = ((s - HALF_ONE) * 2).astype(np.uint32).view(np.float32).astype(np.float64)
+    if not signed:
+        return x
+    x = x / x[-1]
+    return np.concatenate([-x[::-1], [0.0], x])
+
+
+def np_values(code_map) -> np.ndarray:
+    """The NumPy reference of a map's levels."""
+    if isinstance(code_map, ShiftRootMap):
+        return np_shift_root_map(code_map.bits, code_map.signed)
+    return np_power_map(code_map.bits, code_map.signed, code_map.power)
 
 
 MARGIN = 2.0**-12
@@ -102,10 +129,13 @@ def np_noise(shape: tuple, key: mx.array, half: int, offset: int = 0, rotating: 
 
 
 CODECS = {"int8 m": INT8_M, "int8 v": INT8_V, "int4 m": INT4_M, "int4 v": INT4_V}
-#: Every map a codec uses, and the other powers the benchmark measures.
+#: Every map a codec uses, and the others the benchmark measures.
 MAPS = {
     f"{bits}-bit {'signed' if signed else 'unsigned'} power {power}": PowerMap(bits, signed, power)
     for bits in (8, 4) for signed in (True, False) for power in (1, 2, 4)
+} | {
+    f"{bits}-bit {'signed' if signed else 'unsigned'} shift root": ShiftRootMap(bits, signed)
+    for bits in (8, 4) for signed in (True, False)
 }  # fmt: skip
 
 
@@ -140,7 +170,7 @@ def near_a_threshold(x: np.ndarray, values: np.ndarray, noise, tolerance: float)
 @pytest.mark.parametrize("name", MAPS)
 def test_map_values_are_their_definition(name):
     code_map = MAPS[name]
-    reference = np_power_map(code_map.bits, code_map.signed, code_map.power)
+    reference = np_values(code_map)
     np.testing.assert_allclose(code_map.values(), reference, rtol=1e-12, atol=0)
     np.testing.assert_allclose(decoded_map(code_map), reference, rtol=3e-7, atol=0)
     decoded = decoded_map(code_map)
@@ -159,14 +189,23 @@ def test_codec_maps_by_hand():
          1 / 49, 4 / 49, 9 / 49, 16 / 49, 25 / 49, 36 / 49, 1], rtol=1e-6,
     )  # fmt: skip
     np.testing.assert_allclose(decoded_map(INT4_V.map), (np.arange(1, 17) / 16) ** 2, rtol=1e-6)
-    assert decoded_map(INT8_V.map)[0] == np.float32(1 / 65536)
-    assert decoded_map(INT8_M.map)[128] == np.float32(1 / 127**2)
+    # Shift squares by hand: k/Q between 2^j and 1.5 * 2^j (or 1.5 * 2^j and 2^(j+1)) stands for
+    # 4^j + (k/Q - 2^j) * 2 * 2^j (or 2 * 4^j + (k/Q - 1.5 * 2^j) * 4 * 2^j); the signed map is
+    # divided by its top level's, 127/128 -> 0.5 + (127/128 - 0.75) * 2 = 63/64.
+    np.testing.assert_array_equal(decoded_map(INT8_V.map)[:4], np.array([1, 4, 8, 16]) / 65536)
+    assert decoded_map(INT8_V.map)[-1] == 1.0
+    assert decoded_map(INT8_V.map)[159] == 0.25 + (160 / 256 - 0.5) * 2 * 0.5  # 0.375
+    assert decoded_map(INT8_V.map)[191] == 0.5  # 192/256 = 1.5 * 2^-1 -> 2 * 4^-1
+    int8_m = decoded_map(INT8_M.map)
+    assert int8_m[128] == np.float32(1 / 16384 / (63 / 64))  # nearly (1/127)^2 = 1 / 16129
+    assert int8_m[253] == np.float32((0.5 + (126 / 128 - 0.75) * 2) / (63 / 64))  # 62/63
+    assert int8_m[254] == 1.0 and int8_m[0] == -1.0 and int8_m[127] == 0.0
 
 
 @pytest.mark.parametrize("name", MAPS)
 def test_encode_nearest_matches_reference(name):
     code_map = MAPS[name]
-    values = np_power_map(code_map.bits, code_map.signed, code_map.power)
+    values = np_values(code_map)
     mids = (values[1:] + values[:-1]) / 2
     # Random values, and values at and next to every midpoint and every level.
     edges = np.concatenate([m * (1 + d) for m in (mids, values) for d in (-1e-5, 0, 1e-5)])
@@ -188,7 +227,7 @@ def test_encode_nearest_matches_reference(name):
 @pytest.mark.parametrize("name", MAPS)
 def test_encode_stochastic_matches_reference(name):
     code_map = MAPS[name]
-    values = np_power_map(code_map.bits, code_map.signed, code_map.power)
+    values = np_values(code_map)
     values32 = values.astype(np.float32)
     # Random values, and values at and next to every level, where the level below x's root and
     # the one below that (which the encoding tells apart without a square root) meet.
@@ -209,7 +248,7 @@ def test_encode_stochastic_matches_reference(name):
 @pytest.mark.parametrize("name", MAPS)
 def test_stochastic_rounding_is_unbiased(name):
     code_map = MAPS[name]
-    values = np_power_map(code_map.bits, code_map.signed, code_map.power)
+    values = np_values(code_map)
     low = values[0] if not code_map.signed else -1.0
     x = np.linspace(low, 1, 37).astype(np.float32)
     draws = 4096
@@ -263,7 +302,7 @@ def moment_like(shape: tuple, signed: bool, seed: int = 1) -> np.ndarray:
 def test_blockwise_matches_reference(name, shape):
     codec = CODECS[name]
     code_map = codec.map
-    values = np_power_map(code_map.bits, code_map.signed, code_map.power)
+    values = np_values(code_map)
     x = moment_like(shape, code_map.signed)
     key, offset = mx.random.key(5), 3 * codec.block
     stored = codec.encode(mx.array(x), key, offset)
@@ -292,8 +331,8 @@ def test_blockwise_matches_reference(name, shape):
     err = np.abs(padded.reshape(nb, codec.block)).max(1)
     assert np.all(err <= gap * np.abs(scales) * (1 + 1e-6))
     # The same codec rounding to nearest is the reference with noise 1/2.
-    nearest = Blockwise(code_map, codec.block, stochastic=False)
-    near_codes = np.array(nearest.encode(mx.array(x))["levels"])
+    nearest = Blockwise(code_map, codec.block, stochastic=False, name=codec.name)
+    near_codes = np.array(nearest.encode(mx.array(x))[codec.name])
     near_codes = np_unpack4(near_codes) if code_map.bits == 4 else near_codes
     reference, _ = np_blockwise(x, values, codec.block, code_map.signed, 0.5)
     assert (near_codes != reference).mean() < 1e-3
@@ -351,7 +390,7 @@ def test_rotating_noise_spreads_roundings_evenly():
         assert abs(share - 0.3) < 0.06, t
 
 
-@pytest.mark.parametrize("codec", [INT8_V, INT4_V], ids=["int8 v", "int4 v"])
+@pytest.mark.parametrize("codec", [INT4_V], ids=["int4 v"])
 def test_decode_root_is_the_square_root_of_decode(codec):
     x = np.abs(moment_like((5 * codec.block + 7,), False, seed=6)).astype(np.float32)
     stored = codec.encode(mx.array(x), mx.random.key(2))
@@ -361,6 +400,25 @@ def test_decode_root_is_the_square_root_of_decode(codec):
     )
     with pytest.raises(ValueError, match="unsigned map"):
         INT4_M.map.decode_root(mx.zeros((4,), mx.uint8))
+    with pytest.raises(ValueError, match="square-law map"):
+        INT8_V.decode_root(INT8_V.zeros((256,)), (256,))
+
+
+@pytest.mark.parametrize("name", [n for n in MAPS if "shift root" in n])
+def test_encode_units_takes_levels_times_unit_an_ulp_off(name):
+    """A block-wise codec divides by its scale over the map's unit, so the block's largest (and
+    any level) comes to encode_units as level * unit, rounded: within an ulp either way, every
+    level must still encode to itself, whatever the noise."""
+    code_map = MAPS[name]
+    assert code_map.unit == ((63 / 64 if code_map.bits == 8 else 3 / 4) if code_map.signed else 1)
+    codes = np.arange(len(code_map.values()))
+    levels = np.array(code_map.decode(mx.array(codes))) * np.float32(code_map.unit)
+    levels = levels.astype(np.float32)
+    for ulps in (-1, 0, 1):
+        y = (levels.view(np.int32) + ulps * (levels != 0)).astype(np.int32).view(np.float32)
+        for noise in (0.0, 0.5, 1 - 2**-16):
+            got = code_map.encode_units(mx.array(y), mx.array(noise, dtype=mx.float32))
+            np.testing.assert_array_equal(np.array(got), codes)
 
 
 def test_int4_packing_matches_numpy():
@@ -493,6 +551,23 @@ def test_root_is_within_its_error_of_sqrt(steps):
 def test_root_takes_one_or_two_steps():
     with pytest.raises(ValueError, match="1 or 2 Newton steps"):
         root(mx.array([1.0]), 3)
+
+
+def test_shift_root_bends_sqrt_between_powers_of_two():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0x00800000, 0x7F000000, 1_000_000, dtype=np.uint32).view(np.float32)
+    ratio = np.array(shift_root(mx.array(x))).astype(np.float64) / np.sqrt(x.astype(np.float64))
+    assert ratio.min() >= 1 - 1e-7 and 1.06 < ratio.max() <= 1.061  # 1.5 / sqrt(2) at most
+    powers = np.float32(2.0) ** np.arange(-40, 41).astype(np.float32)
+    roots = np.array(shift_root(mx.array(powers)))
+    np.testing.assert_array_equal(roots[::2], np.sqrt(powers[::2]))  # the powers of 4
+    np.testing.assert_array_equal(roots[1::2], 1.5 * np.sqrt(powers[1::2] / 2))
+    # Linear in between, and shift_square its inverse on the shift roots.
+    np.testing.assert_allclose(np.array(shift_root(mx.array([1.25, 3.0]))), [1.125, 1.75])
+    s = mx.array(np.arange(1, 4097) / 4096, dtype=mx.float32)
+    assert mx.array_equal(shift_root(shift_square(s)), s).item()
+    assert mx.array_equal(shift_root(-shift_square(s)), s).item()  # of the magnitude
+    assert np.all(np.diff(np.array(shift_square(s))) > 0)
 
 
 def test_low_precisions_step_with_root_and_fp32_with_sqrt():

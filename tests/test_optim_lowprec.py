@@ -354,6 +354,16 @@ def _int4_m_as_moment(precision: str) -> Precision:
     return Precision(precision, m, new.v)
 
 
+def _int8_power_map(precision: str) -> Precision:
+    """int8 before its levels came from shift roots: square-root-companded levels (session 7)."""
+    new = PRECISIONS[precision]
+    return Precision(
+        precision,
+        Blockwise(PowerMap(8, signed=True), new.m.block, half=new.m.half),
+        Blockwise(PowerMap(8, signed=False), new.v.block, half=new.v.half),
+    )
+
+
 @pytest.mark.parametrize(
     ("precision", "old_codecs", "leaves"),
     [
@@ -361,6 +371,8 @@ def _int4_m_as_moment(precision: str) -> Precision:
         ("int4", _dynamic_map_codecs, r"levels.*codes|codes.*levels"),
         # int4's first moment before it was stored as its step (m / (sqrt(v) + eps)).
         ("int4", _int4_m_as_moment, r"expected \{'m\.step_levels'[^\n]*found \{[^}]*'m\.levels'"),
+        # int8 on power-2 levels, whose codes mean other values.
+        ("int8", _int8_power_map, r"expected \{'m\.root_levels'[^\n]*found \{[^}]*'m\.levels'"),
     ],
 )
 def test_old_layout_checkpoint_is_refused(

@@ -1,4 +1,4 @@
-"""Block-wise quantization of a moment on a power-companded grid (shared by "int8" and "int4").
+"""Block-wise quantization of a moment on a companded grid (shared by "int8" and "int4").
 
 A moment is cut into blocks of ``block`` consecutive elements (flattened, the last block
 zero-padded); each block keeps one float32 scale and one ``bits``-bit level per element. 4-bit
@@ -34,7 +34,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .bf16 import GOLDEN, random_bits
-from .roots import root
+from .roots import root, shift_root, shift_square
 
 _F32 = mx.float32
 
@@ -98,6 +98,13 @@ class PowerMap:
             return mx.sqrt(k)
         return k if self.power == 2 else k * k
 
+    #: What :meth:`encode_units` takes for 1 (see :class:`ShiftRootMap`).
+    unit = 1.0
+
+    def encode_units(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
+        """:meth:`encode` (``unit`` is 1)."""
+        return self.encode(x, noise)
+
     def encode(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
         """Codes (uint8) of ``x`` (``|x| <= 1``; ``x >= 0`` when unsigned).
 
@@ -150,11 +157,116 @@ class PowerMap:
         return (level - 1).astype(mx.uint8)
 
 
+def _minimum(a: mx.array, b: mx.array) -> mx.array:
+    """``minimum(a, b)`` of floats, NaN aside, written as the select a CPU kernel vectorizes:
+    gcc turns ``a < b ? a : b`` into a vector minimum, where mlx's ``minimum`` tests for NaN and
+    any other select keeps the whole kernel scalar."""
+    return mx.where(a < b, a, b)
+
+
+def shift_square_exact(s: float) -> float:
+    """The inverse of :func:`.roots.shift_root` by its definition, in double precision: linear
+    between ``(2^j, 4^j)`` and ``(1.5 · 2^j, 2 · 4^j)`` and between that and ``(2^(j+1), 4^(j+1))``
+    (``s > 0``)."""
+    low = 2.0 ** math.floor(math.log2(s))
+    if s <= 1.5 * low:
+        return low * low + (s - low) * 2 * low
+    return 2 * low * low + (s - 1.5 * low) * 4 * low
+
+
+class ShiftRootMap:
+    """Levels equally spaced in the shift root (:func:`.roots.shift_root`, a piecewise-linear
+    square root made of integer operations): level ``k`` stands for the ``x`` whose shift root is
+    ``k / Q``, ``Q`` a power of two.
+
+    The grid is the square-root-companded one of :class:`PowerMap` (power 2) bent by at most
+    6 %, and as good in the convergence benchmark (docs/benchmarks.md, "Levels from the bits"),
+    but finding a level needs no square root and no compare against the levels: the shift root of
+    ``x`` times ``Q``, plus the noise, truncated. It is exact in value: the shift root is linear
+    between powers of two, and with ``Q`` a power of two every power of two from ``4/Q²`` up is a
+    level (``k = 2^i`` at ``4^j``, ``k = 3 · 2^i`` at ``2 · 4^j``), so between two levels a
+    fraction of the shift root's gap is the same fraction of the value's. Below level 2 (where the
+    shift root bends between levels) the fraction is taken in value.
+
+    Signed: ``k`` in ``[-N, N]`` with ``N = 2^(bits-1) - 1`` and ``Q = N + 1``, stored as ``k + N``;
+    values are divided by level ``N``'s, so that the top level is 1. Unsigned: ``k`` in ``[1, N]``,
+    ``N = Q = 2^bits``, stored as ``k - 1``; no zero (see :class:`PowerMap`), the lowest level is
+    ``1 / Q²``.
+    """
+
+    def __init__(self, bits: int, signed: bool):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"ShiftRootMap needs 2 <= bits <= 8; got {bits}")
+        self.bits, self.signed = bits, signed
+        self.size = 2**bits
+        self.levels = 2 ** (bits - 1) - 1 if signed else 2**bits
+        self.zero_index = self.levels if signed else 0
+        self._q = float(self.levels + 1 if signed else self.levels)
+        #: The top level's shift square: exact in float32 (a shift square of k / Q is).
+        self._top = shift_square_exact(self.levels / self._q)
+
+    def values(self) -> list[float]:
+        """The values of the codes ``0, 1, ...`` that are used, sorted, in double precision."""
+        q, top = self._q, self._top
+        if self.signed:
+            n = self.levels
+            return [math.copysign(shift_square_exact(abs(k) / q) / top, k) if k else 0.0
+                    for k in range(-n, n + 1)]  # fmt: skip
+        return [shift_square_exact(k / q) for k in range(1, self.levels + 1)]
+
+    def decode(self, code: mx.array) -> mx.array:
+        """The values (float32) of ``code`` (an integer array)."""
+        if self.signed:
+            magnitude = shift_square(mx.abs(code.astype(_F32) - self.levels) * (1 / self._q))
+            # The sign from the codes again, as integers (the float k above, read twice, would
+            # be a pass of its own) and by arithmetic shifts (mx.sign on integers keeps a CPU
+            # kernel scalar); at k = 0 the shift square is -4, times the sign 0. Divided, not
+            # multiplied by a rounded inverse: the top level is exactly 1.
+            k = code.astype(mx.int32)
+            sign = (((k - self.levels) >> 31) - ((self.levels - k) >> 31)).astype(_F32)
+            return sign * magnitude / self._top
+        return shift_square((code.astype(_F32) + 1) * (1 / self._q))
+
+    @property
+    def unit(self) -> float:
+        """What :meth:`encode_units` takes for 1: level ``N``'s shift square (signed), or 1."""
+        return self._top if self.signed else 1.0
+
+    def encode(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
+        """Codes (uint8) of ``x``, as :meth:`PowerMap.encode`: ``noise`` uniform in ``[0, 1)``
+        rounds stochastically without bias, ``1/2`` to the nearest level; within ``2^-12`` of a
+        gap from a level, ``x`` takes that level; below an unsigned map's lowest level, that
+        level."""
+        return self.encode_units(x * self.unit if self.signed else x, noise)
+
+    def encode_units(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
+        """:meth:`encode` of ``x / unit``: a block-wise codec divides by its scale over ``unit``
+        instead of multiplying by ``unit`` after, one pass less."""
+        q = self._q
+        # Level k and a fraction: from the shift root, or below level 2 in value, where levels
+        # 0, 1 and 2 stand for b = |x|·Q² = 0, 1 and 4: there min(b, (b + 2) / 3), which is at
+        # most the shift root's position below level 2 and at least it above (equal at 2).
+        scaled = mx.abs(x) * (q * q)
+        position = _minimum(_minimum(shift_root(x) * q, scaled), (scaled + 2) * (1 / 3))
+        if not isinstance(noise, mx.array):
+            noise = mx.array(noise, dtype=_F32)
+        # The margins: within M of a gap from a level, x takes that level whatever the noise.
+        noise = noise * (1 - 2 * _MARGIN) + _MARGIN
+        k = (position + noise).astype(mx.int32)
+        if self.signed:
+            # N + k or N - k by x's sign bit s (0 or -1): (k ^ s) - s is k or -k, in integers: a
+            # shallower chain than a float sign and product, which must fit in this kernel (a
+            # chain mx.compile cuts makes a kernel strided, see random_bits).
+            s = mx.view(x, mx.int32) >> 31
+            return ((k ^ s) + (self.levels - s)).astype(mx.uint8)
+        return (mx.maximum(k, 1) - 1).astype(mx.uint8)
+
+
 class Blockwise:
     """A moment stored as ``{name: uint8 (blocks, block*bits/8), "scales": float32 (blocks,)}``.
 
     Args:
-        code_map: a :class:`PowerMap` of 8 or 4 bits.
+        code_map: a :class:`PowerMap` or :class:`ShiftRootMap` of 8 or 4 bits.
         block: elements per block (even, so 4-bit codes pair up within a block).
         stochastic: round stochastically (``encode`` needs a key), else to the nearest level.
         half: which 16 bits of the element's random draw are the noise: the high (1) or low (0)
@@ -229,8 +341,12 @@ class Blockwise:
         if self.map.signed:
             magnitude = magnitude & 0x7FFFFFFF
         scales = mx.view(mx.max(magnitude, axis=1), _F32)
-        # Dividing (not multiplying by 1/scale) keeps denormal scales finite.
-        normalized = blocks / mx.where(scales == 0, 1.0, scales)[:, None]
+        # Dividing (not multiplying by 1/scale) keeps denormal scales finite. A kernel of its own:
+        # the broadcast scale makes a kernel strided, which the map's arithmetic should not be.
+        # The map's unit goes with the scale: the block's largest may come out an ulp off it,
+        # which the map's margins absorb.
+        divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
+        normalized = mx.contiguous(blocks / divisor[:, None])
         if self.stochastic:
             if key is None:
                 raise ValueError("this codec rounds stochastically: encode needs a random key")
@@ -244,7 +360,7 @@ class Blockwise:
             noise = drawn.astype(_F32) * 2.0**-16
         else:
             noise = mx.array(0.5, dtype=_F32)
-        codes = self.map.encode(normalized, noise)
+        codes = self.map.encode_units(normalized, noise)
         if self._packed:
             # Each pair of codes, read as one little-endian uint16, packed into one byte: element-
             # wise on contiguous data, where splitting even and odd elements reads with a stride.
@@ -261,6 +377,8 @@ class Blockwise:
         per element, on a square-law map (:meth:`PowerMap.decode_root`). Not bit-identical with
         a root of the decoded moment computed per element (see the int4 step in
         ``adamw_lm.optim``, which compares the two)."""
+        if not hasattr(self.map, "decode_root"):
+            raise ValueError(f"decode_root needs a square-law map; this codec's is {self.map!r}")
         return self._decoded(stored, shape, self.map.decode_root, mx.sqrt)
 
     def _decoded(
