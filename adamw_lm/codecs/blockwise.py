@@ -243,6 +243,9 @@ class ShiftRootMap:
         """:meth:`encode` of ``x / unit``: a block-wise codec divides by its scale over ``unit``
         instead of multiplying by ``unit`` after, one pass less."""
         q = self._q
+        # A kernel of its own (a block-wise codec's division by its scales): fused into the
+        # kernels below, the broadcast scale would make them strided.
+        x = mx.contiguous(x)
         # Level k and a fraction: from the shift root, or below level 2 in value, where levels
         # 0, 1 and 2 stand for b = |x|·Q² = 0, 1 and 4: there min(b, (b + 2) / 3), which is at
         # most the shift root's position below level 2 and at least it above (equal at 2).
@@ -341,12 +344,11 @@ class Blockwise:
         if self.map.signed:
             magnitude = magnitude & 0x7FFFFFFF
         scales = mx.view(mx.max(magnitude, axis=1), _F32)
-        # Dividing (not multiplying by 1/scale) keeps denormal scales finite. A kernel of its own:
-        # the broadcast scale makes a kernel strided, which the map's arithmetic should not be.
-        # The map's unit goes with the scale: the block's largest may come out an ulp off it,
-        # which the map's margins absorb.
+        # Dividing (not multiplying by 1/scale) keeps denormal scales finite. The map's unit goes
+        # with the scale: the block's largest may come out an ulp off it, which the map's margins
+        # absorb.
         divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
-        normalized = mx.contiguous(blocks / divisor[:, None])
+        normalized = blocks / divisor[:, None]
         if self.stochastic:
             if key is None:
                 raise ValueError("this codec rounds stochastically: encode needs a random key")
