@@ -474,6 +474,19 @@ def test_huge_and_tiny_magnitudes(name):
         assert np.isfinite(decoded).all()
         gap = np.diff(decoded_map(codec.map)).max()
         assert np.all(np.abs(decoded - x) <= gap * np.abs(x).max() * (1 + 1e-5))
+    # Subnormal scales of a few bits (scale / unit rounds coarsely): codes stay in the map, no
+    # element decodes above its block's largest or with the other sign.
+    for magnitude in (1e-44, 3e-45):
+        x = np.random.default_rng(4).uniform(0.5, 1, 4 * codec.block).astype(np.float32) * magnitude
+        if codec.map.signed:
+            x[::2] *= -1
+        stored = codec.encode(mx.array(x), mx.random.key(2))
+        codes = np.array(stored[codec.name])
+        codes = np_unpack4(codes) if codec.map.bits == 4 else codes
+        assert codes.max() < len(codec.map.values())
+        decoded = np.array(codec.decode(stored, x.shape))
+        scales = np.repeat(np.array(stored["scales"]), codec.block)[: x.size]
+        assert np.all(np.abs(decoded) <= scales) and not np.any(decoded * x < 0)
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -567,6 +580,8 @@ def test_shift_root_bends_sqrt_between_powers_of_two():
     s = mx.array(np.arange(1, 4097) / 4096, dtype=mx.float32)
     assert mx.array_equal(shift_root(shift_square(s)), s).item()
     assert mx.array_equal(shift_root(-shift_square(s)), s).item()  # of the magnitude
+    clamped = np.array(shift_root(shift_square(s), at_most=0.5))
+    np.testing.assert_array_equal(clamped, np.minimum(np.array(s), 0.5))
     assert np.all(np.diff(np.array(shift_square(s))) > 0)
 
 

@@ -250,7 +250,10 @@ class ShiftRootMap:
         # 0, 1 and 2 stand for b = |x|·Q² = 0, 1 and 4: there min(b, (b + 2) / 3), which is at
         # most the shift root's position below level 2 and at least it above (equal at 2).
         scaled = mx.abs(x) * (q * q)
-        position = _minimum(_minimum(shift_root(x) * q, scaled), (scaled + 2) * (1 / 3))
+        # At most level N's shift root: a block whose scale is a subnormal float divides by
+        # scale / unit rounded to a few bits, and its largest can come out above the unit.
+        above = shift_root(x, at_most=self.levels / q) * q
+        position = _minimum(_minimum(above, scaled), (scaled + 2) * (1 / 3))
         if not isinstance(noise, mx.array):
             noise = mx.array(noise, dtype=_F32)
         # The margins: within M of a gap from a level, x takes that level whatever the noise.

@@ -45,16 +45,20 @@ def root(x: mx.array, newton_steps: int = 2) -> mx.array:
 HALF_ONE = 0x1FC00000
 
 
-def shift_root(x: mx.array) -> mx.array:
+def shift_root(x: mx.array, at_most: float | None = None) -> mx.array:
     """The *shift root* of float32 ``|x|``: the float whose bits are ``bits(|x|) / 2 + HALF_ONE``
-    (three integer operations, the sign bit's mask included).
+    (three integer operations, the sign bit's mask included), or ``at_most`` (a float > 0) where
+    it is larger (compared as bits, in the same integer kernel).
 
     Equal to ``sqrt(x)`` at the powers of 4, ``1.5 · 2^j`` at ``2 · 4^j``, linear between powers
-    of 2, so within 6.1 % of ``sqrt(x)`` above it; monotonic. ``shift_square`` inverts it on the
-    floats whose last bit is that of a shift root's (0 is not one: its shift root is ~2^-63).
+    of 2, so within 6.1 % of ``sqrt(x)`` above it; monotonic. :func:`shift_square` inverts it on
+    its values (0 has none: the shift root of 0 is ~8e-20).
     """
     magnitude = mx.view(x.astype(mx.float32), mx.uint32) & mx.array(0x7FFFFFFF, dtype=mx.uint32)
-    return mx.view((magnitude >> 1) + mx.array(HALF_ONE, dtype=mx.uint32), mx.float32)
+    bits = (magnitude >> 1) + mx.array(HALF_ONE, dtype=mx.uint32)
+    if at_most is not None:
+        bits = mx.minimum(bits, mx.view(mx.array(at_most, dtype=mx.float32), mx.uint32))
+    return mx.view(bits, mx.float32)
 
 
 def shift_square(s: mx.array) -> mx.array:
