@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from adamw_lm.codecs import PRECISIONS
+from adamw_lm.codecs import PRECISIONS, Precision
 from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap, ShiftRootMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
@@ -402,6 +402,8 @@ def test_decode_root_is_the_square_root_of_decode(codec):
         INT4_M.map.decode_root(mx.zeros((4,), mx.uint8))
     with pytest.raises(ValueError, match="square-law map"):
         INT8_V.decode_root(INT8_V.zeros((256,)), (256,))
+    with pytest.raises(ValueError, match="m_over_root_v needs a second moment with decode_root"):
+        Precision("int8 m/√v", INT8_M, INT8_V, m_over_root_v=True)
 
 
 @pytest.mark.parametrize("name", [n for n in MAPS if "shift root" in n])

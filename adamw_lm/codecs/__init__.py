@@ -79,7 +79,8 @@ class Precision:
     exact_root: bool = False
 
     def __post_init__(self):
-        if self.m_over_root_v and not hasattr(self.v, "decode_root"):
+        # A block-wise second moment has decode_root only through its map (a square-law one).
+        if self.m_over_root_v and not hasattr(getattr(self.v, "map", self.v), "decode_root"):
             raise ValueError(f"{self.name}: m_over_root_v needs a second moment with decode_root")
 
     @property
