@@ -9,11 +9,12 @@ The protocol, built so that differences of a fraction of a percent can be seen:
    reused by later runs.
 2. It is fine-tuned on a different set, ``recipes/data/completions`` as plain text (prompt and
    completion on two lines), with mlx-lm's own trainer (``mlx_lm.tuner.trainer.train``,
-   ``linear_to_lora_layers`` for LoRA), for every seed and every compared setting:
+   ``linear_to_lora_layers`` for LoRA and DoRA), for every seed and every compared setting:
    * the reference: float32 weights, ``state_precision=None`` (exactly ``mlx.optimizers.AdamW``);
    * bfloat16 weights (the model cast as mlx-lm loads a bf16 checkpoint) with mlx's AdamW, and
-     with every state precision × ``weight_update``. LoRA adapters are float32 whatever the base's
-     dtype, so for LoRA the weight update changes nothing and only the state precisions are run.
+     with every state precision × ``weight_update``. LoRA adapters (and DoRA's magnitudes) are
+     float32 whatever the base's dtype, so for LoRA and DoRA the weight update changes nothing
+     and only the state precisions are run.
 3. The final model is evaluated on the whole training and validation sets. The seed fixes the
    batch order (``np.random``), the LoRA initialisation (``mx.random``) and the optimizer's
    stochastic rounding (``AdamW(seed=)``); every setting of a seed sees the same batches. "vs
@@ -24,7 +25,7 @@ Prints a markdown table; ``--plot`` writes the validation losses per setting (me
 seeds; needs matplotlib, the ``plot`` extra).
 
 Usage: python scripts/bench_quality.py [--size small] [--steps 150] [--seeds 3]
-       [--modes full,lora] [--precisions None,fp32,bf16,int8,int4]
+       [--modes full,lora,dora] [--precisions None,fp32,bf16,int8,int4]
        [--weight-updates nearest,stochastic,exact] [--plot docs/quality.png]
 """
 
@@ -84,7 +85,7 @@ def settings(
     out = [REFERENCE]
     for dtype in weights:
         for precision in precisions:
-            if dtype == "float32" or precision is None or mode == "lora":
+            if dtype == "float32" or precision is None or mode != "full":
                 out.append(Setting(dtype, precision))
             else:
                 out += [Setting(dtype, precision, u) for u in updates]
@@ -153,11 +154,12 @@ def run(args, base: Path, data: Path, mode: str, setting: Setting, seed: int, tm
     model, tokenizer = load(str(base))
     if setting.weights != "float32":
         model.set_dtype(getattr(mx, setting.weights))
-    if mode == "lora":
+    if mode != "full":
         model.freeze()
         linear_to_lora_layers(
-            model, len(model.layers), {"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}
-        )
+            model, len(model.layers), {"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0},
+            use_dora=mode == "dora",
+        )  # fmt: skip
     before = dict(tree_flatten(model.trainable_parameters()))
     train_set, valid_set = datasets(data, tokenizer)
     opt = AdamW(
@@ -272,8 +274,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-5, help="full fine-tune learning rate")
-    parser.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA learning rate")
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA / DoRA learning rate")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA / DoRA rank")
     parser.add_argument(
         "--min-quantize-size", type=int, default=512,
         help="tensors smaller than this keep float32 moments (LoRA matrices are small)",
@@ -298,7 +300,7 @@ def main() -> None:
     for folder in (args.data, args.data / "completions"):
         if not (folder / "train.jsonl").is_file():
             parser.error(f"--data {args.data}: no {folder / 'train.jsonl'}")
-    modes = names(args.modes, ["full", "lora"], "--modes", parser)
+    modes = names(args.modes, ["full", "lora", "dora"], "--modes", parser)
     precisions = [
         None if p == "None" else p
         for p in names(args.precisions, PRECISIONS, "--precisions", parser)
@@ -322,7 +324,7 @@ def main() -> None:
         f"float32) "
         f"on recipes/data, fine-tuned {args.steps} steps on recipes/data/completions as text, "
         f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.lr:g} (full) / "
-        f"{args.lora_lr:g} (LoRA rank {args.lora_rank}), no weight decay, seeds "
+        f"{args.lora_lr:g} (LoRA / DoRA rank {args.lora_rank}), no weight decay, seeds "
         f"{seeds[0]}-{seeds[-1]}, min_quantize_size {args.min_quantize_size}; "
         f"mlx {mx.__version__} {mx.default_device()}\n"
     )
