@@ -7,7 +7,6 @@ model or the optimizer before every check has passed.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from .format import (
     step_dirs,
 )
 from ..sharding import ShardedOptimizer, owner_of
-from .state import restore_state
+from .state import fresh_state, restore_state
 from .threads import threads
 from .untrusted import (
     MAX_JSON_BYTES,
@@ -264,12 +263,8 @@ def _check_state_layout(
     state: dict, optimizer: optim.Optimizer, trainable: dict, path: Path
 ) -> None:
     """Raise unless ``state`` has the keys, shapes and dtypes of a fresh state of ``optimizer``."""
-    # A shallow copy initialized from scratch shows the expected state without touching the
-    # optimizer itself.
-    probe = copy.copy(optimizer)
-    probe.state = {k: v for k, v in optimizer.state.items() if k not in trainable}
-    probe.init(trainable)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in tree_flatten(probe.state)}
+    fresh = fresh_state(optimizer, trainable)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in tree_flatten(fresh)}
     found = {k: (tuple(v.shape), v.dtype) for k, v in tree_flatten(state)}
     wrong = [k for k in expected if found.get(k) != expected[k]] + [
         k for k in found if k not in expected

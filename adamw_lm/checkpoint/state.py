@@ -48,6 +48,16 @@ def plan_of(optimizer: optim.Optimizer, parameters: dict) -> dict[str, StateForm
     }
 
 
+def fresh_state(optimizer: optim.Optimizer, trainable: dict) -> dict:
+    """The state ``optimizer`` would start from for the tree ``trainable`` (its other entries, step
+    and learning rate included, as they are), built on a shallow copy: ``optimizer`` itself is not
+    touched, so a checkpoint can be checked against it before anything changes."""
+    probe = copy.copy(optimizer)
+    probe.state = {k: v for k, v in optimizer.state.items() if k not in trainable}
+    probe.init(trainable)
+    return probe.state
+
+
 def _group_by_parameter(
     flat: dict[str, mx.array], params: dict[str, mx.array]
 ) -> tuple[dict[str, dict[str, mx.array]], dict[str, mx.array]]:
@@ -138,12 +148,8 @@ def restore_state(
             f"convert the state"
         )
 
-    # A shallow copy initialized from scratch shows the state this optimizer expects, without
-    # touching the optimizer itself before every check has passed.
-    probe = copy.copy(optimizer)
-    probe.state = {k: v for k, v in optimizer.state.items() if k not in trainable}
-    probe.init(trainable)
-    expected, _ = _group_by_parameter(dict(tree_flatten(probe.state)), params)
+    fresh = fresh_state(optimizer, trainable)
+    expected, _ = _group_by_parameter(dict(tree_flatten(fresh)), params)
     stored, stored_top = _group_by_parameter(flat, params)
 
     # A first moment stored as its step, m / (sqrt(v) + eps), is read with the eps it was written
@@ -193,6 +199,6 @@ def restore_state(
     # checkpoint has them; entries of the old precision that the new one lacks are dropped.
     return {
         k: per_parameter[k] if k in trainable else stored_top.get(k, v)
-        for k, v in probe.state.items()
+        for k, v in fresh.items()
     }
 
