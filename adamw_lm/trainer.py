@@ -157,6 +157,23 @@ class Setup:
 Checkpoint = Union[Path, "checkpoint.VerifiedCheckpoint"]
 
 
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """mlx-lm's ``grad_checkpoint`` on this model's blocks only.
+
+    It replaces ``__call__`` on the class of the block it is given: on mlx-lm's own class that
+    would checkpoint every model of that architecture for the rest of the process, and a later
+    run without checkpointing whose LoRA dropout draws random numbers would no longer give the
+    results of the same run in a fresh process. So the blocks first move to a subclass of their
+    own (same name, same behaviour), which takes the patch.
+    """
+    block_class = type(model.layers[0])
+    scoped = type(block_class.__name__, (block_class,), {"__module__": block_class.__module__})
+    for layer in model.layers:
+        if type(layer) is block_class:
+            layer.__class__ = scoped
+    grad_checkpoint(model.layers[0])
+
+
 def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, convert_precision: bool = False,
           callback: Optional[TrainingCallback] = None, accept_changed: frozenset[str] = frozenset()) -> Setup:
     """Load the model and data, open the trainable layers, build the optimizer and restore a
@@ -197,7 +214,7 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
         checkpoint.load_adapters_only(config.resume_adapter_file, model)
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
+        _checkpoint_blocks(model)
     batches = BatchStream(train_set, config, state["epoch"], state["offset"], dist.rank(), dist.world_size())
     if state["epoch"] * batches.batches_per_epoch + state["offset"] != state["iteration"]:
         raise ConfigError(

@@ -75,8 +75,8 @@ def test_mlx_lm_trainer_losses_identical(tiny_model_path, data_dir, tmp_path, bi
     {},  # mlx_lm lora's defaults: Adam, constant learning rate
     {"optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.05}}, "grad_accumulation_steps": 2,
      "lr_schedule": {"name": "cosine_decay", "warmup": 2, "arguments": [1e-3, 8, 1e-5]},
-     "fine_tune_type": "dora"},
-], ids=["adam", "adamw-schedule-accumulation-dora"])
+     "fine_tune_type": "dora", "grad_checkpoint": True},
+], ids=["adam", "adamw-schedule-accumulation-dora-checkpointing"])
 def test_same_yaml_gives_bit_identical_adapters_to_mlx_lm_lora(extra, tiny_model_path, data_dir, tmp_path):
     """The same YAML through the real `mlx_lm lora` and `adamw-lm train`: LoRA dropout 0 and inside the
     first epoch (100 batches), the adapters are equal bit for bit, at save_every and at the end."""

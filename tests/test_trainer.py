@@ -355,6 +355,20 @@ def test_metrics_log_is_a_callback_of_the_loop(tmp_path, tiny_model_path, data_d
     assert logged == seen and len(seen) == 6
 
 
+def test_gradient_checkpointing_stays_with_its_run(tmp_path, tiny_model_path, data_dir):
+    """mlx-lm's grad_checkpoint patches a class; a later run in the process must not inherit it
+    (with LoRA dropout, a checkpointed block draws its random numbers twice)."""
+    dropout = {"lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1}, "save_every": 4}
+    runs = {name: tmp_path / name for name in ("before", "checkpointed", "after")}
+    for name, run_dir in runs.items():
+        trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, **dropout,
+                                   grad_checkpoint=name == "checkpointed")), progress=False)
+    assert "agree bit for bit" in trainer.compare_runs(runs["before"], runs["after"])
+    # The checkpointed run itself is another computation, not a copy of the others.
+    with pytest.raises(AssertionError):
+        trainer.compare_runs(runs["before"], runs["checkpointed"])
+
+
 def test_importing_the_trainer_does_not_import_matplotlib():
     """The plot's imports are paid at the end of a run only."""
     code = "import sys, adamw_lm.trainer, adamw_lm.cli; print('matplotlib' in sys.modules)"
