@@ -364,9 +364,16 @@ def test_gradient_checkpointing_stays_with_its_run(tmp_path, tiny_model_path, da
         trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, **dropout,
                                    grad_checkpoint=name == "checkpointed")), progress=False)
     assert "agree bit for bit" in trainer.compare_runs(runs["before"], runs["after"])
-    # The checkpointed run itself is another computation, not a copy of the others.
+    # The checkpointed run itself is another computation, not a copy of the others: its backward
+    # pass draws the dropout masks again. Without dropout, checkpointing changes nothing.
     with pytest.raises(AssertionError):
         trainer.compare_runs(runs["before"], runs["checkpointed"])
+    for checkpointed in (False, True):
+        run_dir = tmp_path / f"no-dropout-{checkpointed}"
+        trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, save_every=4,
+                                   grad_checkpoint=checkpointed)), progress=False)
+    assert "agree bit for bit" in trainer.compare_runs(tmp_path / "no-dropout-False",
+                                                       tmp_path / "no-dropout-True")
 
 
 def test_importing_the_trainer_does_not_import_matplotlib():
