@@ -42,7 +42,30 @@ _F32 = mx.float32
 _MARGIN = 2.0**-12
 
 
-class PowerMap:
+class _Levels:
+    """The codes of a map of ``bits`` bits, shared by :class:`PowerMap` and :class:`ShiftRootMap`:
+    signed, level ``k`` in ``[-N, N]`` with ``N = 2^(bits-1) - 1``, stored as ``k + N``; unsigned,
+    ``k`` in ``[1, N]`` with ``N = 2^bits``, stored as ``k - 1``."""
+
+    #: What :meth:`encode_units` takes for 1 (see :class:`ShiftRootMap`).
+    unit = 1.0
+
+    def __init__(self, bits: int, signed: bool):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"{type(self).__name__} needs 2 <= bits <= 8; got {bits}")
+        self.bits, self.signed = bits, signed
+        self.size = 2**bits
+        #: ``N``: the level that stands for 1.
+        self.levels = 2 ** (bits - 1) - 1 if signed else 2**bits
+        #: Code of the level 0 (signed); an unsigned map has none: a zero block is a zero scale.
+        self.zero_index = self.levels if signed else 0
+
+    def encode_units(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
+        """:meth:`encode` of ``x / unit`` (``x`` itself where ``unit`` is 1)."""
+        return self.encode(x, noise)
+
+
+class PowerMap(_Levels):
     """Levels on a power-companded grid: level ``k`` stands for ``(k / N)^power``.
 
     Signed: ``k`` in ``[-N, N]`` with ``N = 2^(bits-1) - 1``, stored as ``k + N`` (0, ``+1`` and
@@ -56,16 +79,10 @@ class PowerMap:
     """
 
     def __init__(self, bits: int, signed: bool, power: int = 2):
-        if not 2 <= bits <= 8:
-            raise ValueError(f"PowerMap needs 2 <= bits <= 8; got {bits}")
+        super().__init__(bits, signed)
         if power not in (1, 2, 4):
             raise ValueError(f"PowerMap needs power 1, 2 or 4; got {power}")
-        self.bits, self.signed, self.power = bits, signed, power
-        self.size = 2**bits
-        #: ``N``: the level that stands for 1.
-        self.levels = 2 ** (bits - 1) - 1 if signed else 2**bits
-        #: Code of the level 0 (signed); an unsigned map has none: a zero block is a zero scale.
-        self.zero_index = self.levels if signed else 0
+        self.power = power
 
     def values(self) -> list[float]:
         """The values of the codes ``0, 1, ...`` that are used, sorted, in double precision."""
@@ -97,13 +114,6 @@ class PowerMap:
         if self.power == 1:
             return mx.sqrt(k)
         return k if self.power == 2 else k * k
-
-    #: What :meth:`encode_units` takes for 1 (see :class:`ShiftRootMap`).
-    unit = 1.0
-
-    def encode_units(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
-        """:meth:`encode` (``unit`` is 1)."""
-        return self.encode(x, noise)
 
     def encode(self, x: mx.array, noise: mx.array | float = 0.5) -> mx.array:
         """Codes (uint8) of ``x`` (``|x| <= 1``; ``x >= 0`` when unsigned).
@@ -174,7 +184,7 @@ def shift_square_exact(s: float) -> float:
     return 2 * low * low + (s - 1.5 * low) * 4 * low
 
 
-class ShiftRootMap:
+class ShiftRootMap(_Levels):
     """Levels equally spaced in the shift root (:func:`.roots.shift_root`, a piecewise-linear
     square root made of integer operations): level ``k`` stands for the ``x`` whose shift root is
     ``k / Q``, ``Q`` a power of two.
@@ -195,12 +205,7 @@ class ShiftRootMap:
     """
 
     def __init__(self, bits: int, signed: bool):
-        if not 2 <= bits <= 8:
-            raise ValueError(f"ShiftRootMap needs 2 <= bits <= 8; got {bits}")
-        self.bits, self.signed = bits, signed
-        self.size = 2**bits
-        self.levels = 2 ** (bits - 1) - 1 if signed else 2**bits
-        self.zero_index = self.levels if signed else 0
+        super().__init__(bits, signed)
         self._q = float(self.levels + 1 if signed else self.levels)
         #: The top level's shift square: exact in float32 (a shift square of k / Q is).
         self._top = shift_square_exact(self.levels / self._q)
@@ -287,7 +292,7 @@ class Blockwise:
 
     def __init__(
         self,
-        code_map: PowerMap,
+        code_map: PowerMap | ShiftRootMap,
         block: int,
         stochastic: bool = True,
         half: int = 1,
