@@ -116,8 +116,8 @@ class AdamW(optim.AdamW):
     Args:
         learning_rate: a float or a schedule ``step -> lr`` (as in ``mlx.optimizers``).
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
-        eps: added to the denominator; must be ``> 0``.
-        weight_decay: decoupled weight decay, ``>= 0``.
+        eps: added to the denominator; ``>= 0``, and ``> 0`` under a precision other than ``None``.
+        weight_decay: decoupled weight decay.
         bias_correction: apply Adam's bias correction.
         state_precision: ``None`` keeps each moment in its parameter's dtype and is bit-exact with
             ``mlx.optimizers.AdamW``; ``"fp32"`` keeps float32 moments and does the update in float32
@@ -160,7 +160,7 @@ class AdamW(optim.AdamW):
     def __init__(
         self,
         learning_rate: LearningRate,
-        betas: Sequence[float] = (0.9, 0.999),
+        betas: Sequence[float] = [0.9, 0.999],  # mlx's default, a list too (never changed)
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         bias_correction: bool = False,
@@ -174,20 +174,19 @@ class AdamW(optim.AdamW):
         streams: int | None = None,
         weight_update: str | None = None,
     ):
-        check_adamw_arguments(learning_rate, betas, eps, weight_decay)
         settings = Settings(
             state_precision, precision_overrides or {}, min_quantize_size, seed, memory_budget,
             chunk_size, streams, weight_update,
         )  # fmt: skip
-        super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction)
-        if callable(learning_rate) and not self.state["learning_rate"].item() >= 0.0:
-            raise ValueError(
-                f"learning_rate schedule must give values >= 0; "
-                f"got {self.state['learning_rate'].item()} at step 0"
-            )
+        check_adamw_arguments(betas, eps, settings.quantizing)
+        super().__init__(learning_rate, betas, eps, weight_decay, bias_correction)
         self.settings = settings
         self._plan: dict[str, str | None] = {}
         self._compiled: dict[tuple, Callable] = {}
+
+    def __getstate__(self) -> dict:
+        # The compiled updates are a cache, and functions do not pickle: a copy compiles its own.
+        return {**self.__dict__, "_compiled": {}}
 
     # -- which precision each parameter gets -------------------------------------------------------
 
@@ -231,14 +230,23 @@ class AdamW(optim.AdamW):
         Under ``"auto"`` the precisions are chosen so that the state of this whole tree, its
         scalars included, fits ``memory_budget``; ``ValueError`` if even the lowest cannot.
         """
+        return self._decide(parameters, {}, 0)
+
+    def _decide(
+        self, parameters: dict, held: Mapping[str, str | None], held_bytes: int
+    ) -> dict[str, str | None]:
+        """:meth:`plan`, with the precisions ``held`` (paths of ``parameters`` whose state exists)
+        kept, and under ``"auto"`` ``held_bytes`` (state of paths outside the tree) counted."""
         flat = tree_flatten(parameters)
         if self.settings.state_precision != "auto":
-            return {path: self.precision_for(path, p) for path, p in flat}
+            return {path: held[path] if path in held else self.precision_for(path, p)
+                    for path, p in flat}  # fmt: skip
         pins = {
             path: self.precision_for(path, p)
             for path, p in flat
-            if self.override_pattern(path) is not None
+            if path not in held and self.override_pattern(path) is not None
         }
+        pins.update(held)
         # Moments get the budget minus the state's scalars (step, learning rate, and the
         # skipped-step count and random key that init adds).
         scalars = {k: a for k, a in self.state.items() if isinstance(a, mx.array)}
@@ -248,7 +256,7 @@ class AdamW(optim.AdamW):
         try:
             return choose_precisions(
                 {path: p.shape for path, p in flat},
-                max(self.settings.memory_budget - scalar_bytes, 0),
+                max(self.settings.memory_budget - scalar_bytes - held_bytes, 0),
                 overrides=pins,
                 min_quantize_size=self.settings.min_quantize_size,
                 ladder=[p for p in STATE_LADDER if p in PRECISIONS],
@@ -256,10 +264,14 @@ class AdamW(optim.AdamW):
                 weight_update=self.settings.weight_update,
             )
         except ValueError as e:
+            kept = (
+                f"; {len(held)} of these parameters already have state, which keeps its precision"
+                " (a new optimizer, or convert_state, plans them again)" if held else ""
+            ) + (f", and {held_bytes} bytes hold the state of parameters not in this tree"
+                 if held_bytes else "")  # fmt: skip
             raise ValueError(
                 f"state_precision='auto' with memory_budget={self.settings.memory_budget} bytes, "
-                f"of which "
-                f"{scalar_bytes} go to the state's scalars: {e}"
+                f"of which {scalar_bytes} go to the state's scalars{kept}: {e}"
             ) from e
 
     @property
@@ -298,10 +310,32 @@ class AdamW(optim.AdamW):
     # -- mlx.optimizers.Optimizer interface ---------------------------------------------------------
 
     def init(self, parameters: dict) -> None:
-        self._plan = self.plan(parameters)
+        """mlx's ``init``: state for the parameters that have none; the state (and precision) of
+        the others stays, so a second call with new parameters (LoRA layers added later) only adds
+        theirs. Under ``"auto"`` the new ones share what ``memory_budget`` leaves."""
+        for name in ("key", "skipped_steps"):
+            if self.settings.quantizing and isinstance(parameters, dict) and name in parameters:
+                raise ValueError(
+                    f"a parameter at the top of the tree is named {name!r}, as an entry of this "
+                    f"optimizer's state (state_precision={self.settings.state_precision!r}): "
+                    "nest it one level down"
+                )
         # The base class builds the state tree's structure; per-parameter state needs the
         # parameter's path (its precision depends on it), which init_single is not given.
         super().init(parameters)
+        filled: set[str] = set()
+        tree_map_with_path(
+            lambda path, _, state: filled.add(path) if state else None, parameters, self._state
+        )
+        held = {path: self._plan[path] for path in filled if path in self._plan}
+        paths = {path for path, _ in tree_flatten(parameters)}
+        # Planned parameters outside this tree whose state is still there (a state set since
+        # may have dropped some).
+        outside = {path: _subtree(self._state, path) for path in self._plan if path not in paths}
+        elsewhere = {path: self._plan[path] for path, state in outside.items() if state}
+        held_bytes = sum(a.nbytes for path in elsewhere for _, a in tree_flatten(outside[path]))
+        self._plan = {**elsewhere, **self._decide(parameters, held, held_bytes)}
+
         def fill(path: str, parameter: mx.array, state: dict) -> None:
             if not state:
                 self._init_param(path, parameter, state)
@@ -434,6 +468,16 @@ class AdamW(optim.AdamW):
         return sum(a.nbytes for _, a in tree_flatten(self.state))
 
 
+def _subtree(tree, path: str):
+    """The part of ``tree`` at a :func:`mlx.utils.tree_flatten` path, or ``None``."""
+    for part in path.split("."):
+        try:
+            tree = tree[int(part)] if isinstance(tree, (list, tuple)) else tree[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return tree
+
+
 @functools.lru_cache(maxsize=65536)
 def _path_bits(path: str) -> mx.array:
     """Two uint32 hashes of a parameter's path (CRC-32 from two start values)."""
@@ -495,7 +539,8 @@ class _Slices:
         stored by ``codecs``, the others of the parameter's shape), joined."""
         shape, size = tensors["p"].shape, tensors["p"].size
         parts = []
-        for start in range(0, size, self.chunk):
+        # An empty tensor is one (empty) slice: its state goes through the codecs all the same.
+        for start in range(0, max(size, 1), self.chunk):
             stop = min(start + self.chunk, size)
             lane = next(self.turns) % len(self.lanes)
             previous = self.chains[lane]
@@ -561,6 +606,10 @@ class _Coefficients(NamedTuple):
     root_scale: mx.array  # 1, or rsqrt(1 - beta2^t) with bias correction
 
 
+#: The largest finite bfloat16 (a float32 too): the ceiling of a stored second moment.
+_V_MAX = float.fromhex("0x1.fep127")
+
+
 def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:
     """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller.
 
@@ -579,6 +628,13 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         m_stored = precision.m.decode(tensors["m"], shape)
         v_old = precision.v.decode(tensors["v"], shape)
         v = k.beta2 * v_old + k.one_minus_beta2 * (g32 * g32)
+        # A finite gradient whose square overflows (|g| > 1.8e19) would make v infinite: mlx's
+        # AdamW then freezes that element for good, but a block's infinite scale would take its
+        # whole block along (int8: frozen, int4: NaN through inf · 0), and a checkpoint with it
+        # would not load (states must be finite). So v stops at the largest bfloat16, which every
+        # format stores as it is (a select of the form ``a < b ? a : b``, which a CPU kernel
+        # vectorizes).
+        v = mx.where(v < _V_MAX, v, _V_MAX)
         root_v = precision.root(v)
         if not precision.exact_root:
             # Its own kernel, read by the update and (int4) the step's encoding: within theirs,

@@ -77,21 +77,32 @@ class Settings:
         object.__setattr__(self, "precision_overrides", overrides)
         object.__setattr__(self, "weight_update", self.weight_update or default)
 
+    @property
+    def quantizing(self) -> bool:
+        """Whether any parameter can get a state precision other than ``None``."""
+        return self.state_precision is not None or any(
+            p is not None for p in self.precision_overrides.values()
+        )
 
-def check_adamw_arguments(
-    learning_rate: LearningRate, betas, eps: float, weight_decay: float
-) -> None:
-    """``ValueError`` naming the first of mlx's AdamW arguments that is out of its range."""
-    if len(betas) != 2:
+
+def check_adamw_arguments(betas, eps: float, quantizing: bool) -> None:
+    """``ValueError`` naming the first of mlx's AdamW arguments that is out of its range.
+
+    As mlx: ``betas`` in ``[0, 1)`` (and a pair, which mlx would only find deep inside its update),
+    ``eps >= 0``. A low-precision state (``quantizing``) also needs ``eps > 0``: with 0, a block of
+    zero moments makes its step 0 / 0, and a NaN stays in the stored moments for good. Signs of the
+    learning rate and of the weight decay are free, as in mlx (a negative rate ascends the loss).
+    """
+    if isinstance(betas, (str, bytes)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] (beta{i + 1}) must be in [0, 1); got {beta}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0; got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    if not callable(learning_rate) and not learning_rate >= 0.0:
-        raise ValueError(f"learning_rate must be >= 0 (or a schedule); got {learning_rate}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    if quantizing and eps == 0.0:
+        raise ValueError("eps must be > 0 with a low-precision state (a state_precision or "
+                         "precision_overrides other than None); got 0")
+
 
 __all__ = ["LearningRate", "Settings", "check_adamw_arguments", "check_precision"]

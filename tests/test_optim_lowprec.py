@@ -1,10 +1,13 @@
 """AdamW with bf16 / int8 / int4 moments: training close to fp32, state size, skipped non-finite
 steps, resuming from a copied state, and the int4 second-moment zero-point trap."""
 
+import copy
 import math
+import pickle
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
@@ -412,3 +415,95 @@ def test_old_layout_checkpoint_is_refused(
         path = checkpoint.save(tmp_path, 1, model, opt, {}, config)
     with pytest.raises(IncompatibleCheckpointError, match=leaves):
         checkpoint.load(path, lora_model(), make())
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_empty_and_tiny_tensors_update_like_mlx(precision):
+    """A tensor with no elements comes back as it is, and its state through the codecs (every
+    tensor quantized: min_quantize_size=0)."""
+    params = {"empty": mx.zeros((0, 8)), "one": mx.ones((1,)), "w": mx.ones((300,))}
+    grads = {"empty": mx.zeros((0, 8)), "one": mx.full((1,), 0.5), "w": mx.full((300,), 0.1)}
+    opt = AdamW(1e-2, state_precision=precision, min_quantize_size=0)
+    new = opt.apply_gradients(grads, params)
+    mx.eval(new, opt.state)
+    assert new["empty"].shape == (0, 8) and new["empty"].dtype == mx.float32
+    reference = optim.AdamW(1e-2).apply_gradients(grads, params)
+    atol = {None: 0, "fp32": 1e-6}.get(precision, 1e-3)
+    for name in ("one", "w"):
+        assert mx.allclose(new[name], reference[name], rtol=0, atol=atol).item(), name
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_init_again_keeps_the_state_it_has(precision):
+    """As mlx's init: a second call with new parameters (LoRA layers added later) adds their state;
+    the state and precision of the others stay, and steps go on as without the second call."""
+    w, lora = {"w": mx.linspace(-1, 1, 512)}, {"lora": mx.ones((300,))}
+    grads = {"w": mx.full((512,), 0.1), "lora": mx.full((300,), 0.2)}
+    runs = []
+    for late in (False, True):
+        opt = AdamW(1e-2, state_precision=precision, min_quantize_size=0)
+        opt.init(w if late else {**w, **lora})
+        params = opt.apply_gradients({"w": grads["w"]}, w)
+        if late:
+            opt.init(lora)
+        params = {**params, **lora}
+        params = opt.apply_gradients(grads, params)
+        mx.eval(params, opt.state)
+        assert opt.precision_plan == {"w": precision, "lora": precision}
+        runs.append((params["w"], {k: opt.state["w"][k] for k in ("m", "v")}))
+    assert_trees_equal(*runs)
+
+
+def test_auto_init_again_keeps_precisions_and_budget():
+    """Under "auto" a parameter that has state keeps its precision; the new ones take what the
+    budget leaves, or a clear error says why there is not enough."""
+    opt = AdamW(1e-2, state_precision="auto", memory_budget=8 * 8192 + 2 * 8192 + 200,
+                min_quantize_size=0)  # fmt: skip
+    params = {"w": mx.ones((8192,))}
+    opt.init(params)
+    assert opt.precision_plan == {"w": "fp32"}
+    opt.init({**params, "lora": mx.ones((8192,))})
+    assert opt.precision_plan == {"w": "fp32", "lora": "int4"}
+    assert opt.state_nbytes() <= opt.settings.memory_budget
+    with pytest.raises(ValueError, match="bytes hold the state of parameters not in this tree"):
+        opt.init({"x": mx.ones((8192,))})
+
+
+@pytest.mark.parametrize("name", ["key", "skipped_steps"])
+def test_parameter_named_as_a_state_entry_is_refused(name):
+    params = {name: mx.ones((8,)), "w": mx.ones((8,))}
+    with pytest.raises(ValueError, match=f"named '{name}'"):
+        AdamW(1e-2, state_precision="bf16").init(params)
+    AdamW(1e-2).init(params)  # None keeps neither entry, as mlx
+
+
+@pytest.mark.parametrize("precision", ["fp32", *LOW])
+def test_overflowing_square_keeps_the_state_finite(precision):
+    """A finite gradient whose square overflows float32: mlx's AdamW freezes that element (its v
+    is infinite). Here v stops at the largest bfloat16: no NaN or infinity in weights or state
+    (a checkpoint of it loads), and the other elements keep training."""
+    params = {"w": mx.linspace(-1, 1, 1024)}
+    huge = mx.where(mx.arange(1024) == 3, 1e20, 1e-3)
+    opt = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
+    for g in [huge] + [mx.full((1024,), 1e-3)] * 5:
+        params = opt.apply_gradients({"w": g}, params)
+        mx.eval(params, opt.state)
+    for path, a in tree_flatten((params, opt.state)):
+        if mx.issubdtype(a.dtype, mx.floating):
+            assert mx.isfinite(a).all().item(), path
+    assert opt.state["skipped_steps"].item() == 0
+    # Outside the block of the huge element (256 elements at most), every weight moved.
+    assert (params["w"][256:] != mx.linspace(-1, 1, 1024)[256:]).all().item()
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_copied_optimizer_goes_on_as_the_original(precision):
+    """copy.deepcopy and pickle work after low-precision steps (the compiled updates, a cache
+    of functions, are not copied), and the copy's steps are the original's."""
+    params, opt, _ = train(precision, 3)
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    results = [train(precision, 3, opt=o, params=params) for o in [opt, *copies]]
+    for other in results[1:]:
+        assert other[2] == results[0][2]
+        assert_trees_equal(other[0], results[0][0])
+        assert_trees_equal(other[1].state, results[0][1].state)
