@@ -14,6 +14,37 @@ from .codecs import PRECISIONS
 LearningRate = Union[float, Callable[[mx.array], mx.array]]
 
 
+#: Limits on ``precision_overrides``, checked before a pattern is compiled: patterns may come from
+#: a stranger's checkpoint, and compiling ``(?:a{3000}){3000}`` (20 characters) takes gigabytes.
+MAX_PATTERNS = 256
+MAX_PATTERN_CHARS = 1000
+#: The pattern's length times the product of its counted repeats (``{n}``, ``{m,n}``): about the
+#: size of what compiling it builds. Escaped braces count too: telling ``\{`` from ``\\{`` would
+#: need the parser whose cost this bounds.
+MAX_PATTERN_SIZE = 100_000
+_COUNTED_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def check_pattern(pattern: object) -> None:
+    """``ValueError`` unless ``pattern`` is a regex within the limits above."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"precision_overrides key {pattern!r} must be a string (a regex)")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"precision_overrides key {pattern[:40]!r}... has {len(pattern)} characters; "
+                         f"at most {MAX_PATTERN_CHARS}")
+    size = len(pattern)
+    for low, high in _COUNTED_REPEAT.findall(pattern):
+        size *= max(int(low or 0), int(high or 0), 1)
+        if size > MAX_PATTERN_SIZE:
+            raise ValueError(f"precision_overrides key {pattern[:40]!r}: its counted repeats "
+                             f"({{n}}, {{m,n}}) would expand it past {MAX_PATTERN_SIZE} characters")
+    try:
+        regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as e:
+        what = "nests too deeply" if isinstance(e, RecursionError) else f"is not a regex: {e}"
+        raise ValueError(f"precision_overrides key {pattern[:40]!r} {what}") from None
+
+
 def check_precision(value: str | None, what: str, auto: bool = False) -> None:
     """``ValueError`` naming ``what`` unless ``value`` is ``None``, a known precision, or (with
     ``auto``) ``"auto"``."""
@@ -53,12 +84,11 @@ class Settings:
                 f"got state_precision={self.state_precision!r}"
             )
         overrides = dict(self.precision_overrides or {})
+        if len(overrides) > MAX_PATTERNS:
+            raise ValueError(f"precision_overrides has {len(overrides)} patterns; at most {MAX_PATTERNS}")
         for pattern, precision in overrides.items():
+            check_pattern(pattern)
             check_precision(precision, f"precision_overrides[{pattern!r}]")
-            try:
-                regex.compile(pattern)
-            except (regex.error, TypeError) as e:
-                raise ValueError(f"precision_overrides key {pattern!r} is not a regex: {e}") from e
         if self.chunk_size is not None and (self.chunk_size < 1 or self.chunk_size % 256):
             raise ValueError(
                 f"chunk_size must be a positive multiple of 256; got {self.chunk_size}"

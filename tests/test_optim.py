@@ -172,6 +172,18 @@ def test_fp32_mode_equals_mlx_on_fp32_weights_within_rounding():
         (dict(learning_rate=1e-3, state_precision="int3"), "state_precision"),
         (dict(learning_rate=1e-3, precision_overrides={"norm": "fp8"}), "precision_overrides"),
         (dict(learning_rate=1e-3, precision_overrides={"(": "fp32"}), "precision_overrides"),
+        # Patterns may come from a stranger's checkpoint: limits before compiling, which would
+        # take gigabytes for the first and overflow Python's stack for the second.
+        (dict(learning_rate=1e-3, precision_overrides={"(?:a{3000}){3000}": "fp32"}),
+         "counted repeats"),
+        (dict(learning_rate=1e-3, precision_overrides={"(?:a\\{3000}){,3000}": "fp32"}),
+         "counted repeats"),
+        (dict(learning_rate=1e-3, precision_overrides={"(" * 450 + ")" * 450: "fp32"}),
+         "nests too deeply"),
+        (dict(learning_rate=1e-3, precision_overrides={"x" * 1001: "fp32"}), "1001 characters"),
+        (dict(learning_rate=1e-3, precision_overrides={f"p{i}": "fp32" for i in range(257)}),
+         "257 patterns"),
+        (dict(learning_rate=1e-3, precision_overrides={3: "fp32"}), "must be a string"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, needle):
