@@ -19,9 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE, CorruptCheckpointError
 from .checkpoint.untrusted import MAX_JSON_BYTES, MAX_TRAINER_STATE_BYTES, parse_json
-
-#: The loss plot next to the model card.
-LOSS_PLOT = "loss.png"
+from .reports import LOSS_PLOT  # the loss plot next to the model card
 
 
 def read_json(path: Path, cap: int, label: str, nonfinite: bool = False) -> Any:

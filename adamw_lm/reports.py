@@ -20,6 +20,8 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from .runfiles import open_append, read_text_nofollow, replace_file, replace_text
 
 METRICS_FILE = "metrics.jsonl"
+#: The loss plot (run folder, and next to the model card on the Hub).
+LOSS_PLOT = "loss.png"
 _MAX_METRICS_BYTES = 256 << 20
 
 
@@ -217,7 +219,7 @@ def plot(run_dir: Path) -> Optional[Path]:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
+    out = run_dir / LOSS_PLOT
     replace_file(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -28,6 +29,10 @@ def _umask() -> int:
 
 #: mkstemp makes 0600 files; the run's files get the mode an ordinary open() would give them.
 _FILE_MODE = 0o666 & ~_umask()
+
+
+#: ``.NAME.XXXXXXXX.tmp``: what :func:`_temporary` makes (mkstemp's 8 random characters).
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def _temporary(path: Path) -> tuple[int, str]:
@@ -64,6 +69,21 @@ def replace_via_path(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_temporaries(folder: Path, names: re.Pattern[str]) -> list[str]:
+    """Remove the temporaries that :func:`replace_file` / :func:`replace_via_path` left in
+    ``folder`` when killed, for the files whose names ``names`` matches; return what was removed.
+    Only for whoever holds the folder's lock: another writer's temporaries look the same."""
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and names.fullmatch(match.group(1)):
+            with contextlib.suppress(OSError):  # a regular file only, not a link's target
+                if stat.S_ISREG(os.lstat(entry).st_mode):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
 
 
 def replace_text(path: Path, text: str) -> None:

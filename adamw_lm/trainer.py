@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import sys
@@ -38,10 +39,10 @@ from .config import ConfigError, TrainConfig, from_dict, set_dotted
 from .fingerprint import changed_inputs, run_inputs
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
 from .optim import AdamW
-from .reports import METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
+from .reports import LOSS_PLOT, METRICS_FILE, Fanout, MetricsLog, TerminalReport, plot, truncate_metrics
 from .reports import header as reports_header
 from .reports import unused_precision_warnings
-from .runfiles import replace_file, replace_via_path
+from .runfiles import remove_temporaries, replace_file, replace_via_path
 from .runlock import LOCK_FILE, RunLock
 from .sharding import ShardedOptimizer
 
@@ -222,6 +223,12 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
             f"iteration {state['iteration']} with {batches.batches_per_epoch} batches per epoch "
             "(was the training set changed?)"
         )
+    updates = state["iteration"] // config.grad_accumulation_steps
+    if resume_from is not None and optimizer.step.item() != updates:
+        raise checkpoint.CorruptCheckpointError(
+            f"{where}: the optimizer state's step is {optimizer.step.item()}, but iteration "
+            f"{state['iteration']} with grad_accumulation_steps {config.grad_accumulation_steps} "
+            f"makes {updates} updates (its schedule and bias correction would not be this run's)")
     window = state["iteration"] - state["report_start"]  # losses since the last report, to average
     if not 0 <= window <= min(state["iteration"], len(state["losses"])):
         raise checkpoint.CorruptCheckpointError(
@@ -317,6 +324,10 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
         return loss, toks, grad
 
     def save(it: int, final: bool) -> Path:
+        # The run folder's adapters first: once a checkpoint is committed, a kill must not leave
+        # them older than it (a resume from it would find the run finished, or not rewrite them).
+        if main:
+            write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
         last = state["val_losses"][-1] if state["val_losses"] else None
         trainer_state = {**state, "iteration": it, **batches.position(), "seed": config.seed,
                          "config": config.to_dict(), "fingerprints": s.inputs}
@@ -327,8 +338,6 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
             val_loss=last[1] if last and last[0] == it else None,
             protect=s.pusher.pinned() if s.pusher is not None else (),
         )
-        if main:
-            write_adapters(s.run_dir, model, config)  # the latest, where mlx_lm lora keeps them
         if s.pusher is not None:  # rank 0's alone
             s.pusher.submit(saved, final=final)  # the last one of this process, whatever push_every
         return saved
@@ -376,13 +385,14 @@ def train_loop(s: Setup, *, progress: bool = True) -> RunResult:
                 reports.on_train_loss_report(window.report(it, optimizer.learning_rate.item()))
             if validating and (it % config.steps_per_eval == 0 or it == config.iters):
                 validate(it)
+            # Before a checkpoint of this iteration: a resume from it goes on from the next one.
+            if it % config.save_every == 0 and main:  # as mlx_lm lora does, whatever checkpoint.every is
+                write_numbered_adapters(s.run_dir, model, it)
             save_due = save_due or it % config.checkpoint_every == 0
             # Checkpoints fall on optimizer updates: an accumulated gradient is never saved.
             if it % accum == 0 and (save_due or stop.signal is not None) or it == config.iters:
                 last_saved = save(it, final=it == config.iters or stop.signal is not None)
                 save_due = False
-            if it % config.save_every == 0 and main:  # as mlx_lm lora does, whatever checkpoint.every is
-                write_numbered_adapters(s.run_dir, model, it)
             if stop.signal is not None and it % accum == 0 and it < config.iters:
                 bar.close()
                 if main:
@@ -405,6 +415,11 @@ def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Opti
         metrics.write({"iteration": iteration, "test_loss": loss})
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
     return loss
+
+
+#: The run folder's files that a run writes (atomically, see :mod:`adamw_lm.runfiles`).
+RUN_FILES = re.compile("|".join(map(re.escape, (checkpoint.ADAPTERS, checkpoint.ADAPTER_CONFIG,
+                                                METRICS_FILE, LOSS_PLOT))) + r"|\d{7,}_adapters\.safetensors")
 
 
 def write_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None:
@@ -491,6 +506,8 @@ def run(
                     (run_dir / LOCK_FILE).unlink()
                     run_dir.rmdir()
             raise
+        if main:  # what writes of the run folder's files killed before their rename left
+            remove_temporaries(run_dir, RUN_FILES)
         # Only now that model, data and optimizer have all been set up: a new run's log starts
         # empty (an old run that crashed before its first checkpoint leaves one behind).
         if main and replace_old_run:
@@ -683,6 +700,12 @@ def _missing_inputs(config: TrainConfig) -> None:
 def _resume_locked(run_dir: Path, step: Optional[int], convert_precision: bool, overrides: dict[str, Any],
                    progress: bool, callback: Optional[TrainingCallback],
                    accept_changed: frozenset[str]) -> RunResult:
+    if dist.is_main():
+        restored = checkpoint.recover(run_dir)
+        if restored:
+            print(f"Put back {', '.join(restored)}: a save killed while replacing it had moved it "
+                  "aside.", file=sys.stderr)
+    dist.barrier()  # every process picks the checkpoint once it is back
     with _pick_checkpoint(run_dir, step) as found:
         return _resume_from(run_dir, found, convert_precision, overrides, progress, callback, accept_changed)
 
@@ -715,6 +738,8 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
     if config.iters == iteration:
         print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
               f"Train longer with --iters N.", file=sys.stderr)
+        if dist.is_main():  # killed after its last checkpoint, the run did not draw its plot
+            plot(run_dir)
         return RunResult(run_dir, iteration, found.path, None, list(saved.get("losses") or []))
     if iteration % config.grad_accumulation_steps:
         raise ConfigError(

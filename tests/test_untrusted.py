@@ -550,6 +550,25 @@ def test_optimizer_scalars_cannot_be_dropped(run, tiny_model_path, which):
     assert message.endswith(f"optimizer.safetensors: optimizer state has no {which!r}")
 
 
+def test_optimizer_step_must_be_the_runs_number_of_updates(tmp_path, tiny_model_path, data_dir):
+    """The optimizer's step drives the schedule and the bias correction: a step that is not the
+    run's number of updates (iteration / grad_accumulation_steps) is refused on resume."""
+    from adamw_lm import trainer
+    from adamw_lm.config import load_config
+    from test_resume import make_config
+
+    run_dir = tmp_path / "real"
+    config = make_config(tmp_path, tiny_model_path, data_dir, run_dir, iters=6,
+                         grad_accumulation_steps=2)  # fmt: skip
+    trainer.run(load_config(config), progress=False)
+    rewrite_safetensors(step_dir(run_dir, 6), "optimizer.safetensors",
+                        lambda arrays, _: arrays.update(step=mx.array(10**15, mx.uint64)))
+    with pytest.raises(CorruptCheckpointError) as e:
+        trainer.resume(run_dir, overrides={"iters": 8}, progress=False)
+    assert ("optimizer state's step is 1000000000000000, but iteration 6 with "
+            "grad_accumulation_steps 2 makes 3 updates") in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "error", "problem"),
     [

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -230,6 +231,43 @@ def _clean_stale(root: Path) -> None:
         match = TEMPORARY.fullmatch(entry.name)
         if match and not _pid_alive(int(match.group(1))):
             _remove(entry)
+
+
+#: A checkpoint folder moved aside by :func:`_commit` or :func:`_rotate` (see :func:`_temporary`).
+_ASIDE = re.compile(r"\.trash-(step-(\d{7,}))-[0-9a-f]{16}-(\d+)")
+
+
+def recover(run_dir: str | os.PathLike) -> list[str]:
+    """Put back the checkpoints that saves killed between their two renames had moved aside, then
+    remove what killed saves left behind; return the names put back. For the holder of the run's
+    lock, before it picks a checkpoint.
+
+    A save that replaces a step folder moves the old one aside first (no portable atomic swap of
+    folders): killed before the new one took its name, it leaves neither under the name, and the
+    next save would delete the old one with the other leftovers. A folder put back is verified
+    first (one a rotation had begun to delete is not)."""
+    from .reading import verify
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_symlink() or not root.is_dir():
+        return []
+    restored = []
+    for entry in sorted(root.iterdir()):
+        match = _ASIDE.fullmatch(entry.name)
+        if (match is None or _pid_alive(int(match.group(3))) or entry.is_symlink()
+                or os.path.lexists(root / match.group(1))):  # fmt: skip
+            continue
+        try:
+            if verify(entry)["step"] != int(match.group(2)):
+                continue
+        except CheckpointError:
+            continue  # a leftover like the others
+        os.rename(entry, root / match.group(1))
+        restored.append(match.group(1))
+    if restored:
+        _fsync_dir(root)
+    _clean_stale(root)
+    return restored
 
 
 def _open_root(run_dir: Path) -> Path:
