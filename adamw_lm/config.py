@@ -123,7 +123,7 @@ class HubConfig:
     private: bool = True  # a run's data and adapters are the user's
     push_every: int = 1  # every N-th saved checkpoint
     branch: str = "main"
-    keep_remote: Optional[int] = None  # step folders kept on the Hub; defaults to checkpoint.keep_last
+    keep_remote: Optional[int] = None  # step folders kept on the Hub (0: all); null: checkpoint.keep_last
     push_final: bool = True
 
 
@@ -278,6 +278,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in hints:
             raise ConfigError(f"unknown config key '{path}'{_did_you_mean(key, names)}")
         hint = hints[key]
+        if value is None and not where and not _type_ok(None, hint):
+            continue  # `key: null` at the top: the default, as mlx_lm lora reads it
         if isinstance(value, str) and not _type_ok(value, hint) and _type_ok(None, hint):
             value = _none_word(value)  # `keep_best: None`, as Python writes it, where no text fits
         if dataclasses.is_dataclass(hint):
@@ -392,6 +394,9 @@ def from_dict(data: Any) -> TrainConfig:
                 "grad_accumulation_steps", "max_seq_length"):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(config, key)}")
+    if config.max_seq_length < 2:  # mlx-lm would train on empty inputs and fail inside mlx
+        raise ConfigError("config key 'max_seq_length' must be >= 2 (an input token and the token it "
+                          f"predicts), got {config.max_seq_length}")
     if not 0 <= config.seed <= MAX_SEED:
         raise ConfigError(
             f"config key 'seed' must be from 0 to {MAX_SEED} (NumPy and mlx seeds), got {config.seed}")
@@ -427,11 +432,10 @@ def _check_hub(hub: HubConfig) -> None:
         if hub.repo_id.startswith("hub:") or spec.revision is not None:
             raise ConfigError(f"config key 'hub.repo_id' must be USER/REPO (the branch goes in "
                               f"'hub.branch'), got {hub.repo_id!r}")
-    for key in ("push_every", "keep_remote"):
-        value = getattr(hub, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"config key 'hub.{key}' must be >= 1" + (" or null" if key == "keep_remote" else "")
-                              + f", got {value}")
+    if hub.push_every < 1:
+        raise ConfigError(f"config key 'hub.push_every' must be >= 1, got {hub.push_every}")
+    if hub.keep_remote is not None and hub.keep_remote < 0:
+        raise ConfigError(f"config key 'hub.keep_remote' must be >= 0 (0 keeps all) or null, got {hub.keep_remote}")
     if not hub.branch.strip() or any(c in hub.branch for c in " ~^:?*[\\") or ".." in hub.branch:
         raise ConfigError(f"config key 'hub.branch' must be a git branch name, got {hub.branch!r}")
 
@@ -534,8 +538,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        raw = path.read_bytes()
         try:
-            data = yaml.load(path.read_text(), _yaml_loader())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"config file {path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+        try:
+            data = yaml.load(text, _yaml_loader())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         except ConfigError as e:

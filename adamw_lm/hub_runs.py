@@ -35,7 +35,7 @@ def start_pushing(config: TrainConfig) -> Optional[Pusher]:
         return None
     keep = hub.keep_remote if hub.keep_remote is not None else config.checkpoint.keep_last
     pusher = Pusher(hub.repo_id, private=hub.private, branch=hub.branch, push_every=hub.push_every,
-                    keep_remote=keep, push_final=hub.push_final)
+                    keep_remote=keep or None, push_final=hub.push_final)
     url = pusher.prepare()
     print(f"Pushing checkpoints to {url}", flush=True)
     return pusher

@@ -66,11 +66,20 @@ def setup_trainable(model: nn.Module, config: TrainConfig) -> None:
         raise ConfigError(
             f"config key 'num_layers' is {config.num_layers} but the model has {len(model.layers)} layers"
         )
+    # As mlx-lm slices them: num_layers 0 is every layer (layers[-0:]).
+    layers = model.layers[-max(config.num_layers, 0):]
     if config.fine_tune_type == "full":
-        for layer in model.layers[-max(config.num_layers, 0):]:
+        quantized = [(name, type(m).__name__) for layer in layers for name, m in layer.named_modules()
+                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]  # fmt: skip
+        if quantized:
+            raise ConfigError(
+                f"config key 'fine_tune_type' is 'full' but the model {config.model} is quantized "
+                f"({quantized[0][0]} is a {quantized[0][1]}): its packed weights take no gradient; "
+                "use 'lora' or 'dora', or an unquantized model")
+        for layer in layers:
             layer.unfreeze()
     else:
-        _check_lora_keys(model, config)
+        _check_lora_keys(model, config, layers)
         try:
             linear_to_lora_layers(
                 model, config.num_layers, config.lora_parameters,
@@ -78,9 +87,11 @@ def setup_trainable(model: nn.Module, config: TrainConfig) -> None:
             )
         except KeyError as e:
             raise ConfigError(f"config key 'lora_parameters': {e}") from None
+        except ValueError as e:  # a key naming a module mlx-lm cannot turn into LoRA
+            raise ConfigError(f"config key 'lora_parameters.keys': {e}") from None
 
 
-def _check_lora_keys(model: nn.Module, config: TrainConfig) -> None:
+def _check_lora_keys(model: nn.Module, config: TrainConfig, layers: list[nn.Module]) -> None:
     """Each ``lora_parameters.keys`` entry must name a module, in the trained layers (as
     ``self_attn.q_proj``) or in the whole model (as ``lm_head``), as ``linear_to_lora_layers`` reads it."""
     keys = config.lora_parameters.get("keys")
@@ -88,7 +99,6 @@ def _check_lora_keys(model: nn.Module, config: TrainConfig) -> None:
         return
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ConfigError(f"config key 'lora_parameters.keys' must be a list of module names, got {keys!r}")
-    layers = model.layers[-max(config.num_layers, 0):] if config.num_layers else []
     names = {name for layer in layers for name, _ in layer.named_modules()}
     names |= {name for name, _ in model.named_modules()}
     for key in keys:
@@ -108,13 +118,14 @@ def adapter_config(config: TrainConfig) -> dict[str, Any]:
     return data
 
 
-def _format_keys(config: TrainConfig, record: dict[str, Any]) -> tuple[str, ...]:
-    """The keys every record needs, in the format mlx-lm's ``create_dataset`` picks from the first."""
+def _format_keys(config: TrainConfig, record: dict[str, Any]) -> dict[str, type]:
+    """The keys every record needs, with the type of their values, in the format mlx-lm's
+    ``create_dataset`` picks from the first record."""
     prompt = config.prompt_feature or "prompt"
     completion = config.completion_feature or "completion"
     chat = config.chat_feature or "messages"
     text = config.text_feature or "text"
-    for keys in ((prompt, completion), (chat,), (text,)):
+    for keys in ({prompt: str, completion: str}, {chat: list}, {text: str}):
         if all(k in record for k in keys):
             return keys
     raise ConfigError(
@@ -126,10 +137,14 @@ def _format_keys(config: TrainConfig, record: dict[str, Any]) -> tuple[str, ...]
 def _check_jsonl(path: Path, config: TrainConfig) -> None:
     """Every line a JSON object in one format, before mlx-lm reads it (it stops at the first bad
     line without saying which, and processes records lazily, mid-run)."""
-    keys: Optional[tuple[str, ...]] = None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    keys: Optional[dict[str, type]] = None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 raise ConfigError(f"{where}: empty line (every line must be one JSON object)")
             try:
@@ -145,6 +160,12 @@ def _check_jsonl(path: Path, config: TrainConfig) -> None:
             missing = [k for k in keys if k not in record]
             if missing:
                 raise ConfigError(f"{where}: missing {missing} (line 1 set the format to keys {list(keys)})")
+            for key, kind in keys.items():  # mlx-lm would find out mid-run, in the tokenizer
+                if not isinstance(record[key], kind):
+                    raise ConfigError(f"{where}: {key!r} must be a {'list of messages' if kind is list else 'string'}, "
+                                      f"got {json.dumps(record[key])[:40]}")
+    if keys is None:
+        raise ConfigError(f"{path} is empty: give it records (one JSON object per line), or remove it")
 
 
 def load_data(config: TrainConfig, tokenizer: Any, *, need_train: bool = True) -> tuple[Any, Any, Any]:
@@ -177,10 +198,16 @@ def load_data(config: TrainConfig, tokenizer: Any, *, need_train: bool = True) -
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"config key '{key}' ({config.hf_dataset if key == 'hf_dataset' else config.data}): "
                           f"{e}") from None
-    if need_train and len(train_set) < config.batch_size:
-        raise ConfigError(
-            f"config key 'batch_size' is {config.batch_size} but the training set has only {len(train_set)} examples"
-        )
+    # mlx-lm's batches need batch_size examples; it would find out at the first validation, or
+    # at the test after training. An empty validation set is no validation, as in mlx-lm.
+    for name, found, used in (("training", train_set, need_train),
+                              ("validation", valid_set, need_train and config.val_batches != 0
+                               and len(valid_set) > 0),
+                              ("test", test_set, config.test)):  # fmt: skip
+        if used and len(found) < config.batch_size:
+            raise ConfigError(f"config key 'batch_size' is {config.batch_size} but the {name} set "
+                              f"({key} {config.hf_dataset if key == 'hf_dataset' else config.data}) "
+                              f"has only {len(found)} examples")
     return CacheDataset(train_set), CacheDataset(valid_set), CacheDataset(test_set)
 
 

@@ -45,6 +45,7 @@ class MetricsLog(TrainingCallback):
         self.write({
             "iteration": train_info["iteration"], "train_loss": train_info["train_loss"],
             "learning_rate": train_info["learning_rate"],
+            "trained_tokens": train_info["trained_tokens"],
             "tokens_per_second": train_info["tokens_per_second"],
             "peak_memory_gb": train_info["peak_memory"],
         })
@@ -155,7 +156,9 @@ def precision_rows(model: nn.Module, optimizer: Any) -> list[tuple[str, str, int
 
 def header(config: Any, model: nn.Module, optimizer: Any) -> list[str]:
     """The lines printed before training: model, trainable parameters, the precision plan."""
-    total = sum(p.size for _, p in tree_flatten(model.parameters()))
+    from mlx_lm.utils import get_total_parameters  # counts a quantized layer's logical weights
+
+    total = get_total_parameters(model)
     trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     lines = [
         f"Model: {config.model}",
@@ -211,6 +214,8 @@ def plot(run_dir: Path) -> Optional[Path]:
             continue
     train = [(r["iteration"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None  # nothing to draw (a run folder fetched from the Hub has no log)
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, label in ((train, "train"), (val, "validation")):
         if points:

@@ -272,25 +272,27 @@ class _ReportWindow:
     def __init__(self, state: dict[str, Any]):
         self.state = state
         self.tokens, self.seconds = 0, 0.0
+        self.timed_from = state["iteration"]  # the rates count what this process timed
 
     def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
         self.seconds += seconds
+        # Every step, not at reports: a checkpoint between two reports holds its tokens.
+        self.state["trained_tokens"] += tokens
 
     def report(self, it: int, learning_rate: float) -> dict[str, Any]:
         start = self.state["report_start"]
-        self.state["trained_tokens"] += self.tokens
         info = {
             "iteration": it,
             # The same window as an uninterrupted run, even across a resume.
             "train_loss": float(np.mean(self.state["losses"][start - it:])),
             "learning_rate": learning_rate,
-            "iterations_per_second": (it - start) / max(self.seconds, 1e-9),
+            "iterations_per_second": (it - max(start, self.timed_from)) / max(self.seconds, 1e-9),
             "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
             "trained_tokens": self.state["trained_tokens"],
             "peak_memory": mx.get_peak_memory() / 1e9,
         }
-        self.state["report_start"] = it
+        self.state["report_start"] = self.timed_from = it
         self.tokens, self.seconds = 0, 0.0
         return info
 
@@ -512,6 +514,10 @@ def run(
         # empty (an old run that crashed before its first checkpoint leaves one behind).
         if main and replace_old_run:
             shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+            # And its adapters (mlx-lm's numbered ones would otherwise pass for this run's) and plot.
+            for entry in run_dir.iterdir():
+                if RUN_FILES.fullmatch(entry.name) and not entry.is_dir():
+                    entry.unlink()
         if main and resume_from is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         elif main:
@@ -637,6 +643,16 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
         if data.get(key, default) != default:
             data[key] = default
             ignored.append(f"{key} ({flag})")
+    # A run pushed to another repo than its checkpoint's: publishing it and deleting step folders
+    # there are the user's own choices, not the checkpoint's.
+    hub = data.get("hub") if isinstance(data.get("hub"), dict) else {}
+    if "hub.repo_id" in overrides and overrides["hub.repo_id"] != hub.get("repo_id"):
+        # Private, and nothing deleted there (keep_remote 0; null would follow checkpoint.keep_last).
+        for key, flag, value in (("private", "--hub.private false", True),
+                                 ("keep_remote", "--hub.keep_remote N", 0)):  # fmt: skip
+            if f"hub.{key}" not in overrides and hub.get(key, getattr(defaults.hub, key)) != value:
+                hub[key] = value
+                ignored.append(f"hub.{key} ({flag})")
     return ignored
 
 
@@ -669,18 +685,17 @@ def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optiona
 
     Only that step folder is downloaded; it is verified like a local checkpoint and copied into
     the run folder, then :func:`resume` takes over (``options`` are its keywords). The run keeps
-    pushing to the repo its config names (the source repo if none), or to ``repo_id``.
+    pushing to the source repo, or to ``repo_id``; pushed to another repo than its checkpoint's
+    config names, it takes that config's ``hub.private`` and ``hub.keep_remote`` only if
+    ``options["overrides"]`` gives them again.
     """
     from .hub_runs import fetch_run
 
-    run_dir, step, spec, trainer_state = fetch_run(source, step, run_dir)
+    run_dir, step, spec, _ = fetch_run(source, step, run_dir)
     overrides = dict(options.pop("overrides", None) or {})
-    saved = trainer_state.get("config")
-    saved_hub = saved.get("hub") if isinstance(saved, dict) else None
-    if repo_id is not None:
-        overrides["hub.repo_id"] = repo_id
-    elif not (isinstance(saved_hub, dict) and saved_hub.get("repo_id")):
-        overrides["hub.repo_id"] = spec.repo_id  # pushed after the fact with `adamw-lm push`
+    # The repo it came from (or repo_id), never another one its saved config names: a stranger's
+    # checkpoint does not choose which of your repos gets written to.
+    overrides["hub.repo_id"] = repo_id if repo_id is not None else spec.repo_id
     return resume(run_dir, step=step, overrides=overrides, **options)
 
 

@@ -267,8 +267,10 @@ def test_resume_with_other_precision_needs_the_flag(tmp_path, tiny_model_path, d
 
 
 def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, tiny_model_path, data_dir):
-    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run", iters=2))
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run", iters=2,
+                                               save_every=2))  # fmt: skip
     assert cli("train", "--config", str(cfg), "--no-progress").returncode == 0  # mlx_lm lora's --config
+    assert (tmp_path / "run" / "0000002_adapters.safetensors").is_file()
     done = cli("train", str(cfg), "--no-progress")
     assert done.returncode == 2 and "already holds checkpoints" in done.stderr and "resume" in done.stderr
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000002"
@@ -279,6 +281,8 @@ def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, tiny_model_path
     assert done.returncode == 0, done.stderr
     names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-")]
     assert names == ["step-0000001"]
+    # Nothing of the old run passes for this one's: its numbered adapters went with it.
+    assert not (tmp_path / "run" / "0000002_adapters.safetensors").exists()
     done = cli("train", str(cfg), "--config", str(cfg))
     assert done.returncode == 2 and "two config files" in done.stderr
 
@@ -313,14 +317,75 @@ def test_test_set_evaluation_and_seeding_from_mlx_lm_adapters(tmp_path, tiny_mod
         (['{"text": "a b c"}', '{"txt": "d"}'], "line 2: missing ['text']"),
         (['{"foo": 1}'], "line 1: no known data format"),
         (['["text"]'], "line 1: expected a JSON object"),
+        # What mlx-lm would find out mid-run, in the tokenizer:
+        (['{"text": "a b c"}', '{"text": null}'], "line 2: 'text' must be a string, got null"),
+        (['{"messages": "hello"}'], "line 1: 'messages' must be a list of messages"),
+        (['{"prompt": "a", "completion": 5}'], "line 1: 'completion' must be a string, got 5"),
+        ([b'{"text": "caf\xe9"}'], "line 1: not UTF-8 (byte 0xe9 at column 14)"),
+        ([], "is empty: give it records"),
     ],
 )
 def test_data_errors_name_file_and_line(lines, message, tmp_path, tiny_model_path, data_dir):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "train.jsonl").write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n"
+                                                for line in lines))  # fmt: skip
     done = bad(tmp_path, tiny_model_path, data_dir, data=str(data))
-    assert f"{data / 'train.jsonl'}, {message}" in done.stderr
+    assert f"{data / 'train.jsonl'}{' ' if not lines else ', '}{message}" in done.stderr
+
+
+@pytest.mark.parametrize("name, where", [("valid", "validation"), ("test", "test")])
+def test_sets_smaller_than_a_batch_are_refused_before_training(name, where, tmp_path,
+                                                              tiny_model_path, data_dir):
+    """mlx-lm would stop at the first validation, or at the test once training is over."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for part in ("train", "valid", "test"):
+        lines = (data_dir / f"{part}.jsonl").read_text().splitlines()
+        (data / f"{part}.jsonl").write_text("\n".join(lines[:2] if part == name else lines) + "\n")
+    done = bad(tmp_path, tiny_model_path, data_dir, data=str(data), test=True)
+    assert f"'batch_size' is 4 but the {where} set (data {data}) has only 2 examples" in done.stderr
+
+
+def test_lora_key_of_a_layer_lora_cannot_replace(tmp_path, tiny_model_path, data_dir):
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["input_layernorm"]}
+    done = bad(tmp_path, tiny_model_path, data_dir, lora_parameters=lora)
+    assert "config key 'lora_parameters.keys'" in done.stderr and "RMSNorm" in done.stderr
+
+
+def test_num_layers_0_is_every_layer_as_in_mlx_lm(tmp_path, tiny_model_path, data_dir):
+    """mlx-lm slices ``layers[-num_layers:]``: 0 takes them all, with keys given or not."""
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
+    cfg = base(tiny_model_path, data_dir, tmp_path / "run", iters=1, num_layers=0, lora_parameters=lora)
+    done = cli("train", str(write_yaml(tmp_path / "zero.yaml", cfg)), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    layers = {k.split(".")[2] for k in mx.load(str(tmp_path / "run" / "adapters.safetensors"))}
+    count = json.loads((tiny_model_path / "config.json").read_text())["num_hidden_layers"]
+    assert layers == {str(i) for i in range(count)}
+
+
+def test_max_seq_length_needs_two_tokens(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, max_seq_length=1)
+    assert "'max_seq_length' must be >= 2" in done.stderr
+
+
+def test_quantized_model_full_fine_tune_and_parameter_count(tmp_path, tiny_model_path, data_dir):
+    """A quantized model's packed weights take no gradient: a full fine-tune is a config error
+    before training. LoRA on it trains, and the header counts its logical parameters, as mlx-lm."""
+    from mlx_lm import load
+    from mlx_lm.convert import convert
+    from mlx_lm.utils import get_total_parameters
+
+    quantized = tmp_path / "quantized"
+    convert(str(tiny_model_path), mlx_path=str(quantized), quantize=True, q_group_size=32)
+    done = bad(tmp_path, quantized, data_dir, fine_tune_type="full")
+    assert "config key 'fine_tune_type' is 'full' but the model" in done.stderr
+    assert "QuantizedLinear" in done.stderr
+    cfg = base(quantized, data_dir, tmp_path / "lora", iters=1)
+    done = cli("train", str(write_yaml(tmp_path / "lora.yaml", cfg)), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    total = get_total_parameters(load(str(quantized))[0]) / 1e6
+    assert re.search(rf"Trainable parameters: [0-9.]+% \([0-9.]+M/{total:.3f}M\)", done.stdout), done.stdout
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,27 @@ def test_none_words_for_precisions(tmp_path):
     assert config.resume_adapter_file == "None"  # a path may be called that, as mlx-lm reads it
 
 
+def test_null_at_the_top_is_the_default_as_in_mlx_lm(tmp_path):
+    """mlx_lm lora sets every key it reads as null to its default (CONFIG_DEFAULTS)."""
+    keys = ["seed", "num_layers", "lora_parameters", "iters", "batch_size", "max_seq_length",
+            "grad_checkpoint", "val_batches", "steps_per_eval", "fine_tune_type", "learning_rate"]
+    path = tmp_path / "nulls.yaml"
+    path.write_text("".join(f"{key}: null\n" for key in keys))
+    config, defaults = load_config(path), load_config(None)
+    for key in keys:
+        assert getattr(config, key) == getattr(defaults, key) == CONFIG_DEFAULTS[key], key
+    path.write_text("lora_parameters:\n  rank: null\n")  # nested: no default to take
+    with pytest.raises(ConfigError, match="lora_parameters"):
+        load_config(path)
+
+
+def test_config_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"iters: 3\nmodel: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml, line 2: not UTF-8 \(byte 0xe9\)"):
+        load_config(path)
+
+
 def test_duplicate_yaml_key_names_key_and_line(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("iters: 3\nlora_parameters:\n  rank: 8\n  rank: 16\n")

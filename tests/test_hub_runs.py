@@ -94,12 +94,13 @@ def references(tiny_model_path, bf16_model_path, data_dir, tmp_path_factory) -> 
     return found
 
 
-def first_machine(hub, tmp_path, model, data_dir, **extra) -> tuple[str, Path]:
+def first_machine(hub, tmp_path, model, data_dir, hub_settings: dict | None = None,
+                  **extra) -> tuple[str, Path]:
     """`adamw-lm train` with a `hub:` section, stopping at HALF; returns the repo and run folder."""
     repo = hub.repo_id("run")
     run_dir = tmp_path / "office"
-    cfg = write_yaml(tmp_path / "office.yaml",
-                     config(model, data_dir, run_dir, iters=HALF, hub={"repo_id": repo}, **extra))
+    cfg = write_yaml(tmp_path / "office.yaml", config(
+        model, data_dir, run_dir, iters=HALF, hub={"repo_id": repo, **(hub_settings or {})}, **extra))
     done = cli(hub, "train", str(cfg), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert f"Pushed to {hub.url}/{repo}" in done.stdout
@@ -161,6 +162,39 @@ def test_a_user_without_write_access_is_told_before_training_and_can_push_elsewh
     assert done.returncode == 0, done.stderr
     assert hub.server.files(own)["checkpoints/latest"] == b"step-0000006\n"
     assert state_of(step_dir(run_dir, 6))["config"]["hub"]["repo_id"] == own
+
+
+def test_a_checkpoint_does_not_choose_where_it_is_pushed_nor_publish_or_delete_there(
+        hub, tmp_path, tiny_model_path, data_dir):
+    """A run whose saved config names another repo than the one it is resumed from (here: pushed
+    to ``copy`` after the fact, its config naming ``origin``), public and keeping one step on the
+    Hub: resumed from ``copy``, it pushes to ``copy`` and nowhere else; resumed into a repo of
+    one's own, that repo is private and nothing in it is deleted, unless the flags say so."""
+    origin, run_dir = first_machine(hub, tmp_path, tiny_model_path, data_dir,
+                                    hub_settings={"private": False, "keep_remote": 1},
+                                    checkpoint={"every": 2, "keep_last": 1})  # fmt: skip
+    copy = hub.repo_id("copy")
+    assert cli(hub, "push", str(run_dir), "--repo-id", copy).returncode == 0
+    before = hub.server.history(origin)
+    done = cli(hub, "resume", f"hub:{copy}", "--run-dir", str(tmp_path / "a"), "--iters", "6",
+               "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert hub.server.history(origin) == before
+    assert hub.server.files(copy)["checkpoints/latest"] == b"step-0000006\n"
+
+    fresh, shared = hub.repo_id("fresh"), hub.repo_id("shared")
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.url, token=hub.token).create_repo(shared)
+    hub.server.commit_files(shared, {"checkpoints/step-0000001/notes.txt": b"another run"})
+    for repo, folder in ((fresh, "b"), (shared, "c")):
+        done = cli(hub, "resume", f"hub:{copy}", "--step", "4", "--run-dir", str(tmp_path / folder),
+                   "--iters", "6", "--repo-id", repo, "--no-progress")
+        assert done.returncode == 0, done.stderr
+        assert "hub.private (--hub.private false)" in done.stderr, done.stderr
+        assert "hub.keep_remote (--hub.keep_remote N)" in done.stderr
+    assert hub.server.repos[fresh].private
+    assert "checkpoints/step-0000001/notes.txt" in hub.server.files(shared)
 
 
 def test_no_token_anywhere_in_the_run_folder_or_on_the_server(hub, tmp_path, tiny_model_path, data_dir):
@@ -337,6 +371,11 @@ def test_hub_config_section_and_refused_token(tmp_path):
         True, 1, "main", None, True)
     with pytest.raises(ConfigError, match="did you mean 'push_every'"):
         from_dict({"hub": {"push_evry": 2}})
+    assert from_dict({"hub": {"keep_remote": 0}}).hub.keep_remote == 0  # keep every step folder
+    with pytest.raises(ConfigError, match=r"'hub.keep_remote' must be >= 0 \(0 keeps all\) or null"):
+        from_dict({"hub": {"keep_remote": -1}})
+    with pytest.raises(ConfigError, match="'hub.push_every' must be >= 1"):
+        from_dict({"hub": {"push_every": 0}})
     with pytest.raises(ConfigError, match="'hub.token'.*HF_TOKEN.*hf auth login"):
         load_config(write_yaml(tmp_path / "c.yaml", {"hub": {"repo_id": "alice/run", "token": "hf_x"}}))
     with pytest.raises(ConfigError, match="hub.repo_id"):

@@ -108,10 +108,16 @@ def check_resume_matches(tmp_path, tiny_model_path, data_dir, sig=signal.SIGINT,
     assert f"iteration {ITERS}" in message
     resumed = json.loads((run_dir / "checkpoints" / f"step-{ITERS:07d}" / "trainer_state.json").read_text())
     assert resumed["losses"] == reference.losses  # exact float equality, every iteration
-    # The metrics log reads as one run: every iteration reported once, in order.
-    reported = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if "train_loss" in line]
-    assert reported == list(range(1, ITERS + 1))
+    # The metrics log reads as the run never stopped: every report once, in order, with the same
+    # losses, learning rates and token counts (the timings aside).
+    def reports(folder: Path) -> list[tuple]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iteration"], r["train_loss"], r["learning_rate"], r["trained_tokens"])
+                for r in records if "train_loss" in r]
+
+    assert reports(run_dir) == reports(ref_dir)
+    every = extra.get("steps_per_report", 1)
+    assert [r[0] for r in reports(run_dir)] == sorted({*range(every, ITERS + 1, every), ITERS})
     return stop
 
 
@@ -136,8 +142,10 @@ def test_resume_after_sigterm_and_move_with_accumulation_and_grad_checkpoint(tmp
 def test_resume_after_sigkill_between_checkpoints_is_bit_exact(tmp_path, tiny_model_path, data_dir):
     # Killed with iterations done since the last checkpoint (and maybe a save under way): they
     # are done again, with the same batches, dropout and rounding, and logged once.
+    # Reports every 5: the checkpoint it resumes from (12) falls between two (10 and 15), whose
+    # token count must hold the tokens of 11 and 12.
     check_resume_matches(tmp_path, tiny_model_path, data_dir, sig=signal.SIGKILL, after=15,
-                         **{"optimizer.state_precision": "int8"})
+                         steps_per_report=5, **{"optimizer.state_precision": "int8"})
 
 
 def test_resume_refuses_overrides_that_change_the_run(tmp_path, tiny_model_path, data_dir):
