@@ -669,25 +669,37 @@ def list_remote(
     """The checkpoints of a Hub run, newest first, with their validation and last training loss.
 
     Only each step's manifest and trainer state are read (size-capped, untrusted: a value that
-    is not a finite number is shown as missing).
+    is not a finite number is shown as missing), for the newest :data:`MAX_DETAILED_STEPS` steps
+    and within :data:`MAX_DETAIL_BYTES` in all: a repo of many steps cannot fill the disk from a
+    read-only command. Older steps show their size alone.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     remote = _Remote(spec, endpoint, cache_dir)
     latest = remote.latest()
     found = []
-    for step in sorted(remote.steps, reverse=True):
+    budget = MAX_DETAIL_BYTES
+    for rank, step in enumerate(sorted(remote.steps, reverse=True)):
         prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
         size = sum(s for p, s in remote.files.items() if p.startswith(prefix + "/"))
         val = train = None
-        manifest = remote.download(f"{prefix}/{MANIFEST}", MAX_JSON_BYTES)
-        if manifest is not None:
-            val = _finite(_get(manifest, MAX_JSON_BYTES, "val_loss"))
-        state = remote.download(f"{prefix}/{TRAINER_STATE}", MAX_TRAINER_STATE_BYTES)
-        if state is not None:
-            losses = _get(state, MAX_TRAINER_STATE_BYTES, "losses")
-            train = _finite(losses[-1]) if isinstance(losses, list) and losses else None
+        for name, cap in ((MANIFEST, MAX_JSON_BYTES), (TRAINER_STATE, MAX_TRAINER_STATE_BYTES)):
+            listed = remote.files.get(f"{prefix}/{name}")
+            if rank >= MAX_DETAILED_STEPS or listed is None or listed > min(cap, budget):
+                continue
+            budget -= listed
+            path = remote.download(f"{prefix}/{name}", cap)
+            if path is not None and name == MANIFEST:
+                val = _finite(_get(path, cap, "val_loss"))
+            elif path is not None:
+                losses = _get(path, cap, "losses")
+                train = _finite(losses[-1]) if isinstance(losses, list) and losses else None
         found.append(RemoteCheckpoint(step, prefix, step == latest, size, val, train))
     return found
+
+
+#: :func:`list_remote` reads the losses of this many newest steps, and this many bytes in all.
+MAX_DETAILED_STEPS = 20
+MAX_DETAIL_BYTES = 128 * 2**20
 
 
 def _get(path: Path, cap: int, key: str) -> Any:

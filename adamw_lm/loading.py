@@ -115,7 +115,9 @@ def adapter_config(config: TrainConfig) -> dict[str, Any]:
     data = config.mlx_lm_args().__dict__
     if config.fine_tune_type == "full":
         data["lora_parameters"] = None
-    return data
+    # Keys in one order at every level: a resumed run's config comes back from the checkpoint's
+    # JSON sorted, and its adapter_config.json must be byte for byte the uninterrupted run's.
+    return json.loads(json.dumps(data, sort_keys=True))
 
 
 def _format_keys(config: TrainConfig, record: dict[str, Any]) -> dict[str, type]:

@@ -448,6 +448,27 @@ def test_list_remote_reports_steps_losses_and_latest(hub, run_dir):
         assert c.train_loss is not None and c.path == f"checkpoints/step-{c.step:07d}"
 
 
+def test_list_remote_reads_a_bounded_number_of_steps(hub, run_dir, monkeypatch):
+    """A repo of many steps: only the newest few (and a bounded number of bytes) are downloaded;
+    the others are listed with their size alone."""
+    import adamw_lm.hub as hub_module
+
+    repo = hub.repo_id("many")
+    push_all(pusher(hub, repo), run_dir)
+    monkeypatch.setattr(hub_module, "MAX_DETAILED_STEPS", 2)
+    found = list_remote(repo, endpoint=hub.url, cache_dir=hub.cache / "few")
+    assert [c.step for c in found] == [40, 30, 20, 10]
+    assert [c.val_loss is not None for c in found] == [True, True, False, False]
+    assert all(c.size > 0 for c in found)
+    downloaded = sorted("/".join(p.parts[-2:]) for p in (hub.cache / "few").rglob("*")
+                        if "snapshots" in p.parts and not p.is_dir())  # fmt: skip
+    assert downloaded == ["checkpoints/latest", *(f"step-00000{s}0/{name}" for s in (3, 4)
+                                                 for name in ("manifest.json", "trainer_state.json"))]
+    monkeypatch.setattr(hub_module, "MAX_DETAIL_BYTES", 0)
+    found = list_remote(repo, endpoint=hub.url, cache_dir=hub.cache / "none")
+    assert [c.val_loss for c in found] == [None] * 4
+
+
 def test_model_card(hub, run_dir, tiny_model_path):
     repo = hub.repo_id("card")
     push_all(pusher(hub, repo, keep_remote=2, branch="exp"), run_dir)
