@@ -66,7 +66,7 @@ from .checkpoint import (
     TRAINER_STATE,
     CheckpointError,
 )
-from .checkpoint.format import STEP_DIR, dir_name
+from .checkpoint.format import STEP_DIR, dir_name, finite_number
 from .checkpoint.untrusted import MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_TRAINER_STATE_BYTES
 from .model_card import LOSS_PLOT, loss_plot, model_card, read_json
 
@@ -689,10 +689,10 @@ def list_remote(
             budget -= listed
             path = remote.download(f"{prefix}/{name}", cap)
             if path is not None and name == MANIFEST:
-                val = _finite(_get(path, cap, "val_loss"))
+                val = finite_number(_get(path, cap, "val_loss"))
             elif path is not None:
                 losses = _get(path, cap, "losses")
-                train = _finite(losses[-1]) if isinstance(losses, list) and losses else None
+                train = finite_number(losses[-1]) if isinstance(losses, list) and losses else None
         found.append(RemoteCheckpoint(step, prefix, step == latest, size, val, train))
     return found
 
@@ -710,10 +710,6 @@ def _get(path: Path, cap: int, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else None
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 __all__ = [

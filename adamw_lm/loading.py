@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import mlx.nn as nn
 from mlx_lm.tuner.datasets import CacheDataset, load_dataset
@@ -141,7 +141,7 @@ def _check_jsonl(path: Path, config: TrainConfig) -> None:
     line without saying which, and processes records lazily, mid-run)."""
     keys: Optional[dict[str, type]] = None
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(_universal_lines(f), 1):
             where = f"{path}, line {number}"
             try:
                 line = raw.decode("utf-8")
@@ -168,6 +168,16 @@ def _check_jsonl(path: Path, config: TrainConfig) -> None:
                                       f"got {json.dumps(record[key])[:40]}")
     if keys is None:
         raise ConfigError(f"{path} is empty: give it records (one JSON object per line), or remove it")
+
+
+def _universal_lines(f: Any) -> Iterator[bytes]:
+    """The lines of a binary file as mlx-lm's text-mode read splits them: at ``\n``, ``\r\n``
+    and a lone ``\r`` (bytes, so that a line that is not UTF-8 can be named)."""
+    for raw in f:
+        pieces = raw.replace(b"\r\n", b"\n").split(b"\r")
+        if len(pieces) > 1 and not pieces[-1]:
+            pieces.pop()  # the file ended on a lone \r
+        yield from pieces
 
 
 def load_data(config: TrainConfig, tokenizer: Any, *, need_train: bool = True) -> tuple[Any, Any, Any]:

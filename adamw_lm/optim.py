@@ -274,6 +274,28 @@ class AdamW(optim.AdamW):
                 f"of which {scalar_bytes} go to the state's scalars{kept}: {e}"
             ) from e
 
+    def _planned(self, parameters: dict) -> dict[str, str | None]:
+        """The plan once :meth:`init` has taken ``parameters``: planned parameters (whose state
+        exists) keep their precision, and under ``"auto"`` the others share what the budget
+        leaves after the state of planned parameters outside the tree."""
+        paths = {path for path, _ in tree_flatten(parameters)}
+        held = {path: p for path, p in self._plan.items() if path in paths}
+        elsewhere = {path: p for path, p in self._plan.items() if path not in paths}
+        held_bytes = sum(a.nbytes for path in elsewhere
+                         for _, a in tree_flatten(_subtree(self._state, path) or {}))  # fmt: skip
+        return {**elsewhere, **self._decide(parameters, held, held_bytes)}
+
+    @property
+    def state(self) -> dict:
+        """mlx's state tree. Setting it forgets the precision plan: :meth:`init` (which the next
+        update calls, as in mlx) plans the parameters of the new state again."""
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        optim.Optimizer.state.fset(self, state)
+        self._plan = {}
+
     @property
     def precision_plan(self) -> dict[str, str | None]:
         """``{path: precision}`` of the parameters this optimizer holds state for (empty before init)."""
@@ -287,10 +309,11 @@ class AdamW(optim.AdamW):
     def _format(self, precision: str | None, dtype: mx.Dtype) -> StateFormat:
         return StateFormat.of(precision, dtype, self.settings.weight_update)
 
-    def state_formats(self, parameters: dict) -> dict[str, StateFormat]:
-        """``{path: StateFormat}``: how the state of each array of ``parameters`` is stored (see
-        :meth:`plan`); :func:`convert_state` turns one format into another."""
-        plan = self.plan(parameters)
+    def state_formats(self, parameters: dict, fresh: bool = False) -> dict[str, StateFormat]:
+        """``{path: StateFormat}``: how the state of each array of ``parameters`` is stored (or,
+        without state yet, will be), or with ``fresh`` how a state set from scratch is planned
+        (see :meth:`plan`); :func:`convert_state` turns one format into another."""
+        plan = self.plan(parameters) if fresh else self._planned(parameters)
         return {path: self._format(plan[path], p.dtype) for path, p in tree_flatten(parameters)}
 
     def hyperparameters(self) -> dict:
@@ -320,21 +343,11 @@ class AdamW(optim.AdamW):
                     f"optimizer's state (state_precision={self.settings.state_precision!r}): "
                     "nest it one level down"
                 )
+        planned = self._planned(parameters)  # first: a plan that does not fit changes nothing
         # The base class builds the state tree's structure; per-parameter state needs the
         # parameter's path (its precision depends on it), which init_single is not given.
         super().init(parameters)
-        filled: set[str] = set()
-        tree_map_with_path(
-            lambda path, _, state: filled.add(path) if state else None, parameters, self._state
-        )
-        held = {path: self._plan[path] for path in filled if path in self._plan}
-        paths = {path for path, _ in tree_flatten(parameters)}
-        # Planned parameters outside this tree whose state is still there (a state set since
-        # may have dropped some).
-        outside = {path: _subtree(self._state, path) for path in self._plan if path not in paths}
-        elsewhere = {path: self._plan[path] for path, state in outside.items() if state}
-        held_bytes = sum(a.nbytes for path in elsewhere for _, a in tree_flatten(outside[path]))
-        self._plan = {**elsewhere, **self._decide(parameters, held, held_bytes)}
+        self._plan = planned
 
         def fill(path: str, parameter: mx.array, state: dict) -> None:
             if not state:

@@ -23,6 +23,8 @@ MAX_PATTERN_CHARS = 1000
 #: need the parser whose cost this bounds.
 MAX_PATTERN_SIZE = 100_000
 _COUNTED_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
+#: An inline flag group that turns verbose mode on, where ``{3 000}`` is a counted repeat.
+_VERBOSE = regex.compile(r"\(\?[a-zA-Z0-9^-]*x")
 
 
 def check_pattern(pattern: object) -> None:
@@ -32,6 +34,9 @@ def check_pattern(pattern: object) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"precision_overrides key {pattern[:40]!r}... has {len(pattern)} characters; "
                          f"at most {MAX_PATTERN_CHARS}")
+    if _VERBOSE.search(pattern):
+        raise ValueError(f"precision_overrides key {pattern[:40]!r}: verbose mode ((?x)) is not "
+                         "taken (it would hide counted repeats from the limits below)")
     size = len(pattern)
     for low, high in _COUNTED_REPEAT.findall(pattern):
         size *= max(int(low or 0), int(high or 0), 1)
@@ -40,7 +45,7 @@ def check_pattern(pattern: object) -> None:
                              f"({{n}}, {{m,n}}) would expand it past {MAX_PATTERN_SIZE} characters")
     try:
         regex.compile(pattern)
-    except (regex.error, RecursionError, OverflowError) as e:
+    except (regex.error, RecursionError, OverflowError, MemoryError) as e:
         what = "nests too deeply" if isinstance(e, RecursionError) else f"is not a regex: {e}"
         raise ValueError(f"precision_overrides key {pattern[:40]!r} {what}") from None
 

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 
+from .checkpoint.format import finite_number
 from .runfiles import open_append, read_text_nofollow, replace_file, replace_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -212,8 +213,12 @@ def plot(run_dir: Path) -> Optional[Path]:
             records.append(json.loads(line))
         except ValueError:
             continue
-    train = [(r["iteration"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+    # The log is read back from the run folder: only well-formed points are drawn.
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["iteration"], r[key]) for r in records if isinstance(r, dict)
+                and all(finite_number(r.get(k)) is not None for k in ("iteration", key))]  # fmt: skip
+
+    train, val = points("train_loss"), points("val_loss")
     if not train and not val:
         return None  # nothing to draw (a run folder fetched from the Hub has no log)
     fig, ax = plt.subplots(figsize=(6, 4))

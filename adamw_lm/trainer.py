@@ -35,7 +35,7 @@ from mlx_lm.utils import save_config
 from . import checkpoint
 from . import distributed as dist
 from .batches import BatchStream, iteration_seed
-from .config import ConfigError, TrainConfig, from_dict, set_dotted
+from .config import ConfigError, HubConfig, TrainConfig, from_dict, set_dotted
 from .fingerprint import changed_inputs, run_inputs
 from .loading import adapter_config, build_optimizer, load_data, load_model, setup_trainable
 from .optim import AdamW
@@ -212,7 +212,10 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
             state["report_start"] = state["iteration"]
         _check_inputs(saved.get("fingerprints"), inputs, state, accept_changed, where)
     elif config.resume_adapter_file:
-        checkpoint.load_adapters_only(config.resume_adapter_file, model)
+        try:
+            checkpoint.load_adapters_only(config.resume_adapter_file, model)
+        except checkpoint.NoCheckpointError as e:
+            raise ConfigError(f"config key 'resume_adapter_file': {e}") from None
     optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         _checkpoint_blocks(model)
@@ -643,17 +646,29 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
         if data.get(key, default) != default:
             data[key] = default
             ignored.append(f"{key} ({flag})")
-    # A run pushed to another repo than its checkpoint's: publishing it and deleting step folders
-    # there are the user's own choices, not the checkpoint's.
-    hub = data.get("hub") if isinstance(data.get("hub"), dict) else {}
-    if "hub.repo_id" in overrides and overrides["hub.repo_id"] != hub.get("repo_id"):
-        # Private, and nothing deleted there (keep_remote 0; null would follow checkpoint.keep_last).
-        for key, flag, value in (("private", "--hub.private false", True),
-                                 ("keep_remote", "--hub.keep_remote N", 0)):  # fmt: skip
-            if f"hub.{key}" not in overrides and hub.get(key, getattr(defaults.hub, key)) != value:
-                hub[key] = value
-                ignored.append(f"hub.{key} ({flag})")
+    hub = data.get("hub")
+    if "hub.repo_id" in overrides and (not isinstance(hub, dict)
+                                       or overrides["hub.repo_id"] != hub.get("repo_id")):  # fmt: skip
+        reset = _hub_consent(hub if isinstance(hub, dict) else {}, overrides)
+        for key, value in reset.items():
+            set_dotted(data, f"hub.{key}", value)
+        ignored += [_HUB_CONSENT[key][0] for key in reset]
     return ignored
+
+
+#: What a run pushed to another repo than its checkpoint's does unless the command line says
+#: otherwise: publishing it and deleting step folders there are the user's choices, not the
+#: checkpoint's. ``keep_remote`` 0 keeps every step folder (null would follow checkpoint.keep_last).
+_HUB_CONSENT = {"private": ("hub.private (--hub.private false)", True),
+                "keep_remote": ("hub.keep_remote (--hub.keep_remote N)", 0)}
+
+
+def _hub_consent(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``hub`` settings to reset (to :data:`_HUB_CONSENT`'s values) for a push to another repo:
+    those the command line does not give whose saved value (default included) differs."""
+    defaults = HubConfig()
+    return {key: value for key, (_, value) in _HUB_CONSENT.items()
+            if f"hub.{key}" not in overrides and saved.get(key, getattr(defaults, key)) != value}
 
 
 def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision: bool = False,
@@ -691,11 +706,22 @@ def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optiona
     """
     from .hub_runs import fetch_run
 
-    run_dir, step, spec, _ = fetch_run(source, step, run_dir)
+    run_dir, step, spec, trainer_state = fetch_run(source, step, run_dir)
     overrides = dict(options.pop("overrides", None) or {})
     # The repo it came from (or repo_id), never another one its saved config names: a stranger's
     # checkpoint does not choose which of your repos gets written to.
     overrides["hub.repo_id"] = repo_id if repo_id is not None else spec.repo_id
+    if overrides["hub.repo_id"] != spec.repo_id:
+        # Pushed elsewhere than where it came from, whatever repo its saved config names.
+        saved = trainer_state.get("config")
+        hub = saved.get("hub") if isinstance(saved, dict) else None
+        ignored = _hub_consent(hub if isinstance(hub, dict) else {}, overrides)
+        for key, value in ignored.items():
+            overrides[f"hub.{key}"] = value
+        if ignored and dist.is_main():
+            print(f"Ignored from the checkpoint's config (pushed to another repo than "
+                  f"{spec.repo_id}): {', '.join(_HUB_CONSENT[k][0] for k in ignored)}; give the "
+                  "flag to use it.", file=sys.stderr)
     return resume(run_dir, step=step, overrides=overrides, **options)
 
 
@@ -754,7 +780,8 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
         print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
               f"Train longer with --iters N.", file=sys.stderr)
         if dist.is_main():  # killed after its last checkpoint, the run did not draw its plot
-            plot(run_dir)
+            with contextlib.suppress(OSError):  # a convenience: a link planted there stays unread
+                plot(run_dir)
         return RunResult(run_dir, iteration, found.path, None, list(saved.get("losses") or []))
     if iteration % config.grad_accumulation_steps:
         raise ConfigError(

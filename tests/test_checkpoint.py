@@ -300,6 +300,26 @@ def test_stale_temporaries_are_ignored_then_cleaned(run):
     )
 
 
+def test_a_folder_a_killed_save_moved_aside_is_put_back_one_a_rotation_dropped_is_not(run):
+    """A save replacing a step folder moves the old one aside (.trash-...) before renaming the new
+    one into place; killed in between, the next save (and checkpoint.recover, which resume calls
+    first) puts the old one back. A folder a rotation was deleting (.drop-...) stays deleted, and
+    a half-deleted aside folder is not put back."""
+    run_dir, model, optimizer = run
+    root = run_dir / "checkpoints"
+    dead, token = dead_pid(), "0123456789abcdef"
+    (root / "step-0000002").rename(root / f".trash-step-0000002-{token}-{dead}")
+    (root / "step-0000001").rename(root / f".drop-step-0000001-{token}-{dead}")
+    assert checkpoint.recover(run_dir) == ["step-0000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002"]
+    checkpoint.verify(root / "step-0000002")
+
+    (root / "step-0000002").rename(root / f".trash-step-0000002-{token}-{dead}")
+    (root / f".trash-step-0000002-{token}-{dead}" / "manifest.json").unlink()
+    checkpoint.save(run_dir, 3, model, optimizer, {}, {})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003"]
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from adamw_lm import checkpoint, trainer
-from adamw_lm.config import from_dict
+from adamw_lm.config import ConfigError, from_dict
 
 
 def base(model: Path, data: Path, run_dir: Path, **extra) -> dict:
@@ -334,6 +334,19 @@ def test_data_errors_name_file_and_line(lines, message, tmp_path, tiny_model_pat
     assert f"{data / 'train.jsonl'}{' ' if not lines else ', '}{message}" in done.stderr
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_data_lines_end_as_mlx_lm_reads_them(newline, tmp_path, tiny_model_path, data_dir):
+    """mlx-lm reads the files in text mode: a line ends at \\n, \\r\\n or a lone \\r."""
+    from adamw_lm.loading import _check_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(newline.join([b'{"text": "a b"}', b'{"text": "c d"}', b""]))
+    _check_jsonl(path, from_dict(base(tiny_model_path, data_dir, tmp_path / "run")))
+    path.write_bytes(newline.join([b'{"text": "a b"}', b"", b'{"text": "c d"}']))
+    with pytest.raises(ConfigError, match="line 2: empty line"):
+        _check_jsonl(path, from_dict(base(tiny_model_path, data_dir, tmp_path / "run")))
+
+
 @pytest.mark.parametrize("name, where", [("valid", "validation"), ("test", "test")])
 def test_sets_smaller_than_a_batch_are_refused_before_training(name, where, tmp_path,
                                                               tiny_model_path, data_dir):
@@ -362,6 +375,11 @@ def test_num_layers_0_is_every_layer_as_in_mlx_lm(tmp_path, tiny_model_path, dat
     layers = {k.split(".")[2] for k in mx.load(str(tmp_path / "run" / "adapters.safetensors"))}
     count = json.loads((tiny_model_path / "config.json").read_text())["num_hidden_layers"]
     assert layers == {str(i) for i in range(count)}
+
+
+def test_missing_resume_adapter_file_names_the_key(tmp_path, tiny_model_path, data_dir):
+    done = bad(tmp_path, tiny_model_path, data_dir, resume_adapter_file=str(tmp_path / "nope.safetensors"))
+    assert f"config key 'resume_adapter_file': {tmp_path / 'nope.safetensors'} not found" in done.stderr
 
 
 def test_max_seq_length_needs_two_tokens(tmp_path, tiny_model_path, data_dir):

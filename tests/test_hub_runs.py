@@ -195,6 +195,14 @@ def test_a_checkpoint_does_not_choose_where_it_is_pushed_nor_publish_or_delete_t
         assert "hub.keep_remote (--hub.keep_remote N)" in done.stderr
     assert hub.server.repos[fresh].private
     assert "checkpoints/step-0000001/notes.txt" in hub.server.files(shared)
+    # Into the repo the saved config names (one could name any of yours): from elsewhere still.
+    before = {p for p in hub.server.files(origin) if p.startswith("checkpoints/step-")}
+    done = cli(hub, "resume", f"hub:{copy}", "--step", "4", "--run-dir", str(tmp_path / "d"),
+               "--iters", "6", "--repo-id", origin, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert f"pushed to another repo than {copy}" in done.stderr
+    assert "hub.keep_remote (--hub.keep_remote N)" in done.stderr
+    assert before < {p for p in hub.server.files(origin) if p.startswith("checkpoints/step-")}
 
 
 def test_no_token_anywhere_in_the_run_folder_or_on_the_server(hub, tmp_path, tiny_model_path, data_dir):

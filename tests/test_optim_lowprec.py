@@ -469,6 +469,36 @@ def test_auto_init_again_keeps_precisions_and_budget():
         opt.init({"x": mx.ones((8192,))})
 
 
+def test_state_formats_are_the_held_plan_and_setting_the_state_forgets_it():
+    """What a checkpoint records (state_formats) is the plan the state was made with, also after
+    a second init; a state set wholesale (a load) is planned again, from scratch, by the next
+    init, which is what a load converts to (state_formats(fresh=True))."""
+    def make() -> AdamW:
+        return AdamW(1e-2, state_precision="auto", memory_budget=8 * 8192 + 2 * 8192 + 200,
+                     min_quantize_size=0)  # fmt: skip
+
+    tree = {"w": mx.ones((8192,)), "lora": mx.ones((8192,))}
+    grads = {"w": mx.full((8192,), 0.1), "lora": mx.full((8192,), 0.1)}
+    opt = make()
+    opt.init({"w": tree["w"]})
+    opt.init(tree)
+    held = {"w": "fp32", "lora": "int4"}
+    assert opt.precision_plan == held
+    assert {p: f.precision for p, f in opt.state_formats(tree).items()} == held
+    fresh = {p: f.precision for p, f in opt.state_formats(tree, fresh=True).items()}
+    assert fresh == {"w": "bf16", "lora": "bf16"}
+    other = make()
+    other.init(tree)
+    opt.state = tree_map(mx.array, other.state)
+    params = opt.apply_gradients(grads, tree)
+    mx.eval(params, opt.state)
+    assert opt.precision_plan == fresh
+    failed = make()
+    with pytest.raises(ValueError, match="does not fit"):
+        failed.init({"big": mx.ones((1 << 20,))})
+    assert "big" not in failed.state  # a plan that does not fit leaves no state behind
+
+
 @pytest.mark.parametrize("name", ["key", "skipped_steps"])
 def test_parameter_named_as_a_state_entry_is_refused(name):
     params = {name: mx.ones((8,)), "w": mx.ones((8,))}

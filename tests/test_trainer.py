@@ -561,3 +561,17 @@ def test_run_folder_holds_the_latest_adapters_after_an_interrupt(tmp_path, tiny_
     loaded = dict(tree_flatten(model.parameters()))
     assert saved and all(mx.array_equal(loaded[k], v).item() for k, v in saved.items())
     assert not list(run_dir.glob("*_adapters.safetensors"))  # save_every not reached
+
+
+def test_loss_plot_draws_only_well_formed_points(tmp_path):
+    """metrics.jsonl is read back from the run folder: lines that are not records of finite
+    numbers are left out, and a log with nothing to draw gives no plot."""
+    from adamw_lm.reports import METRICS_FILE, plot  # matplotlib: scripts/test.sh installs it
+
+    log = tmp_path / METRICS_FILE
+    log.write_text('"train_loss"\n{"train_loss": 1}\n{"iteration": 1, "train_loss": "x"}\n[1]\n')
+    assert plot(tmp_path) is None and not (tmp_path / "loss.png").exists()
+    log.write_text(log.read_text() + '{"iteration": 2, "train_loss": 3.5}\n'
+                   '{"iteration": 2, "val_loss": NaN}\nnot json\n')
+    assert plot(tmp_path) == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

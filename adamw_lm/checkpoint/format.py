@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 
 STEP_DIR = re.compile(r"step-(\d{7,})")
 # Every temporary entry ends with the writer's pid, so a live writer's work is never cleaned up.
-TEMPORARY = re.compile(r"\.(?:tmp|trash)-.+-(\d+)")
+TEMPORARY = re.compile(r"\.(?:tmp|trash|drop)-.+-(\d+)")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_LISTED = 5
 #: Parameter and state paths as mlx names them: printable, so that messages may show them.
@@ -84,6 +84,14 @@ def _is_int(value: Any, low: int = 0, high: int = MAX_COUNT) -> bool:
 
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float)
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else ``None``: for numbers
+    read back from files, where anything may stand."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def check_manifest(path: Path, manifest: Any, folder_step: int | None) -> dict[str, Any]:

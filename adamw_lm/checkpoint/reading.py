@@ -540,6 +540,10 @@ def load_adapters_only(adapter_path: str | os.PathLike, model: nn.Module) -> dic
         with open_verified(path) as found:
             weights = found.arrays(ADAPTERS)
             return _load_adapters(weights, found.path / ADAPTERS, model, found.adapter_config)
+    elif not path.is_dir():
+        raise NoCheckpointError(
+            f"{path} not found: expected an adapter folder written by mlx_lm lora ({ADAPTERS} + "
+            f"{ADAPTER_CONFIG}), an adamw_lm checkpoint, or a {ADAPTERS} file")
     else:
         for required in (ADAPTERS, ADAPTER_CONFIG):
             if not os.path.lexists(path / required):

@@ -39,9 +39,13 @@ def optimizer_metadata(optimizer: optim.Optimizer, plan: dict[str, StateFormat])
     }
 
 
-def plan_of(optimizer: optim.Optimizer, parameters: dict) -> dict[str, StateFormat]:
+def plan_of(
+    optimizer: optim.Optimizer, parameters: dict, fresh: bool = False
+) -> dict[str, StateFormat]:
+    """How ``optimizer`` stores the state of ``parameters``; ``fresh``: once a loaded state has
+    replaced its own (see :meth:`AdamW.state_formats`)."""
     if isinstance(optimizer, AdamW):
-        return optimizer.state_formats(parameters)
+        return optimizer.state_formats(parameters, fresh=fresh)
     # mlx's own optimizers keep raw moments in the parameter dtype, which is precision None.
     return {
         path: StateFormat.of(None, p.dtype, None) for path, p in tree_flatten(parameters)
@@ -129,7 +133,7 @@ def restore_state(
     """
     params = dict(tree_flatten(trainable))
     stored_formats = _stored_formats(stored_plan, stored_hyperparameters or {}, path, params)
-    requested = plan_of(optimizer, trainable)
+    requested = plan_of(optimizer, trainable, fresh=True)  # the load then sets the state
     changed = [
         p for p in params if _differs(stored_formats[p], requested[p], params[p].dtype)
     ]

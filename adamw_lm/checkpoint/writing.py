@@ -225,32 +225,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(root: Path) -> None:
-    """Remove temporaries left by saves that crashed (their writer process is gone)."""
-    for entry in root.iterdir():
-        match = TEMPORARY.fullmatch(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
-            _remove(entry)
-
-
-#: A checkpoint folder moved aside by :func:`_commit` or :func:`_rotate` (see :func:`_temporary`).
-_ASIDE = re.compile(r"\.trash-(step-(\d{7,}))-[0-9a-f]{16}-(\d+)")
-
-
-def recover(run_dir: str | os.PathLike) -> list[str]:
-    """Put back the checkpoints that saves killed between their two renames had moved aside, then
-    remove what killed saves left behind; return the names put back. For the holder of the run's
-    lock, before it picks a checkpoint.
+def _clean_stale(root: Path) -> list[str]:
+    """Put back the checkpoint folders that saves killed between their two renames had moved
+    aside, then remove the temporaries left by saves that crashed (their writer process is gone);
+    return the names put back.
 
     A save that replaces a step folder moves the old one aside first (no portable atomic swap of
     folders): killed before the new one took its name, it leaves neither under the name, and the
-    next save would delete the old one with the other leftovers. A folder put back is verified
-    first (one a rotation had begun to delete is not)."""
+    old one must not go with the leftovers. A folder put back is verified first."""
     from .reading import verify
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if root.is_symlink() or not root.is_dir():
-        return []
     restored = []
     for entry in sorted(root.iterdir()):
         match = _ASIDE.fullmatch(entry.name)
@@ -266,8 +250,26 @@ def recover(run_dir: str | os.PathLike) -> list[str]:
         restored.append(match.group(1))
     if restored:
         _fsync_dir(root)
-    _clean_stale(root)
+    for entry in root.iterdir():
+        match = TEMPORARY.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove(entry)
     return restored
+
+
+#: A checkpoint folder that :func:`_commit` moved aside (see :func:`_temporary`); :func:`_rotate`
+#: moves the ones it deletes to ``.drop-...`` names, which are not put back.
+_ASIDE = re.compile(r"\.trash-(step-(\d{7,}))-[0-9a-f]{16}-(\d+)")
+
+
+def recover(run_dir: str | os.PathLike) -> list[str]:
+    """What every save does first (:func:`_clean_stale`), for the holder of the run's lock before
+    it picks a checkpoint to resume from: put back the checkpoint folders that killed saves had
+    moved aside, remove their other leftovers; return the names put back."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_symlink() or not root.is_dir():
+        return []
+    return _clean_stale(root)
 
 
 def _open_root(run_dir: Path) -> Path:
@@ -557,7 +559,7 @@ def _rotate(root: Path, keep_last: int, keep_best: int, keep: str, protect: set[
     for _, folder, _ in complete:
         if folder.name not in kept:
             # Renamed first so a crash mid-delete never leaves a half-deleted step-* folder.
-            trash = _temporary(root, "trash", folder.name)
+            trash = _temporary(root, "drop", folder.name)
             os.rename(folder, trash)
             _remove(trash)
 
