@@ -641,13 +641,16 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         m_stored = precision.m.decode(tensors["m"], shape)
         v_old = precision.v.decode(tensors["v"], shape)
         v = k.beta2 * v_old + k.one_minus_beta2 * (g32 * g32)
-        # A finite gradient whose square overflows (|g| > 1.8e19) would make v infinite: mlx's
-        # AdamW then freezes that element for good, but a block's infinite scale would take its
-        # whole block along (int8: frozen, int4: NaN through inf · 0), and a checkpoint with it
-        # would not load (states must be finite). So v stops at the largest bfloat16, which every
-        # format stores as it is (a select of the form ``a < b ? a : b``, which a CPU kernel
-        # vectorizes).
-        v = mx.where(v < _V_MAX, v, _V_MAX)
+        if not precision.exact_root:
+            # A finite gradient whose square overflows (|g| > 1.8e19) would make v infinite: mlx's
+            # AdamW then freezes that element for good, but a block's infinite scale would take
+            # its whole block along (int8: frozen, int4: NaN through inf · 0), a bfloat16 v too
+            # (rounded up to infinity), and a checkpoint with it would not load (states must be
+            # finite). So v stops at the largest bfloat16, which these formats store as it is
+            # (the select form a CPU kernel vectorizes). fp32 keeps mlx's arithmetic, where an
+            # infinite v freezes its element only: there the select cost 25 % of the step
+            # (docs/benchmarks.md).
+            v = mx.where(v < _V_MAX, v, _V_MAX)
         root_v = precision.root(v)
         if not precision.exact_root:
             # Its own kernel, read by the update and (int4) the step's encoding: within theirs,
