@@ -550,6 +550,31 @@ def test_optimizer_scalars_cannot_be_dropped(run, tiny_model_path, which):
     assert message.endswith(f"optimizer.safetensors: optimizer state has no {which!r}")
 
 
+@pytest.mark.parametrize("value, loads", [(float("inf"), True), (float("nan"), False), (-1.0, False)])
+def test_an_infinite_float_second_moment_loads_as_mlx_leaves_it(tmp_path, tiny_model_path, value,
+                                                                 loads):
+    """mlx's AdamW leaves v = +inf where a gradient's square overflowed (that element is frozen): a
+    checkpoint of such a state loads. A NaN or a negative second moment is refused."""
+    from mlx.utils import tree_unflatten
+
+    model, optimizer = lora_model(tiny_model_path), AdamW(1e-2)  # precision None: mlx's state
+    losses = lm_steps(model, optimizer, 1)
+    flat = dict(tree_flatten(optimizer.state))
+    key = first_key(flat, ".v")
+    flat[key] = mx.where(mx.arange(flat[key].size).reshape(flat[key].shape) == 0, value, flat[key])
+    optimizer.state = tree_unflatten(list(flat.items()))
+    state = {"iteration": 1, "epoch": 0, "offset": 2, "losses": losses, "val_losses": [], "seed": 0}
+    adapter_config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}
+    checkpoint.save(tmp_path, 1, model, optimizer, state, adapter_config)
+    restored = AdamW(1e-2)
+    if loads:
+        checkpoint.load_latest(tmp_path, lora_model(tiny_model_path), restored)
+        assert mx.isinf(dict(tree_flatten(restored.state))[key]).any().item()
+    else:
+        with pytest.raises(CorruptCheckpointError, match=f"negative second moments.*first: {key}"):
+            checkpoint.load_latest(tmp_path, lora_model(tiny_model_path), restored)
+
+
 def test_optimizer_step_must_be_the_runs_number_of_updates(tmp_path, tiny_model_path, data_dir):
     """The optimizer's step drives the schedule and the bias correction: a step that is not the
     run's number of updates (iteration / grad_accumulation_steps) is refused on resume."""

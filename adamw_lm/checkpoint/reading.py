@@ -242,20 +242,24 @@ def _check_weights(weights: dict[str, mx.array], params: dict[str, mx.array], pa
         )
 
 
-def _check_finite(arrays: dict[str, mx.array], path: Path) -> None:
-    """Raise unless every floating-point array in ``arrays`` is finite (this evaluates them)."""
+def _check_finite(arrays: dict[str, mx.array], path: Path, moments: bool = False) -> None:
+    """Raise unless every floating-point array in ``arrays`` is finite (this evaluates them); with
+    ``moments``, a second moment stored as floats (``...v``) must be >= 0 and may hold +inf, which
+    mlx's AdamW leaves where a gradient's square overflowed (the element is frozen)."""
     floating = [(k, a) for k, a in arrays.items() if mx.issubdtype(a.dtype, mx.floating)]
+    second = {k for k, _ in floating if moments and (k == "v" or k.endswith(".v"))}
     # A finite sum proves every element finite (NaN and inf propagate), and a sum is cheaper than
     # isfinite on every element; only a sum that overflowed needs the element-wise check.
-    sums = [mx.isfinite(mx.sum(a)) for _, a in floating]
-    mx.eval(sums)
+    checks = [mx.all(a >= 0) if k in second else mx.isfinite(mx.sum(a)) for k, a in floating]
+    mx.eval(checks)
     bad = [
-        key for (key, a), ok in zip(floating, sums)
-        if not ok.item() and not mx.all(mx.isfinite(a)).item()
+        key for (key, a), ok in zip(floating, checks)
+        if not ok.item() and (key in second or not mx.all(mx.isfinite(a)).item())
     ]
     if bad:
         raise CorruptCheckpointError(
-            f"{path}: {len(bad)} arrays hold NaN or infinite values (first: {bad[0]})"
+            f"{path}: {len(bad)} arrays hold NaN or infinite values"
+            f"{' (or negative second moments)' if second else ''} (first: {bad[0]})"
         )
 
 
@@ -307,7 +311,7 @@ def _load_verified(
     )
     _check_state_layout(state, whole, trainable, optimizer_path)
     _check_finite(adapters, found.path / ADAPTERS)
-    _check_finite(dict(tree_flatten(state)), optimizer_path)
+    _check_finite(dict(tree_flatten(state)), optimizer_path, moments=True)
 
     # Every check has passed: only now are the model and the optimizer changed.
     model.load_weights(list(adapters.items()), strict=False)
