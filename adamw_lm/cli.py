@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -183,6 +184,8 @@ def parse_run_args(command: str, tokens: Sequence[str]) -> RunArgs:
                     parsed = mlx_parser.parse_args([f"{action.option_strings[-1]}={text}"])
                 except argparse.ArgumentError as e:
                     raise ConfigError(str(e)) from None
+                except (ValueError, KeyError, ArithmeticError):  # raised by a type mlx-lm wrote
+                    raise ConfigError(f"argument {option}: invalid value {text!r}") from None
                 args.overrides[action.dest] = getattr(parsed, action.dest)
             elif command == "resume":
                 raise ConfigError("resume reads the config saved in the run's checkpoint: "
@@ -474,6 +477,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser().parse_args(argv)  # plan / inspect / tiny-model, and every --help
             command = args.command
             code = args.fn(args)
+    except BrokenPipeError:  # `adamw-lm inspect RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except (ConfigError, CheckpointError, OSError) as e:
         print(f"adamw-lm {command}: error: {e}", file=sys.stderr)
         return 2

@@ -206,6 +206,9 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
     state = {k: (list(v) if isinstance(v, list) else v) for k, v in _FRESH_STATE.items()}
     where = getattr(resume_from, "path", resume_from)
     if resume_from is not None:
+        recorded = getattr(resume_from, "trainer_state", None)
+        if isinstance(recorded, dict):  # another model first: its weights would not fit either
+            _refuse_changed_inputs(recorded.get("fingerprints"), inputs, accept_changed, where)
         saved = checkpoint.load(resume_from, model, optimizer, convert_precision=convert_precision)
         state.update({k: saved[k] for k in state if k in saved})
         if "report_start" not in saved:  # written before the window was saved: restart it here
@@ -249,11 +252,12 @@ def setup(config: TrainConfig, *, resume_from: Optional[Checkpoint] = None, conv
                  reports, lines, inputs)
 
 
-def _check_inputs(recorded: Any, current: dict[str, Any], state: dict[str, Any],
-                  accept_changed: frozenset[str], found: Path) -> None:
-    """Refuse another model or data set than the checkpoint's fingerprints, unless accepted."""
+def _refuse_changed_inputs(recorded: Any, current: dict[str, Any], accept_changed: frozenset[str],
+                           found: Path) -> dict[str, str]:
+    """The inputs that differ from the checkpoint's fingerprints; ``ConfigError`` for one that
+    ``accept_changed`` does not name."""
     if not isinstance(recorded, dict):
-        return  # written before fingerprints were recorded
+        return {}  # written before fingerprints were recorded
     changed = changed_inputs(recorded, current)
     for key, what in changed.items():
         if key not in accept_changed:
@@ -262,6 +266,14 @@ def _check_inputs(recorded: Any, current: dict[str, Any], state: dict[str, Any],
                 f"{found}: the {key} differs from the one this run trained on ({what}): give {where} "
                 f"to the same {key}, or {ACCEPT_FLAGS[key]} to continue knowingly (the run is then "
                 "marked as no longer exact)")
+    return changed
+
+
+def _check_inputs(recorded: Any, current: dict[str, Any], state: dict[str, Any],
+                  accept_changed: frozenset[str], found: Path) -> None:
+    """Refuse another model or data set than the checkpoint's fingerprints, unless accepted (the
+    run is then marked as no longer exact)."""
+    for key, what in _refuse_changed_inputs(recorded, current, accept_changed, found).items():
         state["exact"] = False
         state["changes"] = [*state["changes"], f"{key} changed at iteration {state['iteration']}: {what}"[:1024]]
 

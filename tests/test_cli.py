@@ -2,6 +2,7 @@
 and bad input (exit status 2, one clear line, no traceback)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -101,6 +102,13 @@ def test_train_cli_with_overrides_and_inspect(tmp_path, tiny_model_path, data_di
     shown = cli("inspect", str(tmp_path / "run"))
     assert shown.returncode == 0, shown.stderr
     assert "step-0000003" in shown.stdout and "int8" in shown.stdout and "verified" in shown.stdout
+    # Into a pipe whose reader is gone (`inspect RUN | head -1`): quiet, as other tools are.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = subprocess.run([sys.executable, "-m", "adamw_lm.cli", "inspect", str(tmp_path / "run")],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write_end)
+    assert closed.returncode == 141 and closed.stderr == "", closed.stderr
 
     (tmp_path / "run" / "checkpoints" / "step-0000003" / "adapters.safetensors").write_bytes(b"broken")
     shown = cli("inspect", str(tmp_path / "run" / "checkpoints" / "step-0000003"))
@@ -382,6 +390,18 @@ def test_missing_resume_adapter_file_names_the_key(tmp_path, tiny_model_path, da
     assert f"config key 'resume_adapter_file': {tmp_path / 'nope.safetensors'} not found" in done.stderr
 
 
+def test_resume_with_a_model_of_another_shape_names_the_model(tmp_path, tiny_model_path, data_dir):
+    """The fingerprints are compared before the adapters: another model is named as such, not as
+    adapters that do not fit."""
+    from adamw_lm.tiny import build_tiny_model
+
+    cfg = write_yaml(tmp_path / "c.yaml", base(tiny_model_path, data_dir, tmp_path / "run", iters=2))
+    assert cli("train", str(cfg), "--no-progress").returncode == 0
+    other = build_tiny_model(tmp_path / "medium", size="medium", seed=0)
+    done = cli("resume", str(tmp_path / "run"), "--iters", "3", "--model", str(other))
+    assert done.returncode == 2 and "the model differs from the one this run trained on" in done.stderr
+
+
 def test_max_seq_length_needs_two_tokens(tmp_path, tiny_model_path, data_dir):
     done = bad(tmp_path, tiny_model_path, data_dir, max_seq_length=1)
     assert "'max_seq_length' must be >= 2" in done.stderr
@@ -581,6 +601,10 @@ BAD_LINES = [
     (["train", "CFG", "--itres", "2"], "adamw-lm train: error: unknown option --itres; did you mean --iters?"),
     (["train", "CFG", "--iters", "two"], "adamw-lm train: error: argument --iters: invalid int value: 'two'"),
     (["train", "CFG", "--fine-tune-type", "qlora"], "argument --fine-tune-type: invalid choice: 'qlora'"),
+    (["train", "CFG", "--clear-cache-threshold", "2XB"],
+     "argument --clear-cache-threshold: invalid value '2XB'"),  # mlx-lm's parse_size: KeyError
+    (["train", "CFG", "--clear-cache-threshold", "banana"],
+     "argument --clear-cache-threshold: invalid value 'banana'"),  # decimal.InvalidOperation
     (["train", "CFG", "--iters"], "option --iters expects a value"),
     (["train", "CFG", "--step", "3"], "option --step belongs to `adamw-lm resume`, not `train`"),
     (["train", "CFG", "CFG"], "unexpected argument"),
@@ -622,7 +646,7 @@ def main_in_process(monkeypatch, capsys):
 
 
 # These few run as the real command; every line of BAD_LINES also runs through main() in-process.
-SUBPROCESS_LINES = {0, 1, 10, 13, 14}
+SUBPROCESS_LINES = {0, 1, 12, 15, 16}
 
 
 @pytest.mark.parametrize("index", range(len(BAD_LINES)), ids=lambda i: " ".join(BAD_LINES[i][0]))
