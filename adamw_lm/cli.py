@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-changed-data", action="store_true",
                    help="continue although the data differs from the run's (marks the run not exact)")
     p.add_argument("--convert-precision", action="store_true",
-                   help="allow resuming with another optimizer.state_precision (converts the moments)")
+                   help="allow resuming with another optimizer.state_precision or optimizer.weight_update "
+                        "(converts the moments, and the weights' buffer)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="needed again on resume: a saved config cannot grant it")
     p.add_argument("--report-to", help="needed again on resume (wandb, swanlab)")

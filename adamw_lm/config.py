@@ -422,16 +422,13 @@ def _refuse_token(data: dict[str, Any]) -> None:
 
 
 def _check_hub(hub: HubConfig) -> None:
-    from .hub import HubError, parse_spec
+    from .hub import HubError, check_repo_id
 
     if hub.repo_id is not None:
         try:
-            spec = parse_spec(hub.repo_id)
+            check_repo_id(hub.repo_id)
         except HubError as e:
             raise ConfigError(f"config key 'hub.repo_id': {e}") from None
-        if hub.repo_id.startswith("hub:") or spec.revision is not None:
-            raise ConfigError(f"config key 'hub.repo_id' must be USER/REPO (the branch goes in "
-                              f"'hub.branch'), got {hub.repo_id!r}")
     if hub.push_every < 1:
         raise ConfigError(f"config key 'hub.push_every' must be >= 1, got {hub.push_every}")
     if hub.keep_remote is not None and hub.keep_remote < 0:
@@ -537,7 +534,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8")

@@ -116,6 +116,16 @@ def parse_spec(text: str) -> HubSpec:
     return HubSpec(repo_id, revision or None)
 
 
+def check_repo_id(text: str) -> str:
+    """``text`` if it is a repo to push to, ``USER/REPO`` (no ``hub:``, no ``@revision``)."""
+    if text.startswith("hub:") or "@" in text or not _REPO_ID.fullmatch(text) or (
+        "--" in text or ".." in text
+    ):
+        raise HubError(f"{text!r} is not a Hub repo id: expected USER/REPO (a branch goes in "
+                       "--branch, or hub.branch in a config)")
+    return text
+
+
 # -- errors and retries ----------------------------------------------------------------------
 
 
@@ -235,11 +245,7 @@ class Pusher:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
     ):
-        self.spec = parse_spec(repo_id)
-        if self.spec.revision is not None:
-            raise HubError(
-                f"push to {repo_id!r}: give the branch as branch=, not @{self.spec.revision}"
-            )
+        self.spec = HubSpec(check_repo_id(repo_id), None)
         for name, value in (("push_every", push_every), ("keep_remote", keep_remote)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -719,6 +725,7 @@ __all__ = [
     "HubSpec",
     "Pusher",
     "RemoteCheckpoint",
+    "check_repo_id",
     "list_remote",
     "parse_spec",
     "pull",

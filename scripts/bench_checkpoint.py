@@ -115,7 +115,7 @@ def bench(model: nn.Module, precision: str, work: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", help="folder to write in (default: a temporary folder)")
     parser.add_argument("--params", type=float, default=50e6, help="model size in parameters")
     parser.add_argument("--repeats", type=int, default=5)

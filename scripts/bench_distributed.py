@@ -88,7 +88,7 @@ def run(n: int, model: Path, precision: str, shard: bool, exchange: str, steps: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", choices=["small", "medium"], default="medium")
     parser.add_argument("--precision", default="none", help="state_precision (none, fp32, bf16, int8, int4)")

@@ -9,7 +9,8 @@ Each optimizer runs in its own subprocess: a warm-up step, then ``mx.reset_peak_
 measured step evaluated as mlx-lm's trainer does (parameters, state and loss in one ``mx.eval``).
 
 Optimizers: ``mlx`` (mlx-lm's way: ``mlx.optimizers.AdamW``, moments in the weights' bf16) and ours at
-each ``--precisions`` with the default weight update, plus ``int4`` with ``weight_update="exact"``.
+each precision ``--optimizers`` names with the default weight update, and ``int4+exact`` (``int4``
+with ``weight_update="exact"``).
 The plan column is :func:`adamw_lm.memory.plan_from_config` for the same config, batch and sequence
 length. Prints a markdown table and a one-line verdict; exits 1 when a prediction is off by more than
 ``--tolerance`` of the measured peak.
@@ -119,7 +120,7 @@ def predicted(name: str, args: argparse.Namespace) -> memory.MemoryRow:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=None, help="default 2.6875 x hidden")

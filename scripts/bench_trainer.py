@@ -48,7 +48,7 @@ def timed(command: list[str], env: dict) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--short", type=int, default=10, help="iterations of the short run")
     parser.add_argument("--long", type=int, default=90, help="iterations of the long run")

@@ -3,6 +3,11 @@
 # 8-bit-state AdamW, interrupt the run half way (as Ctrl-C would), resume it in a new process, and
 # check that the result is bit-for-bit the run that was never interrupted.
 set -euo pipefail
+if [ $# -gt 0 ]; then  # it takes no options: say what it does instead of doing it
+    sed -n '2,4s/^# \{0,1\}//p' "$0"
+    echo "usage: bash scripts/demo.sh   (writes runs/tiny-model, runs/tiny-lora, runs/tiny-lora-uninterrupted)"
+    exit 2
+fi
 source "$(dirname "$0")/venv.sh" plot
 
 RUN=runs/tiny-lora

@@ -17,6 +17,7 @@ import yaml
 
 from adamw_lm import checkpoint, hub_runs, trainer
 from adamw_lm.config import ConfigError, from_dict, load_config
+from adamw_lm import hub as hub_module
 from adamw_lm.hub import Pusher
 
 ITERS = 8  # the whole run; the first machine stops at HALF
@@ -386,8 +387,11 @@ def test_hub_config_section_and_refused_token(tmp_path):
         from_dict({"hub": {"push_every": 0}})
     with pytest.raises(ConfigError, match="'hub.token'.*HF_TOKEN.*hf auth login"):
         load_config(write_yaml(tmp_path / "c.yaml", {"hub": {"repo_id": "alice/run", "token": "hf_x"}}))
-    with pytest.raises(ConfigError, match="hub.repo_id"):
-        from_dict({"hub": {"repo_id": "not a repo"}})
+    for bad in ("not a repo", "you/x@main", "hub:you/x"):
+        with pytest.raises(ConfigError, match=r"'hub.repo_id': .* expected USER/REPO \(a branch goes in"):
+            from_dict({"hub": {"repo_id": bad}})
+        with pytest.raises(hub_module.HubError, match="is not a Hub repo id: expected USER/REPO"):
+            Pusher(bad)
 
 
 def test_ctrl_c_saves_pushes_that_checkpoint_and_exits_130(hub, tmp_path, tiny_model_path, data_dir):
