@@ -712,9 +712,9 @@ def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optiona
 
     Only that step folder is downloaded; it is verified like a local checkpoint and copied into
     the run folder, then :func:`resume` takes over (``options`` are its keywords). The run keeps
-    pushing to the source repo, or to ``repo_id``; pushed to another repo than its checkpoint's
-    config names, it takes that config's ``hub.private`` and ``hub.keep_remote`` only if
-    ``options["overrides"]`` gives them again.
+    pushing to the source repo, or to ``repo_id`` (never to another repo its saved config names);
+    pushed elsewhere than the source, it takes the saved ``hub.private`` and ``hub.keep_remote``
+    only if ``options["overrides"]`` gives them again (else private, and nothing deleted there).
     """
     from .hub_runs import fetch_run
 
