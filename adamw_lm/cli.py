@@ -233,7 +233,7 @@ def _exit_code(result: Any) -> int:
 
 
 def _run(args: RunArgs) -> int:
-    from . import trainer
+    from . import resuming, trainer
     from .config import load_config
 
     if args.command == "train":
@@ -244,9 +244,9 @@ def _run(args: RunArgs) -> int:
                "accept_changed": frozenset(k for k in ("model", "data")
                                            if getattr(args, f"accept_changed_{k}"))}
     if args.path.startswith("hub:"):
-        return _exit_code(trainer.resume_from_hub(args.path, run_dir=args.run_dir, repo_id=args.repo_id,
-                                                  **options))
-    return _exit_code(trainer.resume(args.path, **options))
+        return _exit_code(resuming.resume_from_hub(args.path, run_dir=args.run_dir,
+                                                   repo_id=args.repo_id, **options))
+    return _exit_code(resuming.resume(args.path, **options))
 
 
 def plan_options(args: argparse.Namespace) -> dict[str, Any]:

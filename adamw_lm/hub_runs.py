@@ -5,7 +5,7 @@
 - :func:`finish_pushing`: at the end of a run (or after the final save on Ctrl-C / SIGTERM), wait
   for pending pushes; a second Ctrl-C leaves them and says how to push them later.
 - :func:`fetch_run`: ``hub:USER/REPO[@REV]`` -> one verified step folder copied into a local run
-  folder, which :func:`adamw_lm.trainer.resume` then continues.
+  folder, which :func:`adamw_lm.resuming.resume` then continues.
 - :func:`push_run`: push an existing run folder after the fact (``adamw-lm push``).
 """
 

@@ -35,7 +35,7 @@ adamw-lm train recipes/tiny-lora.yaml --no-progress --adapter-path "$REF"
 
 python - "$RUN" "$REF" <<'PY'
 import sys
-from adamw_lm.trainer import compare_runs
+from adamw_lm.resuming import compare_runs
 print(compare_runs(sys.argv[1], sys.argv[2]))
 PY
 adamw-lm inspect "$RUN"

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from adamw_lm import checkpoint, trainer
+from adamw_lm import checkpoint, resuming, trainer
 from adamw_lm.config import ConfigError, from_dict
 
 
@@ -540,7 +540,7 @@ def test_train_lines_in_any_order(line, path, overrides, flags):
 ])
 def test_resume_passes_step_and_the_users_word_again(line, monkeypatch, main_in_process):
     calls = []
-    monkeypatch.setattr(trainer, "resume", lambda run_dir, **kw: calls.append((run_dir, kw)) or trainer.RunResult(
+    monkeypatch.setattr(resuming, "resume", lambda run_dir, **kw: calls.append((run_dir, kw)) or trainer.RunResult(
         Path(run_dir), 60, None))
     assert main_in_process("resume", *line)[0] == 0
     assert calls == [("RUN", {"convert_precision": False, "progress": True, "step": 4, "overrides": {
@@ -550,7 +550,7 @@ def test_resume_passes_step_and_the_users_word_again(line, monkeypatch, main_in_
 
 def test_hub_resume_options_reach_resume_from_hub(monkeypatch, main_in_process):
     calls = []
-    monkeypatch.setattr(trainer, "resume_from_hub", lambda source, **kw: calls.append((source, kw))
+    monkeypatch.setattr(resuming, "resume_from_hub", lambda source, **kw: calls.append((source, kw))
                         or trainer.RunResult(Path("runs/x"), 8, None))
     line = ["hub:alice/run@v1", "--run-dir", "here", "--repo-id", "bob/run", "--accept-changed-data",
             "--step", "4", "--iters", "8"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from adamw_lm import checkpoint, trainer
+from adamw_lm import checkpoint, resuming, trainer
 from adamw_lm.config import load_config
 
 ITERS = 8
@@ -130,7 +130,7 @@ def test_two_processes_train_the_run_of_one_with_the_same_global_batch(runs):
 
 def test_sharded_state_is_bit_identical_and_half_per_process(runs):
     # Adapters, every logged loss and the whole (merged) fp32 optimizer state, bit for bit.
-    assert trainer.compare_runs(runs["two"], runs["two_sharded"]).startswith("MATCH")
+    assert resuming.compare_runs(runs["two"], runs["two_sharded"]).startswith("MATCH")
     (whole,) = shard_arrays(runs["two"])
     shards = shard_arrays(runs["two_sharded"])
     moments = [sum(v.nbytes for k, v in s.items() if "." in k) for s in (whole, *shards)]
@@ -146,7 +146,7 @@ def test_checkpoint_resumes_at_another_world_size(runs, source, world):
     run_dir = runs["tmp"] / f"resumed_{source}_{world}"
     shutil.copytree(runs[source], run_dir)
     if world == 1:
-        assert trainer.resume(run_dir, step=4, progress=False).iteration == ITERS
+        assert resuming.resume(run_dir, step=4, progress=False).iteration == ITERS
     else:
         launch_ok(world, "resume", str(run_dir), "--step", "4", "--optimizer.shard_state", "true")
     np.testing.assert_allclose(losses(run_dir), losses(runs[source]), rtol=LOSS_RTOL)
@@ -328,7 +328,7 @@ def test_sigterm_to_one_process_stops_all_after_one_save_and_resume_is_bit_exact
     assert "Stopped at iteration 5" in done.stderr, done.stderr[-3000:]
     assert checkpoint.latest_checkpoint(run_dir).name == "step-0000005"
     launch_ok(2, "resume", str(run_dir))
-    assert trainer.compare_runs(run_dir, runs["two_sharded"]).startswith("MATCH")
+    assert resuming.compare_runs(run_dir, runs["two_sharded"]).startswith("MATCH")
 
 
 def test_partition_is_a_balanced_pure_function_of_sizes_and_world_size():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adamw_lm import checkpoint, hub_runs, trainer
+from adamw_lm import checkpoint, hub_runs, resuming, trainer
 from adamw_lm.config import ConfigError, from_dict, load_config
 from adamw_lm import hub as hub_module
 from adamw_lm.hub import Pusher
@@ -122,7 +122,7 @@ def test_push_then_resume_from_the_hub_equals_an_uninterrupted_run(kind, hub, tm
     assert done.returncode == 0, done.stderr
     run_dir = home / "runs" / repo.split("/")[1]  # the default run folder
     assert "from iteration 4" in done.stderr
-    message = trainer.compare_runs(run_dir, references[kind])  # every tensor and loss, bit for bit
+    message = resuming.compare_runs(run_dir, references[kind])  # every tensor and loss, bit for bit
     assert f"iteration {ITERS}" in message
     assert state_of(step_dir(run_dir, ITERS))["losses"] == state_of(step_dir(references[kind], ITERS))["losses"]
     # The resumed run kept pushing to the same repo.
@@ -142,7 +142,7 @@ def test_resume_at_an_older_revision_and_at_a_step(hub, tmp_path, tiny_model_pat
                    "--no-progress")
         assert done.returncode == 0, done.stderr
         assert "from iteration 2" in done.stderr
-        trainer.compare_runs(run_dir, references["lora-int8"])
+        resuming.compare_runs(run_dir, references["lora-int8"])
         steps = sorted({p.split("/")[1] for p in hub.server.files(repo) if p.startswith("checkpoints/step-")})
         assert steps == ["step-0000006", "step-0000008"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adamw_lm import checkpoint, trainer
+from adamw_lm import checkpoint, resuming, trainer
 from test_resume import cli, make_config
 
 HELPER = Path(__file__).parent / "helpers" / "kill_at.py"
@@ -60,7 +60,7 @@ def test_killed_after_its_last_checkpoint(reference, tiny_model_path, data_dir):
     for name in (checkpoint.ADAPTERS, f"{ITERS:07d}_adapters.safetensors"):
         assert (run_dir / name).read_bytes() == (last / checkpoint.ADAPTERS).read_bytes(), name
     assert "is finished at iteration 12" in resumed(run_dir)
-    trainer.compare_runs(reference[0], run_dir)
+    resuming.compare_runs(reference[0], run_dir)
     try:
         import matplotlib  # noqa: F401  (the plot extra)
     except ImportError:
@@ -96,4 +96,4 @@ def test_killed_while_replacing_a_run_folder_file(reference, tiny_model_path, da
     assert any(n.startswith(f".{name}.") for n in leftovers(run_dir)), leftovers(run_dir)
     resumed(run_dir)
     assert [n for n in leftovers(run_dir) if n != ".lock"] == []
-    trainer.compare_runs(reference[0], run_dir)
+    resuming.compare_runs(reference[0], run_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adamw_lm import trainer
+from adamw_lm import resuming, trainer
 from adamw_lm.codecs import PRECISIONS
 from adamw_lm.config import load_config
 
@@ -104,7 +104,7 @@ def check_resume_matches(tmp_path, tiny_model_path, data_dir, sig=signal.SIGINT,
                           timeout=300, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
 
-    message = trainer.compare_runs(run_dir, ref_dir)  # raises on the first differing tensor or loss
+    message = resuming.compare_runs(run_dir, ref_dir)  # raises on the first differing tensor or loss
     assert f"iteration {ITERS}" in message
     resumed = json.loads((run_dir / "checkpoints" / f"step-{ITERS:07d}" / "trainer_state.json").read_text())
     assert resumed["losses"] == reference.losses  # exact float equality, every iteration

@@ -19,7 +19,7 @@ import yaml
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import iterate_batches
 
-from adamw_lm import trainer
+from adamw_lm import resuming, trainer
 from adamw_lm.config import ConfigError, from_dict
 from adamw_lm.fingerprint import fingerprint
 
@@ -363,16 +363,16 @@ def test_gradient_checkpointing_stays_with_its_run(tmp_path, tiny_model_path, da
     for name, run_dir in runs.items():
         trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, **dropout,
                                    grad_checkpoint=name == "checkpointed")), progress=False)
-    assert "agree bit for bit" in trainer.compare_runs(runs["before"], runs["after"])
+    assert "agree bit for bit" in resuming.compare_runs(runs["before"], runs["after"])
     # The checkpointed run itself is another computation, not a copy of the others: its backward
     # pass draws the dropout masks again. Without dropout, checkpointing changes nothing.
     with pytest.raises(AssertionError):
-        trainer.compare_runs(runs["before"], runs["checkpointed"])
+        resuming.compare_runs(runs["before"], runs["checkpointed"])
     for checkpointed in (False, True):
         run_dir = tmp_path / f"no-dropout-{checkpointed}"
         trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, save_every=4,
                                    grad_checkpoint=checkpointed)), progress=False)
-    assert "agree bit for bit" in trainer.compare_runs(tmp_path / "no-dropout-False",
+    assert "agree bit for bit" in resuming.compare_runs(tmp_path / "no-dropout-False",
                                                        tmp_path / "no-dropout-True")
 
 
@@ -409,11 +409,11 @@ def test_first_report_after_resume_averages_the_same_window(tmp_path, tiny_model
     stopped = trainer.run(from_dict(base(tiny_model_path, data_dir, tmp_path / "b", **common)),
                           progress=False, callback=StopAt(6))
     assert stopped.interrupted and stopped.iteration == 6  # mid-window: reports fall on 4 and 8
-    trainer.resume(tmp_path / "b", progress=False)
+    resuming.resume(tmp_path / "b", progress=False)
     uninterrupted, resumed = train_reports(tmp_path / "a"), train_reports(tmp_path / "b")
     assert sorted(uninterrupted) == sorted(resumed) == [4, 8, 10]
     assert resumed == uninterrupted  # exact, the report at 8 included
-    trainer.compare_runs(tmp_path / "a", tmp_path / "b")
+    resuming.compare_runs(tmp_path / "a", tmp_path / "b")
 
 
 def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
@@ -422,7 +422,7 @@ def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
     first = trainer.run(from_dict(cfg), progress=False)
     final = mx.load(str(first.checkpoint / "adapters.safetensors"))
     capsys.readouterr()
-    again = trainer.resume(run_dir, step=4, progress=False)
+    again = resuming.resume(run_dir, step=4, progress=False)
     err = capsys.readouterr().err
     assert "from iteration 4" in err and "step-0000006, step-0000008" in err and "kept" in err
     assert again.iteration == 8 and again.summary().startswith("Done: iteration 8; checkpoint ")
@@ -430,7 +430,7 @@ def test_resume_from_a_chosen_step(tmp_path, tiny_model_path, data_dir, capsys):
     assert all(mx.array_equal(final[k], redone[k]).item() for k in final)
     assert sorted(train_reports(run_dir)) == list(range(1, 9))  # the log reads as one run
     with pytest.raises(trainer.checkpoint.NoCheckpointError, match="no checkpoint at step 5"):
-        trainer.resume(run_dir, step=5, progress=False)
+        resuming.resume(run_dir, step=5, progress=False)
 
 
 def test_resume_inside_a_gradient_accumulation_is_refused(tmp_path, tiny_model_path, data_dir):
@@ -501,7 +501,7 @@ def test_saved_config_cannot_run_code_or_send_data_on_resume(tmp_path, tiny_mode
     assert_one_line_error(done, "'model'", "trust_remote_code")  # mlx-lm refuses the custom code
 
     # The flag given again is what enables it: the sentinel shows the test can see code run.
-    trainer.resume(run_dir, overrides={"iters": 6, "trust_remote_code": True}, progress=False)
+    resuming.resume(run_dir, overrides={"iters": 6, "trust_remote_code": True}, progress=False)
     assert sentinel.read_text() == "ran"
 
 
@@ -509,11 +509,11 @@ def test_plain_local_resume_needs_no_flags_and_keeps_hf_dataset_only_on_request(
                                                                                 data_dir):
     data = {"model": str(tiny_model_path), "hf_dataset": {"path": "x"}, "report_to": None,
             "trust_remote_code": False}
-    assert trainer._consent(dict(data), {}) == ["hf_dataset (--hf-dataset)"]
+    assert resuming._consent(dict(data), {}) == ["hf_dataset (--hf-dataset)"]
     kept = dict(data)
-    assert trainer._consent(kept, {"hf_dataset": True}) == [] and kept["hf_dataset"] == {"path": "x"}
+    assert resuming._consent(kept, {"hf_dataset": True}) == [] and kept["hf_dataset"] == {"path": "x"}
     with pytest.raises(ConfigError, match="--hf-dataset"):
-        trainer._consent(dict(data), {"hf_dataset": {"path": "y"}})
+        resuming._consent(dict(data), {"hf_dataset": {"path": "y"}})
 
 
 # -- test-only mode -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from adamw_lm import AdamW, checkpoint
+from adamw_lm import AdamW, checkpoint, resuming
 from adamw_lm.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -317,8 +317,6 @@ def test_step_folder_linked_out_of_the_run_is_never_used(run, caplog):
 
 def test_resume_step_never_uses_a_step_folder_linked_out_of_the_run(run):
     """``resume --step N`` takes the step folder through the same rules as the latest one."""
-    from adamw_lm import trainer
-
     outside = sentinel_of(run) / "step-0000009"
     shutil.copytree(step_dir(run), outside)
     rewrite_json(outside, "trainer_state.json", lambda s: s.update(iteration=9))
@@ -326,7 +324,7 @@ def test_resume_step_never_uses_a_step_folder_linked_out_of_the_run(run):
     (run / "checkpoints" / "step-0000009").symlink_to(outside)
     freeze(run)
     with within(20), pytest.raises(checkpoint.NoCheckpointError) as e:
-        trainer.resume(run, step=9, progress=False)
+        resuming.resume(run, step=9, progress=False)
     assert "no checkpoint at step 9 (checkpoints: 2)" in str(e.value)
     assert checkpoint.steps(run) == [STEP]
 
@@ -589,7 +587,7 @@ def test_optimizer_step_must_be_the_runs_number_of_updates(tmp_path, tiny_model_
     rewrite_safetensors(step_dir(run_dir, 6), "optimizer.safetensors",
                         lambda arrays, _: arrays.update(step=mx.array(10**15, mx.uint64)))
     with pytest.raises(CorruptCheckpointError) as e:
-        trainer.resume(run_dir, overrides={"iters": 8}, progress=False)
+        resuming.resume(run_dir, overrides={"iters": 8}, progress=False)
     assert ("optimizer state's step is 1000000000000000, but iteration 6 with "
             "grad_accumulation_steps 2 makes 3 updates") in str(e.value)
 

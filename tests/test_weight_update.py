@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 from helpers.trees import assert_trees_equal
 from helpers.training import lm_steps
 
-from adamw_lm import AdamW
+from adamw_lm import AdamW, resuming
 from adamw_lm import weight_update as wu
 from adamw_lm.codecs import PRECISIONS
 from adamw_lm.codecs.bf16 import random_bits
@@ -613,8 +613,8 @@ def test_a_run_resumes_with_another_weight_update(tmp_path, data_dir):
     trainer.run(load_config(path), progress=False)
     change = {"optimizer.weight_update": "exact", "iters": 3}
     with pytest.raises(IncompatibleCheckpointError, match="with weight_update 'exact'"):
-        trainer.resume(run_dir, overrides=change, progress=False)
-    trainer.resume(run_dir, overrides=change, convert_precision=True, progress=False)
+        resuming.resume(run_dir, overrides=change, progress=False)
+    resuming.resume(run_dir, overrides=change, convert_precision=True, progress=False)
     latest = checkpoint.latest_checkpoint(run_dir)
     flat = mx.load(str(latest / checkpoint.OPTIMIZER))
     assert any(k.endswith(".w_low") for k in flat)
