@@ -394,6 +394,32 @@ def test_planted_links_at_temporary_names_are_never_written_through(run, tiny_mo
     assert {"latest", "step-0000003"} <= set(left)
 
 
+def test_planted_aside_folders_are_never_followed_or_put_back_for_another_step(run):
+    """What a killed save moved aside is put back (checkpoint.recover, every save): a folder planted
+    under such a name as a link out of the run is removed as a link, its target untouched, and one
+    whose checkpoint is of another step is removed, not put back under the name."""
+    checkpoints, token = run / "checkpoints", "0123456789abcdef"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    outside = sentinel_of(run) / "step-0000007"
+    shutil.copytree(step_dir(run), outside)
+    rewrite_json(outside, "trainer_state.json", lambda s: s.update(iteration=7))
+    rewrite_manifest(outside, step=7)
+    (checkpoints / f".trash-step-0000007-{token}-{dead}").symlink_to(outside)
+    shutil.copytree(step_dir(run), checkpoints / f".trash-step-0000008-{token}-{dead}")  # step 2
+    # And a run folder's temporary name planted as a link: only regular files are removed.
+    (run / ".adapters.safetensors.abcdefgh.tmp").symlink_to(sentinel_of(run) / "secret.txt")
+    (run / ".adapters.safetensors.ijklmnop.tmp").write_bytes(b"left by a killed write")
+    freeze(run)
+    assert checkpoint.recover(run) == []
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", f"step-{STEP:07d}"]
+    from adamw_lm.runfiles import remove_temporaries
+    from adamw_lm.trainer import RUN_FILES
+
+    assert remove_temporaries(run, RUN_FILES) == [".adapters.safetensors.ijklmnop.tmp"]
+    assert (run / ".adapters.safetensors.abcdefgh.tmp").is_symlink()
+
+
 # -- JSON --------------------------------------------------------------------------------------
 
 
