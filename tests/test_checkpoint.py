@@ -602,6 +602,22 @@ def test_unwritable_run_dir_fails_before_touching_anything(run, tmp_path):
     assert_untouched(run_dir, [1, 2])
 
 
+
+def test_latest_that_cannot_be_pointed_says_the_checkpoint_was_written(run):
+    run_dir, model, optimizer = run
+    root = run_dir / "checkpoints"
+    # A folder where the pointer file goes: the step folder is committed, the pointer cannot move.
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    (root / "latest" / "x").write_text("x")
+    with pytest.raises(CheckpointWriteError) as e:
+        checkpoint.save(run_dir, 3, model, optimizer, {"step": 3}, {})
+    message = str(e.value)
+    assert "checkpoint step-0000003 was written" in message and "latest could not be pointed" in message
+    assert "untouched" not in message
+    assert checkpoint.verify(step_dir(run_dir, 3))["step"] == 3
+    assert_untouched(run_dir, [1, 2])
+
 def test_no_checkpoint(tmp_path, run, caplog):
     run_dir, model, optimizer = run
     assert checkpoint.latest_checkpoint(tmp_path / "nowhere") is None

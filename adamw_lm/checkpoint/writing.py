@@ -393,6 +393,7 @@ def save(
     if rank != 0 and not sharded:
         return _await_commit(Path(run_dir), name)
     root, tmp = _shared_temporary(Path(run_dir), name, rank, sharded, together)
+    committed = False
     try:
         mx.eval(adapters, state)
         try:
@@ -428,6 +429,7 @@ def save(
         _write_bytes(tmp / MANIFEST, _to_json(manifest, "manifest"))
         _fsync_dir(tmp)
         _commit(root, tmp, name)
+        committed = True
         _point_latest(root, name)
         if together:
             _committed(True)
@@ -437,6 +439,12 @@ def save(
             if together:
                 with contextlib.suppress(dist.PeerLostError):
                     _committed(False)
+        if committed:
+            raise CheckpointWriteError(
+                f"checkpoint {name} was written under {root}, but {LATEST} could not be pointed "
+                f"at it: {e.strerror or e} ({e.filename or root / LATEST}); a resume continues from "
+                f"the checkpoint {LATEST} still names, and replaces {name} when it saves that step"
+            ) from e
         raise CheckpointWriteError(
             f"could not write checkpoint {name} under {root}: {e.strerror or e} "
             f"({e.filename or tmp}); the previous checkpoints are untouched"
