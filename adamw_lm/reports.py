@@ -196,6 +196,26 @@ def unused_precision_warnings(config: Any, model: nn.Module, optimizer: Any) -> 
 # -- the loss plot ------------------------------------------------------------------------------
 
 
+def _records(run_dir: Path) -> list[dict]:
+    """The objects of ``metrics.jsonl`` (none if it is missing). The log is read back from the run
+    folder, so it is untrusted: size-limited, not followed through a link, malformed lines left out."""
+    records = []
+    for line in read_text_nofollow(run_dir / METRICS_FILE, _MAX_METRICS_BYTES).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def logged(run_dir: Path, key: str, iteration: int) -> bool:
+    """Whether ``metrics.jsonl`` holds a number under ``key`` for ``iteration``."""
+    return any(finite_number(r.get("iteration")) == iteration and finite_number(r.get(key)) is not None
+               for r in _records(run_dir))  # fmt: skip
+
+
 def plot(run_dir: Path) -> Optional[Path]:
     """``loss.png`` from metrics.jsonl when matplotlib is installed (the ``plot`` extra).
 
@@ -207,16 +227,11 @@ def plot(run_dir: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = []
-    for line in read_text_nofollow(run_dir / METRICS_FILE, _MAX_METRICS_BYTES).splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    # The log is read back from the run folder: only well-formed points are drawn.
+    records = _records(run_dir)
+
     def points(key: str) -> list[tuple[float, float]]:
-        return [(r["iteration"], r[key]) for r in records if isinstance(r, dict)
-                and all(finite_number(r.get(k)) is not None for k in ("iteration", key))]  # fmt: skip
+        return [(r["iteration"], r[key]) for r in records
+                if all(finite_number(r.get(k)) is not None for k in ("iteration", key))]  # fmt: skip
 
     train, val = points("train_loss"), points("val_loss")
     if not train and not val:

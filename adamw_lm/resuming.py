@@ -6,6 +6,7 @@ and :func:`compare_runs`, which checks that a resumed run is the uninterrupted o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from . import checkpoint
 from . import distributed as dist
 from .config import ConfigError, HubConfig, TrainConfig, from_dict, set_dotted
-from .reports import plot
+from .reports import logged, plot
 from .trainer import RunResult, run, run_dir_lock
 
 
@@ -204,6 +205,15 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
     if config.iters < iteration:
         raise ConfigError(f"--iters {config.iters} is lower than the checkpoint's iteration {iteration} "
                           f"({found.path}): a run cannot go back; resume with --step N to restart from an earlier one")
+    if config.iters == iteration and config.test and not _tested(run_dir, iteration):
+        if dist.is_main():
+            print(f"Run {run_dir} is finished at iteration {iteration} but stopped before its test "
+                  "set evaluation (test: true); evaluating now.", file=sys.stderr)
+        # Nothing is trained or saved, so nothing is pushed: no Hub access for an evaluation.
+        set_dotted(data, "hub.repo_id", None)
+        result = run(from_dict(data), resume_from=found, convert_precision=convert_precision,
+                     progress=progress, callback=callback, accept_changed=accept_changed)
+        return dataclasses.replace(result, checkpoint=found.path)
     if config.iters == iteration:
         print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
               f"Train longer with --iters N.", file=sys.stderr)
@@ -225,6 +235,14 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
                  "overwrites those steps" if later else "") + ".", file=sys.stderr)
     return run(config, resume_from=found, convert_precision=convert_precision, progress=progress,
                callback=callback, accept_changed=accept_changed)
+
+
+def _tested(run_dir: Path, iteration: int) -> bool:
+    """Whether the run's metrics log holds its test loss at ``iteration`` (an unreadable log: no)."""
+    try:
+        return logged(run_dir, "test_loss", iteration)
+    except OSError:
+        return False
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> str:

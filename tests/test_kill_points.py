@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adamw_lm import checkpoint, resuming, trainer
+from adamw_lm import checkpoint, reports, resuming, trainer
 from test_resume import cli, make_config
 
 HELPER = Path(__file__).parent / "helpers" / "kill_at.py"
@@ -68,6 +68,31 @@ def test_killed_after_its_last_checkpoint(reference, tiny_model_path, data_dir):
     else:
         assert (run_dir / "loss.png").is_file()
 
+
+def test_killed_before_its_test_evaluation(reference, tiny_model_path, data_dir):
+    """With ``test: true`` the test set is evaluated after the last checkpoint: a run killed in
+    between evaluates it on resume (once), from the same weights an uninterrupted run tests."""
+    tmp = reference[1]
+    whole_dir, run_dir = tmp / "tested_whole", tmp / "tested_killed"
+    whole = make_config(tmp, tiny_model_path, data_dir, whole_dir, iters=ITERS, save_every=6, test=True)
+    done = subprocess.run(cli("train", str(whole), "--no-progress"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = [line for line in done.stdout.splitlines() if line.startswith("Test loss")]
+    assert len(expected) == 1, done.stdout
+
+    config = make_config(tmp, tiny_model_path, data_dir, run_dir, iters=ITERS, save_every=6, test=True)
+    killed("after-save", str(ITERS), "train", str(config))
+    assert not reports.logged(run_dir, "test_loss", ITERS)
+    proc = subprocess.run(cli("resume", str(run_dir), "--no-progress"), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "stopped before its test set evaluation" in proc.stderr, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("Test loss")] == expected
+    assert reports.logged(run_dir, "test_loss", ITERS)
+    assert f"checkpoint {run_dir / 'checkpoints' / f'step-{ITERS:07d}'}" in proc.stdout
+    # Evaluated once: the next resume has nothing to do.
+    assert "nothing to do" in resumed(run_dir)
+    resuming.compare_runs(whole_dir, run_dir)
 
 def test_killed_while_a_save_replaces_a_step_folder(reference, tiny_model_path, data_dir):
     """A resume from an earlier step saves over a later step's folder; killed between moving the
