@@ -3,4 +3,6 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_optim.py -x`.
 set -euo pipefail
 source "$(dirname "$0")/venv.sh" test,plot
-exec python -m pytest -q "$@"
+# One worker per core, each test file whole on one worker (its module fixtures are built once, and
+# the data-parallel tests' local ports stay within one worker): ~1.5x faster on 2 cores.
+exec python -m pytest -q -n auto --dist loadfile "$@"
