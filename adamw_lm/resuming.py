@@ -19,7 +19,7 @@ from . import checkpoint
 from . import distributed as dist
 from .config import ConfigError, HubConfig, TrainConfig, from_dict, set_dotted
 from .reports import logged, plot
-from .trainer import RunResult, run, run_dir_lock
+from .trainer import RunResult, forget_after, run, run_dir_lock
 
 
 #: What `resume` may change: where things are, how long to go on, how often to report and save.
@@ -46,7 +46,9 @@ def _pick_checkpoint(run_dir: Path, step: Optional[int]) -> "checkpoint.Verified
         return checkpoint.open_step(run_dir, step)
     found = checkpoint.open_latest(run_dir)
     if found is None:
-        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        raise checkpoint.NoCheckpointError(
+            f"{run_dir}: no complete checkpoint to resume from (a run stopped before its first "
+            "checkpoint starts over with `adamw-lm train CONFIG`)")
     return found
 
 
@@ -86,10 +88,11 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
 
 
 #: What a run pushed to another repo than its checkpoint's does unless the command line says
-#: otherwise: publishing it and deleting step folders there are the user's choices, not the
-#: checkpoint's. ``keep_remote`` 0 keeps every step folder (null would follow checkpoint.keep_last).
+#: otherwise: publishing it, deleting step folders there and which branch it writes are the
+#: user's choices, not the checkpoint's. ``keep_remote`` 0 keeps every step folder (null would follow checkpoint.keep_last).
 _HUB_CONSENT = {"private": ("hub.private (--hub.private false)", True),
-                "keep_remote": ("hub.keep_remote (--hub.keep_remote N)", 0)}
+                "keep_remote": ("hub.keep_remote (--hub.keep_remote N)", 0),
+                "branch": ("hub.branch (--hub.branch NAME)", "main")}
 
 
 def _hub_consent(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +199,9 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
         if key != "hf_dataset":
             set_dotted(data, key, value)
     set_dotted(data, "checkpoint.dir", str(run_dir))
+    # The checkpoint says this run trained: a saved ``train: false`` (from anyone) would have
+    # resume only evaluate adapters read from wherever that config's adapter_path points.
+    data["train"] = True
     config = from_dict(data)
     _missing_inputs(config)
     if ignored and dist.is_main():
@@ -217,6 +223,11 @@ def _resume_from(run_dir: Path, found: "checkpoint.VerifiedCheckpoint", convert_
     if config.iters == iteration:
         print(f"Run {run_dir} is finished at iteration {iteration} (iters {config.iters}): nothing to do. "
               f"Train longer with --iters N.", file=sys.stderr)
+        if dist.is_main() and iteration == max(checkpoint.steps(run_dir), default=iteration):
+            # A longer run (--iters) stopped before its first checkpoint left records and mlx-lm
+            # adapters past this one: the folder reads as the finished run again.
+            with contextlib.suppress(OSError):  # a link planted at the log stays unread
+                forget_after(run_dir, iteration)
         if dist.is_main():  # killed after its last checkpoint, the run did not draw its plot
             with contextlib.suppress(OSError):  # a convenience: a link planted there stays unread
                 plot(run_dir)

@@ -168,11 +168,12 @@ def test_a_user_without_write_access_is_told_before_training_and_can_push_elsewh
 def test_a_checkpoint_does_not_choose_where_it_is_pushed_nor_publish_or_delete_there(
         hub, tmp_path, tiny_model_path, data_dir):
     """A run whose saved config names another repo than the one it is resumed from (here: pushed
-    to ``copy`` after the fact, its config naming ``origin``), public and keeping one step on the
-    Hub: resumed from ``copy``, it pushes to ``copy`` and nowhere else; resumed into a repo of
-    one's own, that repo is private and nothing in it is deleted, unless the flags say so."""
+    to ``copy`` after the fact, its config naming ``origin``), public, keeping one step on the
+    Hub and pushing to a branch: resumed from ``copy``, it pushes to ``copy`` and nowhere else;
+    resumed into a repo of one's own, that repo is private, nothing in it is deleted and its main
+    branch is written, unless the flags say so."""
     origin, run_dir = first_machine(hub, tmp_path, tiny_model_path, data_dir,
-                                    hub_settings={"private": False, "keep_remote": 1},
+                                    hub_settings={"private": False, "keep_remote": 1, "branch": "dev"},
                                     checkpoint={"every": 2, "keep_last": 1})  # fmt: skip
     copy = hub.repo_id("copy")
     assert cli(hub, "push", str(run_dir), "--repo-id", copy).returncode == 0
@@ -194,6 +195,8 @@ def test_a_checkpoint_does_not_choose_where_it_is_pushed_nor_publish_or_delete_t
         assert done.returncode == 0, done.stderr
         assert "hub.private (--hub.private false)" in done.stderr, done.stderr
         assert "hub.keep_remote (--hub.keep_remote N)" in done.stderr
+        assert "hub.branch (--hub.branch NAME)" in done.stderr
+        assert hub.server.files(repo)["checkpoints/latest"] == b"step-0000006\n"  # on main
     assert hub.server.repos[fresh].private
     assert "checkpoints/step-0000001/notes.txt" in hub.server.files(shared)
     # Into the repo the saved config names (one could name any of yours): from elsewhere still.

@@ -505,6 +505,25 @@ def test_saved_config_cannot_run_code_or_send_data_on_resume(tmp_path, tiny_mode
     assert sentinel.read_text() == "ran"
 
 
+def test_saved_train_false_does_not_turn_resume_into_an_evaluation_elsewhere(tmp_path, tiny_model_path,
+                                                                            data_dir):
+    """``train: false`` in a checkpoint's config (anyone can write one) would have resume evaluate
+    the adapters of the saved ``adapter_path``, outside the run folder: resume trains this run."""
+    elsewhere = tmp_path / "someone_elses_adapters"
+    trainer.run(from_dict(base(tiny_model_path, data_dir, elsewhere)), progress=False)
+    run_dir = tmp_path / "run"
+    first = trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
+    state_path = first.checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["config"].update(train=False, test=True, adapter_path=str(elsewhere))
+    state_path.write_text(json.dumps(state))
+    _rehash(first.checkpoint, "trainer_state.json")
+
+    done = cli("resume", str(run_dir), "--iters", "6", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert str(elsewhere) not in done.stdout + done.stderr
+    assert "Resuming" in done.stderr and (run_dir / "checkpoints" / "step-0000006").is_dir()
+
 def test_plain_local_resume_needs_no_flags_and_keeps_hf_dataset_only_on_request(tmp_path, tiny_model_path,
                                                                                 data_dir):
     data = {"model": str(tiny_model_path), "hf_dataset": {"path": "x"}, "report_to": None,
