@@ -315,6 +315,22 @@ def test_step_folder_linked_out_of_the_run_is_never_used(run, caplog):
                                                               "step-0000009"]
 
 
+@pytest.mark.parametrize("name", [
+    "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0669",  # Arabic-Indic digits: int() reads 9
+    "step-00000009",  # a second spelling of step 9
+    "step-" + "9" * 200,  # past any step (a Hub path can pass int()'s 4300-digit limit)
+])
+def test_step_folders_only_as_the_writer_names_them(run, name):
+    outside_name = run / "checkpoints" / name
+    shutil.copytree(step_dir(run), outside_name)
+    rewrite_json(outside_name, "trainer_state.json", lambda s: s.update(iteration=9))
+    rewrite_manifest(outside_name, step=9)
+    (run / "checkpoints" / "latest").unlink()
+    assert checkpoint.steps(run) == [2]
+    assert checkpoint.latest_checkpoint(run) == step_dir(run)
+    (run / "checkpoints" / "latest").write_text(name + "\n")
+    assert checkpoint.latest_checkpoint(run) == step_dir(run)
+
 def test_resume_step_never_uses_a_step_folder_linked_out_of_the_run(run):
     """``resume --step N`` takes the step folder through the same rules as the latest one."""
     outside = sentinel_of(run) / "step-0000009"

@@ -26,7 +26,10 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
-STEP_DIR = re.compile(r"step-(\d{7,})")
+#: A step folder's name as :func:`dir_name` writes it, and only that: ASCII digits (``\d`` takes any
+#: script's, which int() reads too), no extra leading zero (one folder per step), at most
+#: MAX_COUNT's 12 digits (a name from anyone never reaches int()'s digit limit).
+STEP_DIR = re.compile(r"step-([0-9]{7}|[1-9][0-9]{7,11})")
 # Every temporary entry ends with the writer's pid, so a live writer's work is never cleaned up.
 TEMPORARY = re.compile(r"\.(?:tmp|trash|drop)-.+-(\d+)")
 SHA256 = re.compile(r"[0-9a-f]{64}")
