@@ -65,15 +65,15 @@ from .checkpoint import (
     MANIFEST,
     TRAINER_STATE,
     CheckpointError,
+    CorruptCheckpointError,
 )
-from .checkpoint.format import STEP_DIR, dir_name, finite_number
+from .checkpoint.format import STEP_DIR, check_manifest, dir_name, finite_number
 from .checkpoint.untrusted import MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_TRAINER_STATE_BYTES
 from .model_card import LOSS_PLOT, loss_plot, model_card, read_json
 
 log = logging.getLogger("adamw_lm.hub")
 
 _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
-_PLAIN_NAME = re.compile(r"[\w.-]+")
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER = 900.0
 _T = TypeVar("_T")
@@ -566,16 +566,29 @@ class _Remote:
             self.sha = self.api.repo_info(spec.repo_id, revision=spec.revision).sha
             tree = self.api.list_repo_tree(spec.repo_id, path_in_repo=CHECKPOINTS_DIR,
                                            recursive=True, revision=self.sha)
-            self.files = {e.path: e.size for e in tree if hasattr(e, "size")}
+            self.files = {}
+            for entry in tree:
+                if hasattr(entry, "size"):
+                    self.files[entry.path] = entry.size
+                    if len(self.files) > MAX_REMOTE_FILES:
+                        raise HubError(f"Hub repo {spec}: more than {MAX_REMOTE_FILES} files under "
+                                       f"{CHECKPOINTS_DIR}/ (a checkpoint has a handful); not a run "
+                                       "this package reads")
         except RemoteEntryNotFoundError:
             self.files = {}
+        except HubError:
+            raise
         except Exception as e:
             raise _hub_error(e, spec, self.endpoint) from e
         self.steps: dict[int, str] = {}
-        for path in self.files:
+        #: Bytes of each step folder, summed once (not once per step: a repo may hold many).
+        self.sizes: dict[int, int] = {}
+        for path, size in self.files.items():
             parts = path.split("/")
             if len(parts) == 3 and (m := STEP_DIR.fullmatch(parts[1])):
-                self.steps[int(m.group(1))] = parts[1]
+                step = int(m.group(1))
+                self.steps[step] = parts[1]
+                self.sizes[step] = self.sizes.get(step, 0) + (size if isinstance(size, int) else 0)
         where = f"{spec}" + ("" if spec.revision else " (main)")
         if not self.steps:
             raise HubNotFoundError(f"Hub repo {where} has no checkpoints "
@@ -642,14 +655,14 @@ def pull(
     if manifest_file is None:
         raise HubError(f"Hub repo {remote.where}: {prefix} has no {MANIFEST} (of at most "
                        f"{MAX_JSON_BYTES} bytes): not a complete checkpoint")
-    manifest = read_json(manifest_file, MAX_JSON_BYTES, f"{prefix}/{MANIFEST} on {remote.where}")
-    listed = manifest.get("files") if isinstance(manifest, dict) else None
-    # Plain names only: they become download patterns, where * ? [ would match other files.
-    if not isinstance(listed, dict) or not all(
-        isinstance(n, str) and _PLAIN_NAME.fullmatch(n) and n not in (".", "..") for n in listed
-    ):
-        raise HubError(f"Hub repo {remote.where}: {prefix}/{MANIFEST} does not list plain file "
-                       f"names: not an adamw_lm checkpoint")
+    label = f"{prefix}/{MANIFEST} on {remote.where}"
+    # Checked in full before anything it lists is downloaded: the names (plain ones: they become
+    # download patterns, where * ? [ would match other files), how many, and the step.
+    manifest = read_json(manifest_file, MAX_JSON_BYTES, label)
+    try:
+        listed = check_manifest(label, manifest, step)["files"]
+    except CorruptCheckpointError as e:
+        raise HubError(f"{e}: not an adamw_lm checkpoint") from None
     for name, record in listed.items():
         size = remote.files.get(f"{prefix}/{name}")
         expected = record.get("size") if isinstance(record, dict) else None
@@ -686,7 +699,7 @@ def list_remote(
     budget = MAX_DETAIL_BYTES
     for rank, step in enumerate(sorted(remote.steps, reverse=True)):
         prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
-        size = sum(s for p, s in remote.files.items() if p.startswith(prefix + "/"))
+        size = remote.sizes[step]
         val = train = None
         for name, cap in ((MANIFEST, MAX_JSON_BYTES), (TRAINER_STATE, MAX_TRAINER_STATE_BYTES)):
             listed = remote.files.get(f"{prefix}/{name}")
@@ -702,6 +715,9 @@ def list_remote(
         found.append(RemoteCheckpoint(step, prefix, step == latest, size, val, train))
     return found
 
+
+#: Files under ``checkpoints/`` a Hub run may list: thousands of steps, but a bounded listing.
+MAX_REMOTE_FILES = 100_000
 
 #: :func:`list_remote` reads the losses of this many newest steps, and this many bytes in all.
 MAX_DETAILED_STEPS = 20

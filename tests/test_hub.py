@@ -409,9 +409,16 @@ def test_a_manifest_that_names_a_pattern_or_is_not_json_downloads_nothing(hub, r
     manifest["files"]["*"] = {"size": 4, "sha256": "0" * 64}
     hub.server.commit_files(repo, {f"{prefix}/manifest.json": json.dumps(manifest).encode(),
                                    f"{prefix}/*": b"glob", f"{prefix}/huge.bin": b"x" * 1000})
-    with pytest.raises(HubError, match="does not list plain file names"):
+    with pytest.raises(HubError, match="a listed file name is not a plain file name"):
         pull(repo, endpoint=hub.url)
     assert not hub.cache.exists() or not list(hub.cache.rglob("huge.bin"))
+    # Not a manifest of this package, listing many files: refused before any is downloaded.
+    many = {f"f{i}": {"size": 1000, "sha256": "0" * 64} for i in range(200)}
+    hub.server.commit_files(repo, {f"{prefix}/manifest.json": json.dumps(
+        {"format": "other", "files": many}).encode(), **{f"{prefix}/f{i}": b"x" * 1000 for i in range(200)}})
+    with pytest.raises(HubError, match="expected format"):
+        pull(repo, endpoint=hub.url)
+    assert not hub.cache.exists() or not list(hub.cache.rglob("f1*"))
 
     for bad, problem in ((b"[" * 5000 + b"]" * 5000, "nested deeper"),
                          (b'{"files": NaN}', "NaN"), (b"\xff", "not UTF-8")):
@@ -420,6 +427,15 @@ def test_a_manifest_that_names_a_pattern_or_is_not_json_downloads_nothing(hub, r
             pull(repo, endpoint=hub.url)
         assert f"{prefix}/manifest.json on {repo}" in str(error.value)
 
+
+def test_a_repo_listing_too_many_files_is_refused(hub, run_dir, monkeypatch):
+    import adamw_lm.hub as hub_module
+
+    repo = hub.repo_id("crowded")
+    push_all(pusher(hub, repo), run_dir, steps=(10,))
+    monkeypatch.setattr(hub_module, "MAX_REMOTE_FILES", 3)  # a real run's limit is 100000 files
+    with pytest.raises(HubError, match="more than 3 files under checkpoints/"):
+        pull(repo, endpoint=hub.url)
 
 def test_a_latest_or_card_that_lies_is_not_believed(hub, run_dir, caplog):
     repo = hub.repo_id("liar")
