@@ -435,8 +435,10 @@ def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Opti
 
 
 #: The run folder's files that a run writes (atomically, see :mod:`adamw_lm.runfiles`).
+#: mlx_lm lora's adapters of one iteration (``save_every``).
+NUMBERED_ADAPTERS = re.compile(r"([0-9]{7,12})_adapters\.safetensors")
 RUN_FILES = re.compile("|".join(map(re.escape, (checkpoint.ADAPTERS, checkpoint.ADAPTER_CONFIG,
-                                                METRICS_FILE, LOSS_PLOT))) + r"|\d{7,}_adapters\.safetensors")
+                                                METRICS_FILE, LOSS_PLOT))) + "|" + NUMBERED_ADAPTERS.pattern)
 
 
 def write_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None:
@@ -444,6 +446,17 @@ def write_adapters(run_dir: Path, model: nn.Module, config: TrainConfig) -> None
     weights = dict(tree_flatten(model.trainable_parameters()))
     replace_file(run_dir / checkpoint.ADAPTERS, lambda f: mx.save_safetensors(f, weights))
     replace_via_path(run_dir / checkpoint.ADAPTER_CONFIG, partial(save_config, adapter_config(config)))
+
+
+def forget_after(run_dir: Path, iteration: int) -> None:
+    """Drop what the run folder holds of iterations after ``iteration`` outside its checkpoints:
+    the metrics log's records and mlx-lm's numbered adapters (of a run that went further and was
+    stopped before its next checkpoint, or that a resume from an earlier step replaces)."""
+    truncate_metrics(run_dir, iteration)
+    for entry in run_dir.iterdir():
+        match = NUMBERED_ADAPTERS.fullmatch(entry.name)
+        if match and int(match.group(1)) > iteration and not entry.is_dir():
+            entry.unlink()
 
 
 def write_numbered_adapters(run_dir: Path, model: nn.Module, iteration: int) -> Path:
@@ -465,7 +478,9 @@ def _replaces_old_run(config: TrainConfig, resume_from: Optional[Checkpoint], ov
     """Whether a new run is about to replace the checkpoints of an old one (refused without
     ``overwrite``)."""
     run_dir = config.run_dir
-    replace_old_run = resume_from is None and (run_dir / checkpoint.CHECKPOINTS_DIR).exists()
+    # Step folders, not the checkpoints folder: a run killed before its first checkpoint left
+    # nothing to resume from, and is started again by train.
+    replace_old_run = resume_from is None and bool(checkpoint.steps(run_dir))
     if replace_old_run and not overwrite:
         raise ConfigError(
             f"{run_dir} already holds checkpoints: continue it with `adamw-lm resume {run_dir}`, "
@@ -528,15 +543,21 @@ def run(
         # Only now that model, data and optimizer have all been set up: a new run's log starts
         # empty (an old run that crashed before its first checkpoint leaves one behind).
         if main and replace_old_run:
-            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
-            # And its adapters (mlx-lm's numbered ones would otherwise pass for this run's) and plot.
+            # Its adapters (mlx-lm's numbered ones would otherwise pass for this run's) and plot
+            # first: its checkpoints mark the folder as an old run's until they are gone, so an
+            # --overwrite killed in between is done again in full.
             for entry in run_dir.iterdir():
                 if RUN_FILES.fullmatch(entry.name) and not entry.is_dir():
                     entry.unlink()
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
         if main and resume_from is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         elif main:
-            truncate_metrics(run_dir, s.state["iteration"])
+            # The run goes on from this checkpoint (with --step, an earlier one than latest named):
+            # latest names it, and what was logged or saved as mlx-lm adapters after it is dropped,
+            # so that a kill from here on resumes from it with a log that reads as one run.
+            checkpoint.point_latest(run_dir, s.state["iteration"])
+            forget_after(run_dir, s.state["iteration"])
         for line in s.header if main else []:
             print(line, flush=True)
         try:

@@ -64,7 +64,7 @@ from .reading import (
     steps,
     verify,
 )
-from .writing import import_folder, recover, save
+from .writing import import_folder, point_latest, recover, save
 
 __all__ = [
     "ADAPTERS",
@@ -92,6 +92,7 @@ __all__ = [
     "open_latest",
     "open_step",
     "open_verified",
+    "point_latest",
     "recover",
     "save",
     "steps",

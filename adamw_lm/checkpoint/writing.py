@@ -259,7 +259,7 @@ def _clean_stale(root: Path) -> list[str]:
 
 #: A checkpoint folder that :func:`_commit` moved aside (see :func:`_temporary`); :func:`_rotate`
 #: moves the ones it deletes to ``.drop-...`` names, which are not put back.
-_ASIDE = re.compile(r"\.trash-(step-(\d{7,}))-[0-9a-f]{16}-(\d+)")
+_ASIDE = re.compile(r"\.trash-(step-([0-9]{7,12}))-[0-9a-f]{16}-([0-9]+)")
 
 
 def recover(run_dir: str | os.PathLike) -> list[str]:
@@ -536,6 +536,17 @@ def _commit(root: Path, tmp: Path, name: str) -> None:
     _fsync_dir(root)
     if trash is not None:
         _remove(trash)
+
+
+def point_latest(run_dir: str | os.PathLike, step: int) -> None:
+    """Point ``run_dir``'s ``latest`` at its checkpoint of ``step`` (a resume from an earlier step
+    than ``latest`` names: the run now goes on from there, so a later plain resume does too)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    name = dir_name(step)
+    try:  # replaced, never written through: a link planted at latest stays unread
+        _point_latest(_open_root(Path(run_dir)), name)
+    except OSError as e:
+        raise CheckpointWriteError(f"could not point {root / LATEST} at {name}: {e.strerror or e}") from e
 
 
 def _point_latest(root: Path, name: str) -> None:

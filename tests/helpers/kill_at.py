@@ -7,6 +7,8 @@ Modes:
     between-renames N    while a save replaces the folder of step N: the old one moved aside, the
                          new one not yet in its place
     before-replace NAME  a run folder's file NAME written to its temporary, not yet renamed over it
+    at-iteration N       as iteration N starts (its step not taken)
+    before-rmtree NAME   as the run removes its folder NAME (an --overwrite removing checkpoints)
 """
 
 import os
@@ -59,6 +61,28 @@ def arm(mode: str, arg: str) -> None:
             return os.replace(src, dst)
 
         runfiles.os = patched_os(replace=replace)
+    elif mode == "at-iteration":
+        from adamw_lm import trainer
+
+        seed_of = trainer.iteration_seed
+
+        def seed_or_die(seed, it):
+            if it == int(arg):
+                die()
+            return seed_of(seed, it)
+
+        trainer.iteration_seed = seed_or_die
+    elif mode == "before-rmtree":
+        import shutil
+
+        from adamw_lm import trainer
+
+        def rmtree(path, *args, **kwargs):
+            if Path(path).name == arg:
+                die()
+            return shutil.rmtree(path, *args, **kwargs)
+
+        trainer.shutil = types.SimpleNamespace(**{**vars(shutil), "rmtree": rmtree})
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
