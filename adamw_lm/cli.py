@@ -462,6 +462,24 @@ def configure_messages() -> None:
     warnings.showwarning = show_ours
 
 
+#: Characters of an error message printed; the rest is counted.
+MAX_MESSAGE_CHARS = 2000
+
+
+def _printable(error: BaseException) -> str:
+    """``error``'s message for the terminal. Messages quote configs, paths and names that may come
+    from a stranger's checkpoint: control characters (escape sequences, a line break that would
+    forge a line of output) are shown escaped, and a long message is cut. Line breaks stay in the
+    messages that list several problems on purpose, which are not config errors."""
+    from .config import ConfigError
+
+    text = str(error)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = f"{text[:MAX_MESSAGE_CHARS]}... ({len(text)} characters in all)"
+    keep = "" if isinstance(error, ConfigError) else "\n"
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``adamw-lm`` console script."""
     from .checkpoint import CheckpointError
@@ -482,11 +500,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 128 + signal.SIGPIPE
     except (ConfigError, CheckpointError, OSError) as e:
-        print(f"adamw-lm {command}: error: {e}", file=sys.stderr)
+        print(f"adamw-lm {command}: error: {_printable(e)}", file=sys.stderr)
         return 2
     except PeerLostError as e:
-        print(f"adamw-lm {command}: error: {e}; the run stops here (resume from its last complete "
-              "checkpoint)", file=sys.stderr)
+        print(f"adamw-lm {command}: error: {_printable(e)}; the run stops here (resume from its last "
+              "complete checkpoint)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("adamw-lm: interrupted", file=sys.stderr)

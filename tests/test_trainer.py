@@ -524,6 +524,26 @@ def test_saved_train_false_does_not_turn_resume_into_an_evaluation_elsewhere(tmp
     assert str(elsewhere) not in done.stdout + done.stderr
     assert "Resuming" in done.stderr and (run_dir / "checkpoints" / "step-0000006").is_dir()
 
+@pytest.mark.parametrize("change", [
+    {"x\x1b[2J\x1b]0;owned\x07\nadamw-lm resume: all checkpoints verified": 1},  # a forged line
+    {"fine_tune_type": "A" * 100_000},
+    {"model": "/nope\x1b[2K\nadamw-lm resume: OK"},
+])
+def test_a_saved_config_cannot_write_to_the_terminal(tmp_path, tiny_model_path, data_dir, change):
+    """What a checkpoint's config holds reaches the terminal only escaped and cut short."""
+    run_dir = tmp_path / "run"
+    first = trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
+    state_path = first.checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["config"].update(change)
+    state_path.write_text(json.dumps(state))
+    _rehash(first.checkpoint, "trainer_state.json")
+
+    done = cli("resume", str(run_dir), "--iters", "6", "--no-progress")
+    assert_one_line_error(done)
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+    assert len(done.stderr) < 3000, len(done.stderr)
+
 def test_plain_local_resume_needs_no_flags_and_keeps_hf_dataset_only_on_request(tmp_path, tiny_model_path,
                                                                                 data_dir):
     data = {"model": str(tiny_model_path), "hf_dataset": {"path": "x"}, "report_to": None,
