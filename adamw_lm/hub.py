@@ -647,9 +647,11 @@ def pull(
     if step is None:
         step = remote.latest()
     elif step not in remote.steps:
-        have = ", ".join(str(s) for s in sorted(remote.steps))
+        have = sorted(remote.steps, reverse=True)
+        listed = ", ".join(str(s) for s in have[:MAX_DETAILED_STEPS])
+        more = f" and {len(have) - MAX_DETAILED_STEPS} older" if len(have) > MAX_DETAILED_STEPS else ""
         raise HubNotFoundError(f"Hub repo {remote.where} has no checkpoint for step {step}; "
-                               f"it has steps {have}")
+                               f"it has steps {listed}{more}")
     prefix = f"{CHECKPOINTS_DIR}/{remote.steps[step]}"
     manifest_file = remote.download(f"{prefix}/{MANIFEST}", MAX_JSON_BYTES)
     if manifest_file is None:

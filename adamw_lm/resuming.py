@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -133,12 +134,34 @@ def resume_from_hub(source: str, *, step: Optional[int] = None, run_dir: Optiona
     Only that step folder is downloaded; it is verified like a local checkpoint and copied into
     the run folder, then :func:`resume` takes over (``options`` are its keywords). The run keeps
     pushing to the source repo, or to ``repo_id`` (never to another repo its saved config names);
-    pushed elsewhere than the source, it takes the saved ``hub.private`` and ``hub.keep_remote``
-    only if ``options["overrides"]`` gives them again (else private, and nothing deleted there).
+    pushed elsewhere than the source, it takes the saved ``hub.private``, ``hub.keep_remote`` and
+    ``hub.branch`` only if ``options["overrides"]`` gives them again (else private, nothing deleted
+    there, on main). A resume that fails before its first checkpoint takes the downloaded one out
+    of a run folder that held none, so that it can be retried as its error says.
     """
-    from .hub_runs import fetch_run
+    from .hub import parse_spec
+    from .hub_runs import default_run_dir, fetch_run
 
-    run_dir, step, spec, trainer_state = fetch_run(source, step, run_dir)
+    target = Path(run_dir) if run_dir is not None else default_run_dir(parse_spec(source))
+    created, had_steps = not target.exists(), bool(checkpoint.steps(target))
+    run_dir, step, spec, trainer_state = fetch_run(source, step, target)
+    try:
+        return _resume_fetched(run_dir, step, spec, trainer_state, repo_id, options)
+    except BaseException:
+        # A resume that failed before its first checkpoint (a config, access or model problem)
+        # leaves no stranger's checkpoint behind to block the retry its error suggests.
+        if dist.is_main() and not had_steps and checkpoint.steps(run_dir) == [step]:
+            with contextlib.suppress(OSError):
+                if created:
+                    shutil.rmtree(run_dir)
+                else:
+                    shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR)
+        raise
+
+
+def _resume_fetched(run_dir: Path, step: int, spec: Any, trainer_state: dict, repo_id: Optional[str],
+                    options: dict[str, Any]) -> RunResult:
+    """:func:`resume_from_hub` once the checkpoint is in ``run_dir``."""
     overrides = dict(options.pop("overrides", None) or {})
     # The repo it came from (or repo_id), never another one its saved config names: a stranger's
     # checkpoint does not choose which of your repos gets written to.

@@ -155,7 +155,7 @@ def test_a_user_without_write_access_is_told_before_training_and_can_push_elsewh
     done = cli(hub, "resume", f"hub:{repo}", "--run-dir", str(run_dir), "--iters", "6", "--no-progress",
                token=reader)
     one_line_error(done, "no write access", "--repo-id")
-    assert not step_dir(run_dir, 6).exists()  # nothing was trained
+    assert not run_dir.exists()  # nothing trained, and the downloaded checkpoint taken out again
 
     own = hub.repo_id("mine")
     done = cli(hub, "resume", f"hub:{repo}", "--run-dir", str(run_dir), "--iters", "6",
@@ -227,7 +227,7 @@ def test_hub_resume_errors_are_one_line_exit_2(case, hub, tmp_path, tiny_model_p
     source, extra, words = {
         "wrong-repo": (f"hub:{hub.user}/no-such-run", (), ("not found",)),
         "missing-revision": (f"hub:{repo}@no-such-branch", (), ("revision not found",)),
-        "missing-step": (f"hub:{repo}", ("--step", "3"), ("no checkpoint for step 3", "2, 4")),
+        "missing-step": (f"hub:{repo}", ("--step", "3"), ("no checkpoint for step 3", "steps 4, 2")),
         "tampered": (f"hub:{repo}", (), ("adapters.safetensors",)),
     }[case]
     if case == "tampered":  # same size, other bytes: only the manifest's sha256 can tell
