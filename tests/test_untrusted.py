@@ -451,6 +451,8 @@ def test_planted_aside_folders_are_never_followed_or_put_back_for_another_step(r
         ("trainer_state.json", b'{"iteration": 2, "config": {"learning_rate": Infinity}}',
          "holds NaN or an infinite number outside its loss lists"),
         ("trainer_state.json", b"\xff\xfe{}", "trainer_state.json is not UTF-8 text"),
+        ("trainer_state.json", b'{"x": [' + b"{}," * 2_000_000 + b"{}]}",
+         "opens more than 2000000 objects and arrays"),
         ("trainer_state.json", f'{{"{SECRET}": 1'.encode(), "is not valid JSON (line 1 column"),
     ],
 )  # fmt: skip

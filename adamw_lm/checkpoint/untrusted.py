@@ -33,6 +33,9 @@ MAX_TRAINER_STATE_BYTES = 64 << 20
 MAX_LATEST_BYTES = 64
 #: Deepest nesting of a JSON document (the deepest this package writes is well below it).
 MAX_JSON_DEPTH = 32
+#: Objects and arrays a JSON file may open: each costs ~100 bytes parsed, so a file within its
+#: size cap made of ``{}`` alone would take gigabytes. A run's state has one per evaluation.
+MAX_JSON_CONTAINERS = 2_000_000
 #: Cap on the JSON header of a safetensors file. safetensors allows 100 MB; a checkpoint's headers
 #: take ~150 bytes per array (a 70B model's int8 state: under 1 MB), and 100 MB of JSON parses
 #: into many times that in Python objects.
@@ -293,6 +296,9 @@ def _no_constant(name: str) -> float:
 
 def parse_json(data: bytes, label: str, *, nonfinite: bool = False) -> Any:
     """Parse untrusted JSON; ``nonfinite`` accepts NaN / Infinity (Python's json writes them)."""
+    # Counted in the raw bytes (brackets in strings too: an over-count), before anything is built.
+    if data.count(b"{") + data.count(b"[") > MAX_JSON_CONTAINERS:
+        raise CorruptCheckpointError(f"{label} opens more than {MAX_JSON_CONTAINERS} objects and arrays")
     try:
         text = data.decode("utf-8")
         value = json.loads(
