@@ -47,10 +47,13 @@ def _pick_checkpoint(run_dir: Path, step: Optional[int]) -> "checkpoint.Verified
         return checkpoint.open_step(run_dir, step)
     found = checkpoint.open_latest(run_dir)
     if found is None:
-        raise checkpoint.NoCheckpointError(
-            f"{run_dir}: no complete checkpoint to resume from (a run stopped before its first "
-            "checkpoint starts over with `adamw-lm train CONFIG`)")
+        raise checkpoint.NoCheckpointError(f"{run_dir}: {_NOTHING_TO_RESUME}")
     return found
+
+
+#: Why a run folder cannot be resumed when it holds no checkpoint, and what to do instead.
+_NOTHING_TO_RESUME = ("no complete checkpoint to resume from (a run stopped before its first "
+                      "checkpoint starts over with `adamw-lm train CONFIG`)")
 
 
 def _saved_config(found: "checkpoint.VerifiedCheckpoint") -> dict[str, Any]:
@@ -90,7 +93,8 @@ def _consent(data: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
 
 #: What a run pushed to another repo than its checkpoint's does unless the command line says
 #: otherwise: publishing it, deleting step folders there and which branch it writes are the
-#: user's choices, not the checkpoint's. ``keep_remote`` 0 keeps every step folder (null would follow checkpoint.keep_last).
+#: user's choices, not the checkpoint's. ``keep_remote`` 0 keeps every step folder (null would
+#: follow checkpoint.keep_last).
 _HUB_CONSENT = {"private": ("hub.private (--hub.private false)", True),
                 "keep_remote": ("hub.keep_remote (--hub.keep_remote N)", 0),
                 "branch": ("hub.branch (--hub.branch NAME)", "main")}
@@ -119,7 +123,7 @@ def resume(run_dir: str | Path, *, step: Optional[int] = None, convert_precision
     """
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint.CHECKPOINTS_DIR).is_dir():
-        raise checkpoint.NoCheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        raise checkpoint.NoCheckpointError(f"{run_dir}: {_NOTHING_TO_RESUME}")
     # Locked before a checkpoint is chosen: a writer still at work cannot rotate it away meanwhile.
     with run_dir_lock(run_dir):
         return _resume_locked(run_dir, step, convert_precision, dict(overrides or {}), progress, callback,

@@ -434,9 +434,9 @@ def run_test(model: nn.Module, test_set: Any, config: TrainConfig, metrics: Opti
     return loss
 
 
-#: The run folder's files that a run writes (atomically, see :mod:`adamw_lm.runfiles`).
 #: mlx_lm lora's adapters of one iteration (``save_every``).
 NUMBERED_ADAPTERS = re.compile(r"([0-9]{7,12})_adapters\.safetensors")
+#: The run folder's files that a run writes (atomically, see :mod:`adamw_lm.runfiles`).
 RUN_FILES = re.compile("|".join(map(re.escape, (checkpoint.ADAPTERS, checkpoint.ADAPTER_CONFIG,
                                                 METRICS_FILE, LOSS_PLOT))) + "|" + NUMBERED_ADAPTERS.pattern)
 
