@@ -124,7 +124,12 @@ def test_sigkill_at_any_moment_of_a_save_keeps_the_previous_checkpoint(tmp_path,
             saver = Saver(run_dir, next_step)
             saver.expect(f"start {next_step}")
             saver.expect(f"done {next_step}")  # the save after a kill succeeds
-            started = saver.expect(f"start {next_step + 1}")
+            # The kill's moment from this process's second save, the one just before it: other
+            # tests running beside this one (pytest-xdist) change how long a save takes, and a
+            # process's first save is the slow one.
+            began = saver.expect(f"start {next_step + 1}")
+            save_time = saver.expect(f"done {next_step + 1}") - began
+            started = saver.expect(f"start {next_step + 2}")
             time.sleep(max(0.0, started + fraction * save_time - time.perf_counter()))
             last, where = check_after_kill(run_dir, saver, model, optimizer, caplog)
             outcomes[where] += 1
