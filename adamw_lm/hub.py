@@ -667,7 +667,7 @@ def pull(
         raise HubError(f"{e}: not an adamw_lm checkpoint") from None
     for name, record in listed.items():
         size = remote.files.get(f"{prefix}/{name}")
-        expected = record.get("size") if isinstance(record, dict) else None
+        expected = record["size"]  # check_manifest: a dict with an int size
         if size is None:
             raise HubError(f"Hub repo {remote.where}: {prefix}/{name} is missing (listed in its "
                            f"{MANIFEST})")

@@ -556,7 +556,7 @@ def run(
             # The run goes on from this checkpoint (with --step, an earlier one than latest named):
             # latest names it, and what was logged or saved as mlx-lm adapters after it is dropped,
             # so that a kill from here on resumes from it with a log that reads as one run.
-            checkpoint.point_latest(run_dir, s.state["iteration"])
+            checkpoint.point_latest(run_dir, getattr(resume_from, "path", resume_from))
             forget_after(run_dir, s.state["iteration"])
         for line in s.header if main else []:
             print(line, flush=True)

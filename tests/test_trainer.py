@@ -544,6 +544,25 @@ def test_a_saved_config_cannot_write_to_the_terminal(tmp_path, tiny_model_path, 
     assert "\x1b" not in done.stderr and "\x07" not in done.stderr
     assert len(done.stderr) < 3000, len(done.stderr)
 
+def test_links_planted_where_a_resume_writes_or_removes_are_never_followed(tmp_path, tiny_model_path,
+                                                                        data_dir):
+    """A resume points latest at its checkpoint and drops mlx-lm adapters past it: a link planted
+    at either name is replaced or removed itself, and what it points at stays as it was."""
+    run_dir = tmp_path / "run"
+    trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir)), progress=False)
+    target = tmp_path / "target"
+    target.write_text("keep")
+    latest = run_dir / "checkpoints" / "latest"
+    latest.unlink()
+    latest.symlink_to(target)
+    planted = run_dir / "0000009_adapters.safetensors"
+    planted.symlink_to(target)
+
+    resuming.resume(run_dir, overrides={"iters": 6}, progress=False)
+    assert target.read_text() == "keep"
+    assert not latest.is_symlink() and latest.read_text() == "step-0000006\n"
+    assert not planted.is_symlink() and not planted.exists()
+
 def test_plain_local_resume_needs_no_flags_and_keeps_hf_dataset_only_on_request(tmp_path, tiny_model_path,
                                                                                 data_dir):
     data = {"model": str(tiny_model_path), "hf_dataset": {"path": "x"}, "report_to": None,

@@ -538,13 +538,16 @@ def _commit(root: Path, tmp: Path, name: str) -> None:
         _remove(trash)
 
 
-def point_latest(run_dir: str | os.PathLike, step: int) -> None:
-    """Point ``run_dir``'s ``latest`` at its checkpoint of ``step`` (a resume from an earlier step
-    than ``latest`` names: the run now goes on from there, so a later plain resume does too)."""
+def point_latest(run_dir: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Point ``run_dir``'s ``latest`` at its checkpoint ``folder`` (a resume from an earlier step
+    than ``latest`` names: the run now goes on from there, so a later plain resume does too). A
+    folder outside ``run_dir/checkpoints`` is no checkpoint of this run: ``latest`` stays."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    name = dir_name(step)
+    name = Path(folder).name
     try:  # replaced, never written through: a link planted at latest stays unread
-        _point_latest(_open_root(Path(run_dir)), name)
+        real = _open_root(Path(run_dir))
+        if _names_in(real, [folder]):
+            _point_latest(real, name)
     except OSError as e:
         raise CheckpointWriteError(f"could not point {root / LATEST} at {name}: {e.strerror or e}") from e
 
