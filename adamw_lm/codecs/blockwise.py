@@ -248,9 +248,6 @@ class ShiftRootMap(_Levels):
         """:meth:`encode` of ``x / unit``: a block-wise codec divides by its scale over ``unit``
         instead of multiplying by ``unit`` after, one pass less."""
         q = self._q
-        # A kernel of its own (a block-wise codec's division by its scales): fused into the
-        # kernels below, the broadcast scale would make them strided.
-        x = mx.contiguous(x)
         # Level k and a fraction: from the shift root, or below level 2 in value, where levels
         # 0, 1 and 2 stand for b = |x|·Q² = 0, 1 and 4: there min(b, (b + 2) / 3), which is at
         # most the shift root's position below level 2 and at least it above (equal at 2).
@@ -271,6 +268,17 @@ class ShiftRootMap(_Levels):
             s = mx.view(x, mx.int32) >> 31
             return ((k ^ s) + (self.levels - s)).astype(mx.uint8)
         return (mx.maximum(k, 1) - 1).astype(mx.uint8)
+
+
+def _per_element(per_block: mx.array, block: int) -> mx.array:
+    """``per_block[:, None]`` over the ``block`` elements of each block, as a strided view.
+
+    ``mx.compile`` fuses a broadcast with the operation that reads it into a kernel indexed
+    through strides, which a CPU runs element by element; a view it does not fuse leaves the
+    operation alone, and mlx's own kernel for it runs each block's row as a vector times a
+    scalar (0.55 against 0.82 ns per element: docs/benchmarks.md, "Scales as strided views").
+    """
+    return mx.as_strided(per_block, (per_block.size, block), (1, 0))
 
 
 class Blockwise:
@@ -356,7 +364,8 @@ class Blockwise:
         # with the scale: the block's largest may come out an ulp off it, which the map's margins
         # absorb.
         divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
-        normalized = blocks / divisor[:, None]
+        # A kernel of its own: fused into the map's, the scales' strided view would make it strided.
+        normalized = mx.contiguous(blocks / _per_element(divisor, self.block))
         if self.stochastic:
             if key is None:
                 raise ValueError("this codec rounds stochastically: encode needs a random key")
@@ -403,9 +412,10 @@ class Blockwise:
             # Each byte's two nibbles spread into the two bytes of a little-endian uint16.
             wide = codes.astype(mx.uint16)
             codes = mx.view((wide & 0xF) | ((wide & 0xF0) << 4), mx.uint8)
-        # The levels' values in a contiguous kernel, then the broadcast scale in the consumer's:
-        # one strided kernel converting bytes runs at half the speed (docs/benchmarks.md).
-        flat = (mx.contiguous(values(codes)) * scaled(scales)[:, None]).reshape(-1)
+        # The levels' values in a contiguous kernel, then the scales in a product of its own (see
+        # _per_element): one strided kernel converting bytes runs at half the speed
+        # (docs/benchmarks.md).
+        flat = (mx.contiguous(values(codes)) * _per_element(scaled(scales), self.block)).reshape(-1)
         size = math.prod(shape)
         if flat.size != size:
             flat = flat[:size]
