@@ -388,7 +388,7 @@ class AdamW(optim.AdamW):
         low = [(path, g) for path, g in flat if self._plan.get(path) is not None]
         finite = coefficients = None
         if low:
-            finite = mx.isfinite(sum(_sum_wide(g) for _, g in flat))
+            finite = all_finite([g for _, g in flat], self.settings.streams)
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)
         keys, weight_keys = {}, {}
@@ -498,13 +498,45 @@ def _path_bits(path: str) -> mx.array:
     return mx.array([zlib.crc32(data), zlib.crc32(data, 0x9E3779B9)], dtype=mx.uint32)
 
 
-def _sum_wide(g: mx.array) -> mx.array:
-    """The sum of ``g`` in a float32-range type: NaN or infinite when any element is.
+#: Per float dtype: the signed and unsigned integers of its size, and the bits of ``+inf`` and
+#: ``-inf`` in them. An element is NaN or infinite exactly where its bits, as the signed integer,
+#: reach ``+inf``'s (positive ones: negative floats are negative integers) or, as the unsigned
+#: one, ``-inf``'s (negative ones: every other float's bits are below).
+_INFINITIES = {
+    mx.float16: (mx.int16, mx.uint16, 0x7C00, 0xFC00),
+    mx.bfloat16: (mx.int16, mx.uint16, 0x7F80, 0xFF80),
+    mx.float32: (mx.int32, mx.uint32, 0x7F800000, 0xFF800000),
+    mx.float64: (mx.int64, mx.uint64, 0x7FF0000000000000, 0xFFF0000000000000),
+}
 
-    One read of ``g``, unlike ``isfinite`` per element (5x slower on a CPU). Only gradients beyond
-    ~1e28 overflow it, and their squares would overflow the second moment anyway.
+
+def all_finite(tensors: Sequence[mx.array], streams: int | None = None) -> mx.array:
+    """Whether every element of the floating ``tensors`` is finite (a scalar bool array).
+
+    Two integer maxima per tensor, over its bits (see ``_INFINITIES``): reductions without a
+    per-element test, 0.75 ns per float32 element against 0.97 for a sum (which also overflowed
+    for finite gradients past ~1e28) and 0.22 against 1.15 per bfloat16 element. Every step
+    waits for this check, so the tensors are spread over the ``streams`` the slices use.
     """
-    return mx.sum(g.astype(mx.float32) if g.dtype == mx.float16 else g)
+    lanes = _lanes(streams)
+    maxima: dict[mx.Dtype, tuple[list, list]] = {}
+    for i, t in enumerate(t for t in tensors if t.size):
+        if t.dtype not in _INFINITIES:
+            raise TypeError(f"gradients must be floating point; got {t.dtype}")
+        signed, unsigned, _, _ = _INFINITIES[t.dtype]
+        with mx.stream(lanes[i % len(lanes)]):
+            pair = maxima.setdefault(t.dtype, ([], []))
+            pair[0].append(mx.max(mx.view(t, signed)))
+            pair[1].append(mx.max(mx.view(t, unsigned)))
+    finite = mx.array(True)
+    for dtype, (highest_signed, highest_unsigned) in maxima.items():
+        signed, unsigned, positive, negative = _INFINITIES[dtype]
+        finite = (
+            finite
+            & mx.all(mx.stack(highest_signed) < mx.array(positive, dtype=signed))
+            & mx.all(mx.stack(highest_unsigned) < mx.array(negative, dtype=unsigned))
+        )
+    return finite
 
 
 _LANES: dict[tuple[int, str], list[mx.Stream]] = {}
@@ -636,11 +668,15 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         g, p, buffer = tensors["g"], tensors["p"], tensors.get("buffer")
         shape = g.shape
         # A skipped step zeroes the gradient and its coefficients keep everything as it is
-        # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits.
-        g32 = mx.where(k.finite, g.astype(mx.float32), 0.0)
+        # (β = 1, lr = 0); every codec encodes the decoded moments back to the same bits. The
+        # moments select their own gradient terms, two operations mx.compile does not merge and
+        # fuses each into its moment's kernel: one zeroed gradient, read by both, was a pass of
+        # its own.
+        g32 = g.astype(mx.float32)
+        gradient = mx.where(k.finite, g32, 0.0)
         m_stored = precision.m.decode(tensors["m"], shape)
         v_old = precision.v.decode(tensors["v"], shape)
-        v = k.beta2 * v_old + k.one_minus_beta2 * (g32 * g32)
+        v = k.beta2 * v_old + k.one_minus_beta2 * mx.where(k.finite, g32 * g32, 0.0)
         if not precision.exact_root:
             # A finite gradient whose square overflows (|g| > 1.8e19) would make v infinite: mlx's
             # AdamW then freezes that element for good, but a block's infinite scale would take
@@ -665,10 +701,10 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             # for bit; the two roots of one v, computed two ways (per block from its codes, and
             # per element by roots.root), differ by up to roots.ROOT_ERROR.
             ratio = 1 + k.finite.astype(mx.float32) * (ratio - 1)
-            m_stored = k.beta1 * m_stored * ratio + k.one_minus_beta1 * g32 * inverse
+            m_stored = k.beta1 * m_stored * ratio + k.one_minus_beta1 * gradient * inverse
             m = m_stored * root
         else:
-            m = m_stored = k.beta1 * m_stored + k.one_minus_beta1 * g32
+            m = m_stored = k.beta1 * m_stored + k.one_minus_beta1 * gradient
         w = weights.read(p, buffer) * k.decay - k.step_size * m / (root_v * k.root_scale + eps)
         new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # Moments that are not rotating share one key: a stochastic pair draws disjoint bits of
@@ -693,6 +729,7 @@ __all__ = [
     "LOW_PRECISIONS",
     "PATTERN_TIMEOUT_S",
     "StateFormat",
+    "all_finite",
     "convert_state",
     "default_streams",
     "zeros_state",

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .optim import AdamW, zeros_state
+from .optim import AdamW, all_finite, zeros_state
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
@@ -185,7 +185,7 @@ class ShardedOptimizer:
         if my_grads and any(self.inner.precision_plan.get(p) is not None for p in my_grads):
             # A low-precision AdamW skips a step whose gradients are not finite; every process must
             # agree, so the whole tree decides: a non-finite gradient elsewhere poisons one of ours.
-            finite = mx.isfinite(sum(mx.sum(g.astype(mx.float32)) for g in flat_grads.values()))
+            finite = all_finite(list(flat_grads.values()), self.inner.settings.streams)
             first = next(iter(my_grads))
             my_grads[first] = mx.where(finite, my_grads[first], mx.array(float("nan"), my_grads[first].dtype))
         updated = dict(tree_flatten(self.inner.apply_gradients(tree_unflatten(list(my_grads.items())), mine)))

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from helpers.trees import assert_trees_equal
 
 from adamw_lm import AdamW
+from adamw_lm.optim import all_finite
 from adamw_lm.codecs import PRECISIONS, Precision
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap
 from adamw_lm.codecs.int4 import INT4_M
@@ -505,6 +506,37 @@ def test_parameter_named_as_a_state_entry_is_refused(name):
     with pytest.raises(ValueError, match=f"named '{name}'"):
         AdamW(1e-2, state_precision="bf16").init(params)
     AdamW(1e-2).init(params)  # None keeps neither entry, as mlx
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_all_finite_finds_every_nan_and_infinity(dtype, streams):
+    """all_finite against NumPy's isfinite: each special value alone, in any tensor, at the
+    edges of the float range (the largest finite, -0, subnormals), and finite values whose
+    sum overflows (the sum this check replaced called those non-finite)."""
+    big = float(np.finfo(np.float16).max) if dtype == mx.float16 else 3e38
+    finite_edges = [big, -big, -0.0, 1e-40 if dtype != mx.float16 else 1e-7, 0.0]
+    tensors = [mx.array(np.full((300,), big, np.float32)).astype(dtype),
+               mx.array(finite_edges).astype(dtype), mx.zeros((0,), dtype)]  # fmt: skip
+    assert all_finite(tensors, streams).item() is True
+    for special in (math.nan, -math.nan, math.inf, -math.inf):
+        for which in range(2):
+            bad = [mx.array(t) for t in tensors]
+            bad[which] = bad[which].at[1].add(mx.array(special, dtype))
+            expected = all(np.isfinite(np.array(t.astype(mx.float32))).all() for t in bad)
+            assert expected is False
+            assert all_finite(bad, streams).item() is expected, (special, which)
+    # NaNs with the sign bit set, and the lowest NaN bits above +inf's, made from their bits.
+    bits = {mx.float16: (0xFE00, 0x7C01), mx.bfloat16: (0xFFC0, 0x7F81),
+            mx.float32: (0xFFC00000, 0x7F800001)}[dtype]  # fmt: skip
+    unsigned = mx.uint32 if dtype == mx.float32 else mx.uint16
+    for pattern in bits:
+        nan = mx.view(mx.array([pattern], dtype=unsigned), dtype)
+        assert math.isnan(nan.astype(mx.float32).item())
+        assert all_finite([tensors[0], mx.concatenate([tensors[1], nan])], streams).item() is False
+    assert all_finite([], streams).item() is True
+    with pytest.raises(TypeError, match="floating point"):
+        all_finite([mx.zeros((3,), mx.int32)])
 
 
 @pytest.mark.parametrize("precision", LOW)
