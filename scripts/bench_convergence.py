@@ -132,25 +132,19 @@ def final_losses(
 
 
 def step_time_ratios(precisions: list[str], hidden: int, layers: int, steps: int) -> dict:
-    """Fastest step time of each precision over mlx AdamW's, optimizers interleaved step by step."""
+    """Fastest step time of each precision over that of mlx AdamW timed beside it (see
+    ``bench_optimizer.time_in_phases``)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_optimizer import Runner, gradient_like, llama_like_tree
+    from bench_optimizer import MLX, gradient_like, llama_like_tree, time_in_phases
 
     weights = llama_like_tree(hidden, layers)
     grads = gradient_like(weights)
-    makers = {"mlx": lambda: optim.AdamW(1e-3)}
+    makers = {MLX: lambda: optim.AdamW(1e-3)}
     makers.update({p: (lambda p=p: AdamW(1e-3, state_precision=p)) for p in precisions})
-    runners = {name: Runner(make, weights, grads) for name, make in makers.items()}
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for i in range(steps + 2):  # two warm-up steps compile
-        for name, r in runners.items():
-            t = r.step()
-            if i >= 2:
-                times[name].append(t)
     # The fastest step, not the median: on a machine shared with other jobs it is the one least
-    # slowed by them.
-    base = min(times["mlx"])
-    return {p: min(times[p]) / base for p in precisions}
+    # slowed by them. Two warm-up steps compile.
+    timed = time_in_phases(makers, weights, grads, 2, steps)
+    return {p: min(t) / min(base) for p, (t, base) in timed.items()}
 
 
 def candidates() -> list[str]:

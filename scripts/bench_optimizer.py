@@ -49,6 +49,7 @@ from adamw_lm.codecs import PRECISIONS
 from adamw_lm.weight_update import WEIGHT_UPDATES
 
 MB = 2**20
+MLX = "mlx.optimizers.AdamW"
 
 
 def llama_like_tree(hidden: int, layers: int, seed: int = 0, dtype=mx.float32) -> dict:
@@ -112,7 +113,7 @@ def make_optimizers(
 ) -> dict[str, Callable[[], optim.Optimizer]]:
     lr = 1e-3
     makers: dict[str, Callable[[], optim.Optimizer]] = {
-        "mlx.optimizers.AdamW": lambda: optim.AdamW(lr),
+        MLX: lambda: optim.AdamW(lr),
         "None (bit-exact mlx)": lambda: AdamW(lr),
     }
     if weight_updates:
@@ -141,7 +142,45 @@ def make_optimizers(
             makers[f"{name}, 2 streams"] = lambda name=name: AdamW(
                 lr, state_precision=name, streams=2
             )
+            if against:
+                package, sha = against
+                makers[f"{name}, 2 streams @ {sha}"] = lambda name=name, package=package: (
+                    package.AdamW(lr, state_precision=name, streams=2)
+                )
     return makers
+
+
+def time_in_phases(
+    makers: dict[str, Callable[[], optim.Optimizer]], weights: dict, grads: dict, warmup: int,
+    steps: int,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Step times (s) of each optimizer but mlx's AdamW (``MLX``), with those of the mlx AdamW
+    timed beside it.
+
+    Each optimizer, with its ``@ REV`` twins if any, is timed in a phase of its own, interleaved
+    step by step with a fresh mlx AdamW (so that machine noise hits them alike). All of them
+    interleaved at once (as this script did until session 12) slowed mlx's step by up to a third
+    and ours by a tenth with ~18 trees resident, which made the ratios too low
+    (docs/benchmarks.md, "Timed in phases").
+    """
+    timed = {}
+    for name in makers:
+        if name == MLX or " @ " in name:
+            continue
+        phase = [name] + [other for other in makers if other.startswith(f"{name} @ ")]
+        runners = {n: Runner(makers[n], weights, grads) for n in [MLX, *phase]}
+        for _ in range(warmup):
+            for r in runners.values():
+                r.step()
+        times: dict[str, list[float]] = {n: [] for n in runners}
+        for _ in range(steps):
+            for n, r in runners.items():
+                times[n].append(r.step())
+        timed.update({n: (times[n], times[MLX]) for n in phase})
+        del runners
+        gc.collect()
+        mx.clear_cache()
+    return timed
 
 
 class Runner:
@@ -229,25 +268,18 @@ def main() -> None:
             parser.error(f"--against {args.against}: {err.stderr.decode().strip()}")
     makers = make_optimizers(weight_updates=args.weight_dtype != "float32", against=against)
 
-    runners = {name: Runner(make, weights, grads) for name, make in makers.items()}
-    state_bytes = {
-        name: nbytes({k: v for k, v in r.opt.state.items() if k not in ("step", "learning_rate")})
-        for name, r in runners.items()
-    }
-    for _ in range(args.warmup):
-        for r in runners.values():
-            r.step()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.steps):
-        for name, r in runners.items():
-            times[name].append(r.step())
-    median = {name: statistics.median(t) for name, t in times.items()}
-    del runners
-    gc.collect()
+    timed = time_in_phases(makers, weights, grads, args.warmup, args.steps)
+    median = {name: statistics.median(t) for name, (t, _) in timed.items()}
+    ratio = {name: median[name] / statistics.median(base) for name, (_, base) in timed.items()}
+    median[MLX] = statistics.median([statistics.median(base) for _, base in timed.values()])
+    ratio[MLX] = 1.0
 
-    memory = {}
+    memory, state_bytes = {}, {}
     for name, make in makers.items():
         r = Runner(make, weights, grads)
+        state_bytes[name] = nbytes(
+            {k: v for k, v in r.opt.state.items() if k not in ("step", "learning_rate")}
+        )
         r.step()
         held = nbytes(r.params) + nbytes(r.grads) + nbytes(r.opt.state)
         # Everything alive before the step (this runner's weights, gradients and state, and the
@@ -259,12 +291,12 @@ def main() -> None:
         del r
         gc.collect()
 
-    base = median["mlx.optimizers.AdamW"]
     print(
         f"{n_params / 1e6:.1f}M {args.weight_dtype} parameters ({args.layers} layers, hidden "
         f"{args.hidden}), "
         f"largest tensor {largest / MB:.0f} MB in float32; median of {args.steps} steps after "
-        f"{args.warmup} warm-up; mlx {mx.__version__}, {mx.default_device()}, "
+        f"{args.warmup} warm-up, each optimizer (with its `@` twin) in a phase of its own, "
+        f"interleaved with a fresh mlx AdamW, its ratio to that one's median; mlx {mx.__version__}, {mx.default_device()}, "
         f"{platform.machine()}, {os.cpu_count()} cores; adamw_lm rows without a stream count use "
         f"{default_streams()} stream(s).\n"
     )
@@ -277,7 +309,7 @@ def main() -> None:
     for name in makers:
         above, held = memory[name]
         print(
-            f"| {name} | {state_bytes[name] / n_params:.4f} | {median[name] / base:.2f} "
+            f"| {name} | {state_bytes[name] / n_params:.4f} | {ratio[name]:.2f} "
             f"| {median[name] * 1e3:.0f} | {held / MB:.0f} | {above / MB:.0f} "
             f"| {above / largest:.2f} |"
         )

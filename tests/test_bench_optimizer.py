@@ -46,3 +46,27 @@ def test_against_an_unknown_revision_is_one_line():
     assert done.returncode == 2
     assert "--against no-such-revision" in done.stderr.splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_each_optimizer_is_timed_beside_its_own_mlx_adamw():
+    """time_in_phases: one phase per optimizer and its ``@`` twins, each with a fresh mlx AdamW
+    interleaved step by step; ratios are taken to that phase's mlx times."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import mlx.optimizers as optim
+    from bench_optimizer import MLX, gradient_like, llama_like_tree, time_in_phases
+
+    from adamw_lm import AdamW
+
+    weights = llama_like_tree(32, 1)
+    makers = {
+        MLX: lambda: optim.AdamW(1e-3),
+        "int8": lambda: AdamW(1e-3, state_precision="int8"),
+        "int8 @ twin": lambda: AdamW(1e-3, state_precision="int8"),
+        "bf16": lambda: AdamW(1e-3, state_precision="bf16"),
+    }
+    timed = time_in_phases(makers, weights, gradient_like(weights), warmup=1, steps=3)
+    assert sorted(timed) == ["bf16", "int8", "int8 @ twin"]
+    assert all(len(t) == 3 and len(base) == 3 and min(t) > 0 for t, base in timed.values())
+    # The twin shared its phase (the same mlx times); the other optimizer had a phase of its own.
+    assert timed["int8"][1] is timed["int8 @ twin"][1]
+    assert timed["bf16"][1] is not timed["int8"][1]
