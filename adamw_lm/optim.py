@@ -391,7 +391,7 @@ class AdamW(optim.AdamW):
             finite = all_finite([g for _, g in flat], self.settings.streams)
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)
-        keys, weight_keys = {}, {}
+        keys, weight_keys, stochastic = {}, {}, []
         if "key" in self.state:
             dtypes: dict[str, mx.Dtype] = {}
             tree_map_with_path(
@@ -399,28 +399,35 @@ class AdamW(optim.AdamW):
             )
             stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
             self.state["key"], step_key = mx.random.split(self.state["key"])
+        if stochastic:
             # A parameter's key comes from this step's key and its path, not from its place among
             # the stochastic parameters: a process holding a share of them (ShardedOptimizer)
             # draws for them what the whole optimizer draws.
-            keys = {path: step_key ^ _path_bits(path) for path in stochastic}
+            # One (n, 2) array of keys and one hash for all of them: each scalar operation is a
+            # dispatch to the stream's thread, and per tensor they were ~25 of them.
+            tensor_keys = step_key ^ mx.array([_path_crcs(p) for p in stochastic], mx.uint32)
             # The moments of a bf16 pair use both halves of their key's hash: the weight
             # rounds with bits of a key drawn from it.
             weight_keys = {
-                path: key_start(mx.random.split(keys[path], 1)[0])
-                for path in stochastic
+                path: key_start(mx.random.split(tensor_keys[i], 1)[0])
+                for i, path in enumerate(stochastic)
                 if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
             }
             # Each key's start, once per tensor: hashed in every slice, it took a few dispatches
             # each (random_bits draws the same bits from a key or its start).
-            keys = {path: key_start(key) for path, key in keys.items()}
-        step = self.step.astype(mx.uint32)
+            # 0-d: mx.compile passes a scalar into its kernels as a constant, where a (1,) array
+            # would be a broadcast input and make the hash's kernel strided.
+            starts = mx.split(key_start(tensor_keys), len(stochastic))
+            keys = {path: start.squeeze(0) for path, start in zip(stochastic, starts)}
+        # A rotating codec's key: (its path's first CRC, the step).
+        step_pairs = self.step.astype(mx.uint32) * mx.array([0, 1], mx.uint32)
 
         def moment_keys(path: str, codecs: Precision) -> tuple[mx.array | None, ...]:
             # A rotating codec's phases must stay the same from step to step, so they come from
             # the parameter's path, not from the state's key (and neither from ``seed``, which a
             # resumed state does not carry): the same in every run and every process.
             return tuple(
-                mx.stack([_path_bits(path)[0], step]) if codec.rotating
+                mx.array([_path_crcs(path)[0], 0], mx.uint32) + step_pairs if codec.rotating
                 else keys[path] if codec.stochastic else None
                 for codec in (codecs.m, codecs.v)
             )  # fmt: skip
@@ -492,10 +499,11 @@ def _subtree(tree, path: str):
 
 
 @functools.lru_cache(maxsize=65536)
-def _path_bits(path: str) -> mx.array:
-    """Two uint32 hashes of a parameter's path (CRC-32 from two start values)."""
+@functools.lru_cache(maxsize=65536)
+def _path_crcs(path: str) -> tuple[int, int]:
+    """Two 32-bit hashes of a parameter's path (CRC-32 from two start values)."""
     data = path.encode()
-    return mx.array([zlib.crc32(data), zlib.crc32(data, 0x9E3779B9)], dtype=mx.uint32)
+    return zlib.crc32(data), zlib.crc32(data, 0x9E3779B9)
 
 
 #: Per float dtype: the signed and unsigned integers of its size, and the bits of ``+inf`` and
@@ -618,7 +626,9 @@ def _slice_stored(codec: MomentCodec | None, stored: Stored, start: int, stop: i
     if isinstance(stored, dict):
         first, last = start // codec.block, -(-stop // codec.block)
         return {name: a[first:last] for name, a in stored.items()}
-    return stored.reshape(-1)[start:stop]
+    # reshape(size), not reshape(-1): mlx returns an array already of that shape as it is, where
+    # any other reshape is one more operation for the stream's thread (see _concatenate).
+    return stored.reshape(stored.size)[start:stop]
 
 
 def _join_stored(parts: list[Stored], shape: tuple[int, ...]) -> Stored:
@@ -631,11 +641,12 @@ def _join_stored(parts: list[Stored], shape: tuple[int, ...]) -> Stored:
 def _concatenate(parts: list[mx.array]) -> mx.array:
     """``mx.concatenate(parts)`` (along the first axis), 8 bytes at a time where the parts allow:
     a CPU concatenates element by element, as slow for a 1-byte code as for a float32 (measured
-    in docs/benchmarks.md, "Square roots without sqrt")."""
-    if parts[0].dtype.size >= 8 or any(part.nbytes % 8 for part in parts):
+    in docs/benchmarks.md, "Square roots without sqrt"). Each part's rows are viewed as words,
+    without flattening: every operation, a reshape too, is a dispatch to the stream's thread,
+    which sleeps between cheap ones (docs/benchmarks.md, "Timed in phases")."""
+    if parts[0].dtype.size >= 8 or any(part.shape[-1] * part.dtype.size % 8 for part in parts):
         return mx.concatenate(parts)
-    words = mx.concatenate([mx.view(part.reshape(-1), mx.uint64) for part in parts])
-    return mx.view(words, parts[0].dtype).reshape(-1, *parts[0].shape[1:])
+    return mx.view(mx.concatenate([mx.view(part, mx.uint64) for part in parts]), parts[0].dtype)
 
 
 class _Coefficients(NamedTuple):

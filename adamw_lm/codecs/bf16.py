@@ -36,10 +36,11 @@ def _fmix32(h: mx.array) -> mx.array:
 
 
 def key_start(key: mx.array) -> mx.array:
-    """The start (a uint32 scalar) that ``key`` (an ``mx.random.key``) picks for
-    :func:`random_bits`: a hash of both its words."""
+    """The start (uint32) that ``key`` (an ``mx.random.key``) picks for :func:`random_bits`: a
+    hash of both its words. ``key`` may be a stack of keys on its last axis, ``(n, 2)``: their
+    ``n`` starts."""
     key = key.astype(mx.uint32)
-    return _fmix32(key[0] ^ _fmix32(key[1]))
+    return _fmix32(key[..., 0] ^ _fmix32(key[..., 1]))
 
 
 def random_bits(

@@ -348,7 +348,8 @@ class Blockwise:
         :func:`~adamw_lm.codecs.bf16.random_bits`); a rotating one's ``key`` is ``(seed, step)``
         (uint32)."""
         nb = self.blocks(x.shape)
-        flat = x.astype(_F32).reshape(-1)
+        # reshape(size): mlx gives a flat x back as it is, with no operation to dispatch.
+        flat = x.astype(_F32).reshape(x.size)
         if nb * self.block != flat.size:
             flat = mx.pad(flat, [(0, nb * self.block - flat.size)])
         blocks = flat.reshape(nb, self.block)
