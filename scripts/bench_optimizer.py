@@ -11,12 +11,13 @@ state) and the size of the largest tensor in float32.
 Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI).
 ``--weight-dtype bfloat16`` stores the weights in bfloat16 and compares the ``weight_update`` modes
 (nearest / stochastic / exact) at every state precision instead of the stream counts.
-``--against REV`` also times the package as of git revision REV (imported under another name),
+``--lora-rank R`` times the LoRA adapters of the tree's matrices instead (many small tensors,
+where each operation's dispatch counts more than its arithmetic). ``--against REV`` also times the package as of git revision REV (imported under another name),
 interleaved with this one: a change to a hot path measured side by side.
 
 Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
                                         [--breakdown] [--weight-dtype float32]
-                                        [--against REV]
+                                        [--against REV] [--lora-rank R]
 """
 
 from __future__ import annotations
@@ -52,13 +53,24 @@ MB = 2**20
 MLX = "mlx.optimizers.AdamW"
 
 
-def llama_like_tree(hidden: int, layers: int, seed: int = 0, dtype=mx.float32) -> dict:
-    """``layers`` blocks of q/k/v/o (hidden²), gate/up/down (hidden × 2.75·hidden) and a norm."""
+def llama_like_tree(
+    hidden: int, layers: int, seed: int = 0, dtype=mx.float32, lora_rank: int = 0
+) -> dict:
+    """``layers`` blocks of q/k/v/o (hidden²), gate/up/down (hidden × 2.75·hidden) and a norm;
+    with ``lora_rank``, the LoRA adapters of those matrices instead (mlx-lm's shapes: ``lora_a``
+    in × rank, ``lora_b`` rank × out), many small tensors."""
     inter = int(2.75 * hidden)
     shapes = {
         "q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
         "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "norm": (hidden,),
     }  # fmt: skip
+    if lora_rank:
+        matrices = {name: shape for name, shape in shapes.items() if len(shape) == 2}
+        shapes = {
+            f"{name}.{part}": shape
+            for name, (out, inp) in matrices.items()
+            for part, shape in (("lora_a", (inp, lora_rank)), ("lora_b", (lora_rank, out)))
+        }  # fmt: skip
     keys = iter(mx.random.split(mx.random.key(seed), layers * len(shapes)))
     tree = {
         "layers": [
@@ -249,14 +261,20 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--weight-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument(
+        "--lora-rank", type=int, default=0, metavar="R",
+        help="time the LoRA adapters (rank R) of the tree's matrices instead: many small tensors",
+    )  # fmt: skip
+    parser.add_argument(
         "--against", metavar="REV",
         help="also time each state precision as of this git revision, interleaved",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--hidden, --layers and --steps must be >= 1, --warmup >= 0")
+    if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0 or args.lora_rank < 0:
+        parser.error("--hidden, --layers and --steps must be >= 1, --warmup and --lora-rank >= 0")
 
-    weights = llama_like_tree(args.hidden, args.layers, dtype=getattr(mx, args.weight_dtype))
+    weights = llama_like_tree(
+        args.hidden, args.layers, dtype=getattr(mx, args.weight_dtype), lora_rank=args.lora_rank
+    )
     grads = gradient_like(weights)
     n_params = sum(p.size for _, p in tree_flatten(weights))
     largest = max(p.size for _, p in tree_flatten(weights)) * 4
@@ -293,8 +311,8 @@ def main() -> None:
 
     print(
         f"{n_params / 1e6:.1f}M {args.weight_dtype} parameters ({args.layers} layers, hidden "
-        f"{args.hidden}), "
-        f"largest tensor {largest / MB:.0f} MB in float32; median of {args.steps} steps after "
+        f"{args.hidden}{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}), "
+        f"{len(tree_flatten(weights))} tensors, largest {largest / MB:.1f} MB in float32; median of {args.steps} steps after "
         f"{args.warmup} warm-up, each optimizer (with its `@` twin) in a phase of its own, "
         f"interleaved with a fresh mlx AdamW, its ratio to that one's median; mlx {mx.__version__}, {mx.default_device()}, "
         f"{platform.machine()}, {os.cpu_count()} cores; adamw_lm rows without a stream count use "

@@ -41,6 +41,15 @@ def test_against_a_revision_adds_its_rows_next_to_ours():
         assert float(ours[1]) > 0 and float(theirs[1]) > 0
 
 
+def test_lora_rank_times_the_adapters_of_the_matrices():
+    done = run("--lora-rank", "4")
+    assert done.returncode == 0, done.stderr
+    # 7 matrices of one layer, two adapters each, 4 × (64 + 64) or 4 × (64 + 176) elements.
+    assert "LoRA rank 4), 14 tensors" in done.stdout
+    assert "0.0M float32 parameters" in done.stdout
+    assert float(rows(done.stdout)["int8"][1]) > 0
+
+
 def test_against_an_unknown_revision_is_one_line():
     done = run("--against", "no-such-revision")
     assert done.returncode == 2
