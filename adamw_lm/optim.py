@@ -499,7 +499,6 @@ def _subtree(tree, path: str):
 
 
 @functools.lru_cache(maxsize=65536)
-@functools.lru_cache(maxsize=65536)
 def _path_crcs(path: str) -> tuple[int, int]:
     """Two 32-bit hashes of a parameter's path (CRC-32 from two start values)."""
     data = path.encode()

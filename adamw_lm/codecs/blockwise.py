@@ -276,7 +276,8 @@ def _per_element(per_block: mx.array, block: int) -> mx.array:
     ``mx.compile`` fuses a broadcast with the operation that reads it into a kernel indexed
     through strides, which a CPU runs element by element; a view it does not fuse leaves the
     operation alone, and mlx's own kernel for it runs each block's row as a vector times a
-    scalar (0.55 against 0.82 ns per element: docs/benchmarks.md, "Scales as strided views").
+    scalar (0.55 against 0.82 ns per element: docs/benchmarks.md, "Timed in phases, and fewer
+    passes per slice").
     """
     return mx.as_strided(per_block, (per_block.size, block), (1, 0))
 
