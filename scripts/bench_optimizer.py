@@ -171,8 +171,8 @@ def time_in_phases(
 
     Each optimizer, with its ``@ REV`` twins if any, is timed in a phase of its own, interleaved
     step by step with a fresh mlx AdamW (so that machine noise hits them alike). All of them
-    interleaved at once (as this script did until session 12) slowed mlx's step by up to a third
-    and ours by a tenth with ~18 trees resident, which made the ratios too low
+    interleaved at once (as this script did until session 12) slowed mlx's step by half and ours
+    by a sixth on the 12.8M tree, ~18 trees resident, which made the ratios too low
     (docs/benchmarks.md, "Timed in phases").
     """
     timed = {}
