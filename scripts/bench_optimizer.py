@@ -12,8 +12,9 @@ Prints one markdown table. ``--hidden 64 --layers 1`` runs in seconds (tests, CI
 ``--weight-dtype bfloat16`` stores the weights in bfloat16 and compares the ``weight_update`` modes
 (nearest / stochastic / exact) at every state precision instead of the stream counts.
 ``--lora-rank R`` times the LoRA adapters of the tree's matrices instead (many small tensors,
-where each operation's dispatch counts more than its arithmetic). ``--against REV`` also times the package as of git revision REV (imported under another name),
-interleaved with this one: a change to a hot path measured side by side.
+where each operation's dispatch counts more than its arithmetic). ``--against REV`` also times
+the package as of git revision REV (imported under another name), interleaved with this one: a
+change to a hot path measured side by side.
 
 Usage: python scripts/bench_optimizer.py [--hidden 1024] [--layers 4] [--steps 7] [--warmup 2]
                                         [--breakdown] [--weight-dtype float32]
@@ -269,7 +270,7 @@ def main() -> None:
         help="also time each state precision as of this git revision, interleaved",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.hidden < 1 or args.layers < 1 or args.steps < 1 or args.warmup < 0 or args.lora_rank < 0:
+    if min(args.hidden, args.layers, args.steps) < 1 or min(args.warmup, args.lora_rank) < 0:
         parser.error("--hidden, --layers and --steps must be >= 1, --warmup and --lora-rank >= 0")
 
     weights = llama_like_tree(
@@ -312,9 +313,10 @@ def main() -> None:
     print(
         f"{n_params / 1e6:.1f}M {args.weight_dtype} parameters ({args.layers} layers, hidden "
         f"{args.hidden}{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}), "
-        f"{len(tree_flatten(weights))} tensors, largest {largest / MB:.1f} MB in float32; median of {args.steps} steps after "
-        f"{args.warmup} warm-up, each optimizer (with its `@` twin) in a phase of its own, "
-        f"interleaved with a fresh mlx AdamW, its ratio to that one's median; mlx {mx.__version__}, {mx.default_device()}, "
+        f"{len(tree_flatten(weights))} tensors, largest {largest / MB:.1f} MB in float32; median "
+        f"of {args.steps} steps after {args.warmup} warm-up, each optimizer (with its `@` twin) "
+        f"in a phase of its own, interleaved with a fresh mlx AdamW, its ratio to that one's "
+        f"median; mlx {mx.__version__}, {mx.default_device()}, "
         f"{platform.machine()}, {os.cpu_count()} cores; adamw_lm rows without a stream count use "
         f"{default_streams()} stream(s).\n"
     )
