@@ -465,10 +465,15 @@ def test_int4_second_moment_never_decodes_positive_to_zero():
     assert (np.array(mx.dequantize(w, scales, biases, group_size=128, bits=4)) == 0).sum() > 100
 
 
+def smallest_scale(codec) -> float:
+    """The smallest scale a block keeps: below it its lowest level would decode to a subnormal."""
+    return 2.0**-126 / min(abs(v) for v in codec.map.values() if v)
+
+
 @pytest.mark.parametrize("name", CODECS)
 def test_huge_and_tiny_magnitudes(name):
     codec = CODECS[name]
-    for magnitude in (1e30, 1e-30, 1e-38):
+    for magnitude in (2.0**127, 1e30, 1e-30, 2 * smallest_scale(codec)):
         x = np.random.default_rng(3).uniform(0.5, 1, 4 * codec.block).astype(np.float32) * magnitude
         if codec.map.signed:
             x[::2] *= -1
@@ -476,19 +481,41 @@ def test_huge_and_tiny_magnitudes(name):
         assert np.isfinite(decoded).all()
         gap = np.diff(decoded_map(codec.map)).max()
         assert np.all(np.abs(decoded - x) <= gap * np.abs(x).max() * (1 + 1e-5))
-    # Subnormal scales of a few bits (scale / unit rounds coarsely): codes stay in the map, no
-    # element decodes above its block's largest or with the other sign.
-    for magnitude in (1e-44, 3e-45):
+    # Blocks whose largest is below the smallest scale, subnormal floats among them, are stored
+    # as zeros: every code the map's zero (or lowest) level, the scale 0.
+    for magnitude in (0.9 * smallest_scale(codec), 1e-38, 1e-44, 3e-45):
         x = np.random.default_rng(4).uniform(0.5, 1, 4 * codec.block).astype(np.float32) * magnitude
         if codec.map.signed:
             x[::2] *= -1
         stored = codec.encode(mx.array(x), mx.random.key(2))
-        codes = np.array(stored[codec.name])
-        codes = np_unpack4(codes) if codec.map.bits == 4 else codes
-        assert codes.max() < len(codec.map.values())
-        decoded = np.array(codec.decode(stored, x.shape))
-        scales = np.repeat(np.array(stored["scales"]), codec.block)[: x.size]
-        assert np.all(np.abs(decoded) <= scales) and not np.any(decoded * x < 0)
+        assert not np.array(stored["scales"]).any()
+        zeros = codec.zeros(x.shape)
+        assert mx.array_equal(stored[codec.name], zeros[codec.name]).item()
+        assert not np.array(codec.decode(stored, x.shape)).any()
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_a_stored_block_encodes_back_to_itself_at_every_scale(name):
+    """Any codes with any scale, from 2^-149 (subnormal) to 2^127 (the optimizer's ceiling on a
+    first moment): encoding what they decode to gives a state that decoding and encoding again
+    (with another key) gives back bit for bit."""
+    codec, rng = CODECS[name], np.random.default_rng(5)
+    levels = len(codec.map.values())
+    exponents = np.repeat(np.arange(-149, 127), 32)
+    codes = rng.integers(0, levels, (exponents.size, codec.block)).astype(np.uint8)
+    codes[:, 0] = levels - 1  # the top level: the block's largest is its scale
+    scales = (2.0**exponents * rng.uniform(1, 2, exponents.size)).astype(np.float32)
+    packed = codes[:, 0::2] | codes[:, 1::2] << 4 if codec.map.bits == 4 else codes
+    shape = (codes.size,)
+    keys = [mx.array([7, 3], mx.uint32), mx.array([7, 4], mx.uint32)] if codec.rotating else [
+        mx.random.key(1), mx.random.key(2)]  # fmt: skip
+    stored = codec.encode(codec.decode({codec.name: mx.array(packed), "scales": mx.array(scales)},
+                                       shape), keys[0])  # fmt: skip
+    again = codec.encode(codec.decode(stored, shape), keys[1])
+    for key in stored:
+        assert mx.array_equal(stored[key], again[key]).item(), key
+    kept = np.array(stored["scales"]) > 0
+    assert kept.sum() == (scales >= np.float32(smallest_scale(codec))).sum() > 7000
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))

@@ -6,7 +6,9 @@ levels are packed two per byte, element ``2k`` in the low nibble.
 
 The scale is the block's largest magnitude, stored exactly: elements of that magnitude are the
 levels ``±1``, and no decoded element exceeds it, so ``encode(decode(s)) == s`` bit for bit, which
-the optimizer relies on to leave a skipped step's state untouched.
+the optimizer relies on to leave a skipped step's state untouched. A block whose largest is so
+small that its lowest level would decode to a subnormal float (below ~1e-34 for int8) is stored as
+zeros, where that would not hold.
 
 Rounding is stochastic by default, keyed by the element's position (as bf16's): AdamW's moments
 move by small fractions of a step (``m`` by 10 %, ``v`` by 0.1 %), which rounding to the nearest
@@ -32,6 +34,7 @@ import math
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .bf16 import GOLDEN, random_bits
 from .roots import root, shift_root, shift_square
@@ -252,8 +255,8 @@ class ShiftRootMap(_Levels):
         # 0, 1 and 2 stand for b = |x|·Q² = 0, 1 and 4: there min(b, (b + 2) / 3), which is at
         # most the shift root's position below level 2 and at least it above (equal at 2).
         scaled = mx.abs(x) * (q * q)
-        # At most level N's shift root: a block whose scale is a subnormal float divides by
-        # scale / unit rounded to a few bits, and its largest can come out above the unit.
+        # At most level N's shift root: an x above the unit (a caller's, or a block's largest
+        # divided by a scale / unit rounded the other way) takes level N, not a code past it.
         above = shift_root(x, at_most=self.levels / q) * q
         position = _minimum(_minimum(above, scaled), (scaled + 2) * (1 / 3))
         if not isinstance(noise, mx.array):
@@ -322,6 +325,13 @@ class Blockwise:
         self.stochastic, self.half, self.rotating = stochastic, half, rotating
         self.name = name
         self._packed = code_map.bits == 4
+        # The bits of the smallest scale a block keeps; a block whose largest is smaller is stored
+        # as zeros. Below it, the lowest levels times the scale would decode to subnormal floats,
+        # whose grid is too coarse for decoding then encoding again to give the same codes (which
+        # a skipped step relies on). What is lost is tiny: 2^-126 / 2^-16 = 7.7e-34 for the
+        # int8 second moment, whose square root is far below any eps.
+        smallest_level = min(abs(value) for value in code_map.values() if value)
+        self._smallest_scale = int(np.float32(2.0**-126 / smallest_level).view(np.int32))
 
     def blocks(self, shape: tuple[int, ...]) -> int:
         """Number of blocks for a moment of ``shape``."""
@@ -347,7 +357,9 @@ class Blockwise:
         """Quantize the float32 moment ``x``; a stochastic codec draws its noise from ``key`` and
         each element's flat position plus ``offset`` (see
         :func:`~adamw_lm.codecs.bf16.random_bits`); a rotating one's ``key`` is ``(seed, step)``
-        (uint32)."""
+        (uint32). ``|x|`` at most 2^127 (the optimizer's ceiling on a stored first moment; a
+        second moment's, the largest bfloat16, is above it, but its maps' unit is 1): a larger
+        scale over a unit below 1 (a signed shift-root map's) would overflow."""
         nb = self.blocks(x.shape)
         # reshape(size): mlx gives a flat x back as it is, with no operation to dispatch.
         flat = x.astype(_F32).reshape(x.size)
@@ -361,10 +373,10 @@ class Blockwise:
         magnitude = mx.view(blocks, mx.int32)
         if self.map.signed:
             magnitude = magnitude & 0x7FFFFFFF
-        scales = mx.view(mx.max(magnitude, axis=1), _F32)
-        # Dividing (not multiplying by 1/scale) keeps denormal scales finite. The map's unit goes
-        # with the scale: the block's largest may come out an ulp off it, which the map's margins
-        # absorb.
+        largest = mx.max(magnitude, axis=1)
+        scales = mx.view(mx.where(largest < self._smallest_scale, 0, largest), _F32)
+        # The map's unit goes with the scale (one pass less than multiplying by it after): the
+        # block's largest may come out an ulp off it, which the map's margins absorb.
         divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
         # A kernel of its own: fused into the map's, the scales' strided view would make it strided.
         normalized = mx.contiguous(blocks / _per_element(divisor, self.block))
