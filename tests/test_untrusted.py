@@ -550,6 +550,9 @@ def first_key(arrays: dict, suffix: str) -> str:
         ("optimizer.safetensors", "m.scales", float("inf")),
         ("optimizer.safetensors", "v.scales", float("nan")),
         ("optimizer.safetensors", "learning_rate", float("nan")),
+        # A block's scale is its largest magnitude: a negative one would flip or blow up steps.
+        ("optimizer.safetensors", "v.scales", -1.0),
+        ("optimizer.safetensors", "m.scales", -1e-3),
     ],
 )
 def test_non_finite_arrays_are_refused(run, tiny_model_path, name, which, value):
@@ -562,7 +565,9 @@ def test_non_finite_arrays_are_refused(run, tiny_model_path, name, which, value)
 
     rewrite_safetensors(folder, name, poison)
     message = refused(run, folder, model_path=tiny_model_path)
-    assert f"{name}: 1 arrays hold NaN or infinite values (first: " in message
+    extra = " (or negative second moments or block scales)" if name.startswith("optimizer") else ""
+    assert f"{name}: 1 arrays hold NaN or infinite values{extra} (first: " in message
+    assert message.rstrip(")").endswith(which)
 
 
 @pytest.mark.parametrize(

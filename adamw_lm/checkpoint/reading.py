@@ -245,21 +245,26 @@ def _check_weights(weights: dict[str, mx.array], params: dict[str, mx.array], pa
 def _check_finite(arrays: dict[str, mx.array], path: Path, moments: bool = False) -> None:
     """Raise unless every floating-point array in ``arrays`` is finite (this evaluates them); with
     ``moments``, a second moment stored as floats (``...v``) must be >= 0 and may hold +inf, which
-    mlx's AdamW leaves where a gradient's square overflowed (the element is frozen)."""
+    mlx's AdamW leaves where a gradient's square overflowed (the element is frozen), and a block's
+    scale (``...scales``, its largest magnitude) must be >= 0."""
     floating = [(k, a) for k, a in arrays.items() if mx.issubdtype(a.dtype, mx.floating)]
     second = {k for k, _ in floating if moments and (k == "v" or k.endswith(".v"))}
+    signs = {k: mx.all(a >= 0) for k, a in floating
+             if k in second or (moments and k.endswith(".scales"))}  # fmt: skip
     # A finite sum proves every element finite (NaN and inf propagate), and a sum is cheaper than
     # isfinite on every element; only a sum that overflowed needs the element-wise check.
-    checks = [mx.all(a >= 0) if k in second else mx.isfinite(mx.sum(a)) for k, a in floating]
-    mx.eval(checks)
+    sums = {k: mx.isfinite(mx.sum(a)) for k, a in floating if k not in second}
+    mx.eval(signs, sums)
     bad = [
-        key for (key, a), ok in zip(floating, checks)
-        if not ok.item() and (key in second or not mx.all(mx.isfinite(a)).item())
+        key for key, a in floating
+        if (key in signs and not signs[key].item())
+        or (key in sums and not sums[key].item() and not mx.all(mx.isfinite(a)).item())
     ]
     if bad:
         raise CorruptCheckpointError(
             f"{path}: {len(bad)} arrays hold NaN or infinite values"
-            f"{' (or negative second moments)' if second else ''} (first: {bad[0]})"
+            f"{' (or negative second moments or block scales)' if signs else ''} "
+            f"(first: {bad[0]})"
         )
 
 
