@@ -91,6 +91,7 @@ class OptimizerConfig:
             raise ConfigError(f"config key 'optimizer.betas' must be two numbers, got {self.betas!r}")
         self.state_precision = _none_word(self.state_precision)
         self.overrides = {k: _none_word(v) for k, v in self.overrides.items()}
+        self.weight_update = _none_word(self.weight_update)
 
     def adamw_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adamw_lm.AdamW` (all but ``learning_rate`` and ``seed``)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
 
 import mlx.core as mx
+import numpy as np
 import regex
 
 from . import weight_update as weights
@@ -76,7 +78,7 @@ class Settings:
         check_precision(self.state_precision, "state_precision", auto=True)
         budget = self.memory_budget
         if self.state_precision == "auto":
-            if isinstance(budget, bool) or not isinstance(budget, int):
+            if not _is_int(budget):
                 raise ValueError(
                     f"state_precision='auto' needs memory_budget, an int number of bytes; "
                     f"got {budget!r}"
@@ -94,14 +96,18 @@ class Settings:
         for pattern, precision in overrides.items():
             check_pattern(pattern)
             check_precision(precision, f"precision_overrides[{pattern!r}]")
-        if self.chunk_size is not None and (self.chunk_size < 1 or self.chunk_size % 256):
+        if self.chunk_size is not None and (
+            not _is_int(self.chunk_size) or self.chunk_size < 1 or self.chunk_size % 256
+        ):
             raise ValueError(
-                f"chunk_size must be a positive multiple of 256; got {self.chunk_size}"
+                f"chunk_size must be a positive multiple of 256 (or None); got {self.chunk_size!r}"
             )
-        if self.streams is not None and (isinstance(self.streams, bool) or self.streams < 1):
+        if self.streams is not None and (not _is_int(self.streams) or self.streams < 1):
             raise ValueError(f"streams must be an int >= 1 (or None); got {self.streams!r}")
-        if self.min_quantize_size < 0:
-            raise ValueError(f"min_quantize_size must be >= 0; got {self.min_quantize_size}")
+        if not _is_int(self.min_quantize_size) or self.min_quantize_size < 0:
+            raise ValueError(f"min_quantize_size must be an int >= 0; got {self.min_quantize_size!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int from 0 to 2^64 - 1 (mlx's keys); got {self.seed!r}")
         weights.check_weight_update(self.weight_update)
         if self.state_precision is None and self.weight_update not in (None, "nearest"):
             raise ValueError(
@@ -110,6 +116,10 @@ class Settings:
             )
         default = "nearest" if self.state_precision is None else weights.DEFAULT_WEIGHT_UPDATE
         object.__setattr__(self, "precision_overrides", overrides)
+        # Plain ints (a NumPy integer is no JSON value in a checkpoint's settings).
+        for name in ("min_quantize_size", "seed", "memory_budget", "chunk_size", "streams"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "weight_update", self.weight_update or default)
 
     @property
@@ -118,6 +128,11 @@ class Settings:
         return self.state_precision is not None or any(
             p is not None for p in self.precision_overrides.values()
         )
+
+
+def _is_int(value: object) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def check_adamw_arguments(betas, eps: float, quantizing: bool) -> None:

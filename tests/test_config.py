@@ -247,6 +247,8 @@ def test_none_words_for_precisions(tmp_path):
     o = load_config(path).optimizer
     assert o.state_precision is None and o.overrides == {"embed": None, "norm": None}
     assert load_config(path, {"optimizer.state_precision": "none"}).optimizer.state_precision is None
+    path.write_text("optimizer:\n  state_precision: int8\n  weight_update: None\n")
+    assert load_config(path).optimizer.weight_update is None  # the default mode, as null
     path.write_text("checkpoint:\n  keep_best: None\nresume_adapter_file: None\n")
     config = load_config(path)
     assert config.checkpoint.keep_best is None  # no text fits there: the word means null

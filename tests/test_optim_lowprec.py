@@ -219,9 +219,16 @@ def test_chunk_size_and_streams_are_checked():
     for bad in (0, 100, 1000):
         with pytest.raises(ValueError, match="chunk_size"):
             AdamW(1e-3, state_precision="int8", chunk_size=bad)
-    for bad in (0, -1, True):
+    for bad in (0, -1, True, 1.5, 2.0):
         with pytest.raises(ValueError, match="streams"):
             AdamW(1e-3, state_precision="int8", streams=bad)
+    # Checked when made, not at the first step; NumPy integers are ints.
+    for name, bad in (("chunk_size", 256.0), ("min_quantize_size", 0.5), ("seed", 1.5),
+                      ("seed", -1), ("seed", 2**64)):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            AdamW(1e-3, state_precision="int8", **{name: bad})
+    settings = AdamW(1e-3, state_precision="int8", seed=np.int64(3), streams=np.int32(2)).settings
+    assert (settings.seed, settings.streams) == (3, 2) and type(settings.seed) is int
 
 
 @pytest.mark.parametrize("precision", LOW)
