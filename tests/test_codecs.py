@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adamw_lm.codecs import PRECISIONS, Precision
-from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits
+from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits, round_stochastic
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap, ShiftRootMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
 from adamw_lm.codecs.int8 import INT8_M, INT8_V
@@ -473,7 +473,7 @@ def smallest_scale(codec) -> float:
 @pytest.mark.parametrize("name", CODECS)
 def test_huge_and_tiny_magnitudes(name):
     codec = CODECS[name]
-    for magnitude in (2.0**127, 1e30, 1e-30, 2 * smallest_scale(codec)):
+    for magnitude in (3.3e38, 1e30, 1e-30, 2 * smallest_scale(codec)):
         x = np.random.default_rng(3).uniform(0.5, 1, 4 * codec.block).astype(np.float32) * magnitude
         if codec.map.signed:
             x[::2] *= -1
@@ -496,12 +496,12 @@ def test_huge_and_tiny_magnitudes(name):
 
 @pytest.mark.parametrize("name", CODECS)
 def test_a_stored_block_encodes_back_to_itself_at_every_scale(name):
-    """Any codes with any scale, from 2^-149 (subnormal) to 2^127 (the optimizer's ceiling on a
-    first moment): encoding what they decode to gives a state that decoding and encoding again
-    (with another key) gives back bit for bit."""
+    """Any codes with any scale, from 2^-149 (subnormal) to float32's largest: encoding what they
+    decode to gives a state that decoding and encoding again (with another key) gives back bit for
+    bit."""
     codec, rng = CODECS[name], np.random.default_rng(5)
     levels = len(codec.map.values())
-    exponents = np.repeat(np.arange(-149, 127), 32)
+    exponents = np.repeat(np.arange(-149, 128), 32)
     codes = rng.integers(0, levels, (exponents.size, codec.block)).astype(np.uint8)
     codes[:, 0] = levels - 1  # the top level: the block's largest is its scale
     scales = (2.0**exponents * rng.uniform(1, 2, exponents.size)).astype(np.float32)
@@ -516,6 +516,30 @@ def test_a_stored_block_encodes_back_to_itself_at_every_scale(name):
         assert mx.array_equal(stored[key], again[key]).item(), key
     kept = np.array(stored["scales"]) > 0
     assert kept.sum() == (scales >= np.float32(smallest_scale(codec))).sum() > 7000
+    assert np.isfinite(np.array(stored["scales"])).all()
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_magnitudes_up_to_the_largest_float_store_finite(name):
+    """A block's scale over its map's unit (int8's first moment: 0.984) must stay finite: a
+    block whose largest is above the largest such scale keeps that one, and its largest
+    elements take the top level."""
+    codec = CODECS[name]
+    top = np.finfo(np.float32).max
+    x = np.random.default_rng(6).uniform(0.5, 1, 2 * codec.block).astype(np.float32) * top
+    x[0] = x[codec.block] = top
+    if codec.map.signed:
+        x[1::2] *= -1
+    key = mx.array([3, 1], mx.uint32) if codec.rotating else mx.random.key(0)
+    stored = codec.encode(mx.array(x), key)
+    decoded = np.array(codec.decode(stored, x.shape))
+    scales = np.array(stored["scales"])
+    assert np.isfinite(scales).all() and np.isfinite(decoded).all()
+    assert np.all(scales <= top) and np.all(scales >= np.float32(top * 0.98))
+    gap = np.diff(decoded_map(codec.map)).max()
+    assert np.all(np.abs(decoded.astype(np.float64) - x) <= (gap + 0.02) * top)
+    again = codec.encode(codec.decode(stored, x.shape), key)
+    assert all(mx.array_equal(stored[k], again[k]).item() for k in stored)
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -711,3 +735,21 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
 def test_bf16_needs_a_key():
     with pytest.raises(ValueError, match="key"):
         BF16_M.encode(mx.ones((3,)), None)
+
+
+def test_bf16_first_moment_saturates_at_the_largest_bfloat16():
+    """A finite first moment beyond the largest bfloat16 (3.39e38) is stored as it, never as
+    infinity (which rounding up would give, and a checkpoint refuses); a NaN stays NaN.
+    round_stochastic itself, which writes bfloat16 weights, keeps infinities; the second moment,
+    at most the largest bfloat16 in the optimizer, is stored as it is."""
+    codec = BF16_M
+    v_max = mx.full((1000,), float.fromhex("0x1.fep127"))
+    assert mx.array_equal(BF16_V.encode(v_max, mx.random.key(4)).astype(mx.float32), v_max).item()
+    top = float(np.finfo(np.float32).max)
+    x = mx.array([top, -top, float.fromhex("0x1.ff0000p127"), 1.5, float("nan")] * 1000)
+    stored = np.array(codec.encode(x, mx.random.key(4)).astype(mx.float32))
+    largest = float.fromhex("0x1.fep127")
+    assert np.all(np.abs(stored.reshape(-1, 5)[:, :3]) == largest)
+    assert np.all(stored.reshape(-1, 5)[:, 3] == 1.5) and np.isnan(stored.reshape(-1, 5)[:, 4]).all()
+    weights = np.array(round_stochastic(x, mx.random.key(4), half=codec.half).astype(mx.float32))
+    assert np.isinf(weights.reshape(-1, 5)[:, 0]).any()

@@ -71,31 +71,38 @@ def random_bits(
 
 
 def round_stochastic(
-    x: mx.array, key: mx.array, offset: mx.array | int = 0, half: int = 1
+    x: mx.array, key: mx.array, offset: mx.array | int = 0, half: int = 1, saturate: bool = False
 ) -> mx.array:
     """``x`` (float32) to bfloat16, away from zero with probability = the dropped fraction.
 
     The noise is the high (``half=1``) or low (``half=0``) 16 bits of :func:`random_bits`
     (``offset`` as there): two roundings with the same key and different halves are independent,
-    and, compiled together, share one hash.
+    and, compiled together, share one hash. With ``saturate``, a finite ``x`` beyond the largest
+    bfloat16 (3.39e38) takes it, not infinity.
     """
     bits = mx.view(x.astype(mx.float32), mx.uint32)
     drawn = random_bits(x.shape, key, offset)
     noise = drawn >> 16 if half else drawn & mx.array(0xFFFF, dtype=mx.uint32)
     # A carry out of the low half is the round-up; bfloat16 is the float32's high half, taken
     # as integers in the same kernel (a cast from float32 would be a pass of its own).
-    return mx.view(((bits + noise) >> 16).astype(mx.uint16), mx.bfloat16)
+    rounded = (bits + noise) >> 16
+    if saturate:
+        # Rounded up into an infinity's bits (from a finite x): one step back to the largest.
+        infinite = (rounded & mx.array(0x7FFF, dtype=mx.uint32)) == mx.array(0x7F80, mx.uint32)
+        rounded = rounded - mx.where(infinite, 1, 0).astype(mx.uint32)
+    return mx.view(rounded.astype(mx.uint16), mx.bfloat16)
 
 
 class _BF16:
-    """bfloat16 storage; ``half`` picks the 16 random bits (see :func:`round_stochastic`)."""
+    """bfloat16 storage; ``half`` picks the 16 random bits (see :func:`round_stochastic`), and
+    ``saturate`` whether a finite value beyond the largest bfloat16 is stored as it."""
 
     stochastic = True
     rotating = False
     block = 1
 
-    def __init__(self, half: int):
-        self.half = half
+    def __init__(self, half: int, saturate: bool):
+        self.half, self.saturate = half, saturate
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return 2 * math.prod(shape)
@@ -106,14 +113,16 @@ class _BF16:
     def encode(self, x: mx.array, key: mx.array | None, offset: mx.array | int = 0) -> mx.array:
         if key is None:
             raise ValueError("the bf16 codec rounds stochastically: encode needs a random key")
-        return round_stochastic(x, key, offset, self.half)
+        return round_stochastic(x, key, offset, self.half, self.saturate)
 
     def decode(self, stored: mx.array, shape: tuple[int, ...]) -> mx.array:
         return stored.astype(mx.float32)
 
 
-BF16_M = _BF16(half=1)
-"""First moment in bfloat16 (2 bytes per element), stochastically rounded."""
+BF16_M = _BF16(half=1, saturate=True)
+"""First moment in bfloat16 (2 bytes per element), stochastically rounded; near float32's
+largest, at the largest bfloat16 (rounding up would give an infinity, which a state never holds)."""
 
-BF16_V = _BF16(half=0)
-"""Second moment in bfloat16, rounded with the other 16 bits of the same draw as the first."""
+BF16_V = _BF16(half=0, saturate=False)
+"""Second moment in bfloat16, rounded with the other 16 bits of the same draw as the first. Not
+saturating: the optimizer stores v at most the largest bfloat16, which rounds to itself."""

@@ -44,6 +44,9 @@ _F32 = mx.float32
 #: Within this fraction of a gap from a level, rounding goes to that level whatever the noise.
 _MARGIN = 2.0**-12
 
+#: The bits of float32's +infinity.
+_INFINITY_BITS = 0x7F800000
+
 
 class _Levels:
     """The codes of a map of ``bits`` bits, shared by :class:`PowerMap` and :class:`ShiftRootMap`:
@@ -332,6 +335,14 @@ class Blockwise:
         # int8 second moment, whose square root is far below any eps.
         smallest_level = min(abs(value) for value in code_map.values() if value)
         self._smallest_scale = int(np.float32(2.0**-126 / smallest_level).view(np.int32))
+        # The bits of the largest scale whose quotient by the map's unit is finite: a block whose
+        # largest is above (near float32's largest, with a unit below 1) keeps this scale, and
+        # its elements above it take the top level.
+        largest = np.float32(np.finfo(np.float32).max * code_map.unit)
+        with np.errstate(over="ignore"):
+            while not np.isfinite(largest / np.float32(code_map.unit)):
+                largest = np.nextafter(largest, np.float32(0))
+        self._largest_scale = int(largest.view(np.int32))
 
     def blocks(self, shape: tuple[int, ...]) -> int:
         """Number of blocks for a moment of ``shape``."""
@@ -357,9 +368,7 @@ class Blockwise:
         """Quantize the float32 moment ``x``; a stochastic codec draws its noise from ``key`` and
         each element's flat position plus ``offset`` (see
         :func:`~adamw_lm.codecs.bf16.random_bits`); a rotating one's ``key`` is ``(seed, step)``
-        (uint32). ``|x|`` at most 2^127 (the optimizer's ceiling on a stored first moment; a
-        second moment's, the largest bfloat16, is above it, but its maps' unit is 1): a larger
-        scale over a unit below 1 (a signed shift-root map's) would overflow."""
+        (uint32). Any finite ``x`` gives finite scales."""
         nb = self.blocks(x.shape)
         # reshape(size): mlx gives a flat x back as it is, with no operation to dispatch.
         flat = x.astype(_F32).reshape(x.size)
@@ -374,7 +383,10 @@ class Blockwise:
         if self.map.signed:
             magnitude = magnitude & 0x7FFFFFFF
         largest = mx.max(magnitude, axis=1)
-        scales = mx.view(mx.where(largest < self._smallest_scale, 0, largest), _F32)
+        largest = mx.where(largest < self._smallest_scale, 0, largest)
+        # (A NaN's bits are above infinity's: a NaN block keeps its NaN scale.)
+        above = (largest > self._largest_scale) & (largest <= _INFINITY_BITS)
+        scales = mx.view(mx.where(above, self._largest_scale, largest), _F32)
         # The map's unit goes with the scale (one pass less than multiplying by it after): the
         # block's largest may come out an ulp off it, which the map's margins absorb.
         divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
