@@ -23,7 +23,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import mlx.core as mx
 import mlx.optimizers as optim
 import regex
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
@@ -56,7 +56,10 @@ class StateFormat(NamedTuple):
         return cls(precision, "nearest" if precision is None else weight_update)
 
     def buffer(self, dtype: mx.Dtype) -> str | None:
-        """The state key of the weight's buffer for a parameter of ``dtype``, if it has one."""
+        """The state key of the weight's buffer for a parameter of ``dtype``, if it has one (never
+        under precision ``None``: mlx's update)."""
+        if self.precision is None:
+            return None
         return weights.buffer_name(self.weight_update, dtype)
 
 
@@ -99,7 +102,11 @@ def convert_state(
         converted = {"m": m.astype(parameter.dtype), "v": v.astype(parameter.dtype)}
     else:
         keys = tuple(mx.random.split(key))
-        converted = PRECISIONS[new.precision].encode(m, v, keys, 0, new_eps)
+        codecs = PRECISIONS[new.precision]
+        if not codecs.exact_root:
+            # An fp32 (or mlx) v may hold +inf where a gradient's square overflowed.
+            v = _storable(v)
+        converted = codecs.encode(m, v, keys, 0, new_eps)
     buffer = new.buffer(parameter.dtype)
     if buffer is not None:
         kept = old.buffer(parameter.dtype) == buffer
@@ -336,6 +343,12 @@ class AdamW(optim.AdamW):
         """mlx's ``init``: state for the parameters that have none; the state (and precision) of
         the others stays, so a second call with new parameters (LoRA layers added later) only adds
         theirs. Under ``"auto"`` the new ones share what ``memory_budget`` leaves."""
+        self._init(parameters, parameters)
+
+    def _init(self, parameters: dict, moments_like: dict) -> None:
+        """:meth:`init`, with the moments of the parameters at precision ``None`` (mlx's update)
+        made like those of ``moments_like`` (a tree of the same structure, the gradients: mlx
+        makes its moments in the gradient's dtype)."""
         for name in ("key", "skipped_steps"):
             if self.settings.quantizing and isinstance(parameters, dict) and name in parameters:
                 raise ValueError(
@@ -349,26 +362,41 @@ class AdamW(optim.AdamW):
         super().init(parameters)
         self._plan = planned
 
-        def fill(path: str, parameter: mx.array, state: dict) -> None:
+        def fill(path: str, parameter: mx.array, like: mx.array, state: dict) -> None:
+            fmt = self._format(self._plan[path], parameter.dtype)
+            fresh = zeros_state(fmt, like if fmt.precision is None else parameter)
             if not state:
-                self._init_param(path, parameter, state)
+                state.update(fresh)
+            elif _layout(state) != _layout(fresh):
+                # A state set from elsewhere (``optimizer.state = ...``) in another format would
+                # otherwise fail deep inside the first step.
+                raise ValueError(
+                    f"the optimizer state of {path!r} is not stored as this optimizer stores it "
+                    f"(state precision {fmt.precision!r}, weight update {fmt.weight_update!r}): "
+                    "convert it with adamw_lm.optim.convert_state, or load the checkpoint with "
+                    "convert_precision=True"
+                )
 
-        tree_map_with_path(fill, parameters, self._state)
-        if any(self._random(path, p.dtype) for path, p in tree_flatten(parameters)):
+        tree_map_with_path(fill, parameters, moments_like, self._state)
+        self._add_scalars({path: p.dtype for path, p in tree_flatten(parameters)}, self._plan)
+
+    def _add_scalars(self, dtypes: Mapping[str, mx.Dtype], plan: Mapping[str, str | None]) -> None:
+        """The state's scalars that parameters of ``dtypes`` (by path) at ``plan`` need, if it has
+        them not: the random key of stochastic rounding, the count of skipped steps."""
+        if any(self._draws(plan.get(path), dtype) for path, dtype in dtypes.items()):
             self._state.setdefault("key", mx.random.key(self.settings.seed))
-        if any(p is not None for p in self._plan.values()):
+        if any(p is not None for p in plan.values()):
             self._state.setdefault("skipped_steps", mx.array(0, mx.uint32))
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Left empty: :meth:`init` fills each parameter's state once its path is known."""
 
-    def _init_param(self, path: str, parameter: mx.array, state: dict) -> None:
-        precision = self._plan.get(path, self.precision_for(path, parameter))
-        state.update(zeros_state(self._format(precision, parameter.dtype), parameter))
-
     def _random(self, path: str, dtype: mx.Dtype) -> bool:
         """Whether the update of the parameter at ``path`` draws random bits."""
-        precision = self._plan.get(path)
+        return self._draws(self._plan.get(path), dtype)
+
+    def _draws(self, precision: str | None, dtype: mx.Dtype) -> bool:
+        """Whether the update of a parameter of ``dtype`` at ``precision`` draws random bits."""
         if precision is None:
             return False
         return PRECISIONS[precision].stochastic or (
@@ -379,7 +407,9 @@ class AdamW(optim.AdamW):
         # Same order as mlx's Optimizer.apply_gradients (schedule at the old step, then increment),
         # but mapped with paths so each parameter's precision can be looked up.
         if not self._initialized:
-            self.init(gradients)
+            # The parameters decide each state's format (a bfloat16 weight's buffer and random
+            # key, whatever the gradients' dtype); the gradients' tree which parameters have one.
+            self._init(tree_map(lambda _, p: p, gradients, parameters), gradients)
         for name, schedule in self._schedulers.items():
             self.state[name] = schedule(self.step)
         self.state["step"] = self.step + 1
@@ -486,6 +516,12 @@ class AdamW(optim.AdamW):
     def state_nbytes(self) -> int:
         """Bytes held by every array of the optimizer state (scales, step and keys included)."""
         return sum(a.nbytes for _, a in tree_flatten(self.state))
+
+
+def _layout(state: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """The keys and shapes of a parameter's state: what its format decides (a moment's dtype
+    under precision ``None`` follows the gradients, as mlx's)."""
+    return sorted((key, tuple(a.shape)) for key, a in tree_flatten(state))
 
 
 def _subtree(tree, path: str):
@@ -665,6 +701,20 @@ class _Coefficients(NamedTuple):
 _V_MAX = float.fromhex("0x1.fep127")
 
 
+
+def _storable(v: mx.array) -> mx.array:
+    """The second moment ``v`` (float32) within what every format below float32 stores.
+
+    A finite gradient whose square overflows (|g| > 1.8e19) makes v infinite: mlx's AdamW then
+    freezes that element for good, but stored below float32 an infinite v is a NaN step (int4:
+    inf · 0 in its block) or a state that a checkpoint cannot hold (states must be finite). So v
+    stops at the largest bfloat16, which these formats store as it is (its block's other elements
+    then decode to at least the lowest level of that, 1/65536 of it in int8: their steps all but
+    stop too). A select, the form a CPU kernel vectorizes. (The codecs store any finite m.)
+    """
+    return mx.where(v < _V_MAX, v, _V_MAX)
+
+
 def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:
     """decode → AdamW in float32 → encode, for one slice of a parameter; compiled by the caller.
 
@@ -688,15 +738,9 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
         v_old = precision.v.decode(tensors["v"], shape)
         v = k.beta2 * v_old + k.one_minus_beta2 * mx.where(k.finite, g32 * g32, 0.0)
         if not precision.exact_root:
-            # A finite gradient whose square overflows (|g| > 1.8e19) would make v infinite: mlx's
-            # AdamW then freezes that element for good, but a block's infinite scale would take
-            # its whole block along (int8: frozen, int4: NaN through inf · 0), a bfloat16 v too
-            # (rounded up to infinity), and a checkpoint with it would not load (states must be
-            # finite). So v stops at the largest bfloat16, which these formats store as it is
-            # (the select form a CPU kernel vectorizes). fp32 keeps mlx's arithmetic, where an
-            # infinite v freezes its element only: there the select cost 25 % of the step
-            # (docs/benchmarks.md).
-            v = mx.where(v < _V_MAX, v, _V_MAX)
+            # fp32 keeps mlx's arithmetic, where an infinite v freezes its element only: there
+            # the select cost 25 % of the step (docs/benchmarks.md).
+            v = _storable(v)
         root_v = precision.root(v)
         if not precision.exact_root:
             # Its own kernel, read by the update and (int4) the step's encoding: within theirs,
@@ -715,7 +759,11 @@ def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callabl
             m = m_stored * root
         else:
             m = m_stored = k.beta1 * m_stored + k.one_minus_beta1 * gradient
-        w = weights.read(p, buffer) * k.decay - k.step_size * m / (root_v * k.root_scale + eps)
+        old_w = weights.read(p, buffer)
+        w = old_w * k.decay - k.step_size * m / (root_v * k.root_scale + eps)
+        # A skipped step writes the old weight back, its bits too: p · 1 - 0 · step turns a -0
+        # into +0 where the step is negative. (Every write gives back a weight it can store.)
+        w = mx.where(k.finite, w, old_w)
         new_p, new_buffer = weights.write(w, p, buffer, mode, weight_key, offset, k.finite)
         # Moments that are not rotating share one key: a stochastic pair draws disjoint bits of
         # one hash, computed once only if both encodings read one traced array (mx.compile gives

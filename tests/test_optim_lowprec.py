@@ -576,3 +576,61 @@ def test_copied_optimizer_goes_on_as_the_original(precision):
         assert other[2] == results[0][2]
         assert_trees_equal(other[0], results[0][0])
         assert_trees_equal(other[1].state, results[0][1].state)
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_gradients_near_the_largest_float_keep_the_state_finite(precision):
+    """Finite gradients at float32's largest take m there: a bfloat16 m saturates at the largest
+    bfloat16 (rounding up would give infinity), an int8 block's scale at the largest whose
+    quotient by its map's unit is finite; v stops at the largest bfloat16. Weights and state stay
+    finite, no step is skipped, and normal gradients after them train on."""
+    params = {"w": mx.linspace(-1, 1, 1024)}
+    opt = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
+    for g in [mx.full((1024,), float.fromhex("0x1.fffffep127"))] * 40 + [mx.full((1024,), 1e-3)] * 3:
+        params = opt.apply_gradients({"w": g}, params)
+        mx.eval(params, opt.state)
+    for path, a in tree_flatten((params, opt.state)):
+        if mx.issubdtype(a.dtype, mx.floating):
+            assert mx.isfinite(a).all().item(), path
+    assert opt.state["skipped_steps"].item() == 0
+    m, v = PRECISIONS[precision].decode(opt.state["w"], (1024,), opt.eps)
+    assert v.max().item() <= float.fromhex("0x1.fep127")
+    assert m.min().item() > 1e38  # kept, not lost (0.9^3 of float32's largest, give or take)
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_converting_an_infinite_second_moment_keeps_it_finite(precision):
+    """An fp32 (or mlx) state holds v = +inf where a gradient's square overflowed; converted to a
+    lower precision, v stops at the largest bfloat16 as in a step: no NaN after it."""
+    from adamw_lm.optim import StateFormat, convert_state
+
+    params = {"w": mx.linspace(-1, 1, 1024)}
+    opt = AdamW(1e-3, state_precision="fp32")
+    params = opt.apply_gradients({"w": mx.where(mx.arange(1024) == 3, 1e20, 1e-3)}, params)
+    mx.eval(params, opt.state)
+    assert mx.isinf(opt.state["w"]["v"]).any().item()
+    state = convert_state(opt.state["w"], StateFormat("fp32"), StateFormat(precision),
+                          params["w"], mx.random.key(0), opt.eps, opt.eps)  # fmt: skip
+    for path, a in tree_flatten(state):
+        if mx.issubdtype(a.dtype, mx.floating):
+            assert mx.isfinite(a).all().item(), path
+    lower = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
+    lower.init(params)
+    lower.state["w"] = state
+    params = lower.apply_gradients({"w": mx.full((1024,), 1e-3)}, params)
+    mx.eval(params, lower.state)
+    assert mx.isfinite(params["w"]).all().item() and lower.state["skipped_steps"].item() == 0
+
+
+def test_setting_a_state_of_another_format_is_refused_clearly():
+    """A state tree set by hand (``optimizer.state = ...``, as mlx resumes) in another format fails
+    at the first step with the parameter and the way out, not deep inside the update."""
+    params = {"w": mx.ones((64, 64))}
+    grads = {"w": mx.full((64, 64), 1e-2)}
+    source = AdamW(1e-3, state_precision="fp32")
+    mx.eval(source.apply_gradients(grads, params), source.state)
+    target = AdamW(1e-3, state_precision="int8", min_quantize_size=0)
+    target.state = source.state
+    with pytest.raises(ValueError, match="state of 'w' is not stored as this optimizer.*int8.*"
+                                         "convert_state"):  # fmt: skip
+        target.apply_gradients(grads, params)

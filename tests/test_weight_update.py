@@ -381,14 +381,19 @@ def test_defaults_and_checks():
         AdamW(1e-3, state_precision="int8", weight_update="round")
 
 
-def test_nearest_with_mlx_precision_is_bit_exact_with_mlx_on_bf16():
+@pytest.mark.parametrize("grad_dtype", [mx.bfloat16, mx.float32])
+def test_nearest_with_mlx_precision_is_bit_exact_with_mlx_on_bf16(grad_dtype):
+    """Float32 gradients too: mlx makes its moments in the gradients' dtype (and its update then
+    gives float32 weights), and so does precision None."""
     params = {"w": mx.random.normal((40, 30), key=mx.random.key(3)).astype(mx.bfloat16)}
     ours, ref = AdamW(1e-2, weight_update="nearest"), optim.AdamW(1e-2)
     p, q = params, params
     for step in range(10):
-        g = grads_for(params, step)
+        g = tree_map(lambda a: a.astype(grad_dtype), grads_for(params, step))
         p, q = ours.apply_gradients(g, p), ref.apply_gradients(g, q)
         mx.eval(p, q)
+        if step == 0:
+            assert ours.state["w"]["m"].dtype == ref.state["w"]["m"].dtype == grad_dtype
     assert_trees_equal(p, q)
     assert_trees_equal(ours.state, ref.state)
 
@@ -640,3 +645,55 @@ def test_a_stored_weight_update_is_checked(tiny_model_path, tmp_path):
     assert_trees_equal(dict(sorted(tree_flatten(restored))), dict(sorted(flat.items())))
     with pytest.raises(CorruptCheckpointError, match=r"safetensors: .*weight_update 'round'"):
         restore_state(flat, plan, where, trainable, optimizer, False, {"weight_update": "round"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_first_step_with_gradients_of_another_dtype(mode, precision):
+    """bfloat16 parameters with float32 gradients (accumulated in float32), no init first: the
+    parameters decide the state's format (buffer, random key), as when init(params) comes first,
+    and the weights stay bfloat16."""
+    params = {"w": mx.linspace(-1, 1, 4096).astype(mx.bfloat16).reshape(64, 64)}
+    grads = [{"w": mx.random.normal((64, 64), key=mx.random.key(i)) * 1e-2} for i in range(3)]
+    results = []
+    for init_first in (False, True):
+        opt = AdamW(1e-3, state_precision=precision, weight_update=mode, min_quantize_size=0)
+        if init_first:
+            opt.init(params)
+        p = params
+        for g in grads:
+            p = opt.apply_gradients(g, p)
+            mx.eval(p, opt.state)
+        assert p["w"].dtype == mx.bfloat16
+        results.append((p, opt.state))
+    assert_trees_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [mx.float32, *LOW])
+def test_a_skipped_step_keeps_weights_bit_for_bit_negative_zeros_too(mode, dtype):
+    """p · 1 - 0 · step turns a -0.0 weight into +0.0 where the step is negative: equal values,
+    other bits. A skipped step gives back the very bits."""
+    w = mx.array([-0.0, 0.0, -0.0, 1.5, -2.0] * 64, dtype)
+    opt = AdamW(1e-3, state_precision="bf16", weight_update=mode, min_quantize_size=0)
+    p = opt.apply_gradients({"w": mx.full(w.shape, -1e-3, dtype)}, {"w": w})  # negative m
+    p = {"w": mx.where(w == 0, w, p["w"])}  # the zeros, with their signs, after a step
+    mx.eval(p, opt.state)
+    bad = mx.full(w.shape, -1e-3, dtype).at[0].add(mx.array(float("nan"), dtype))
+    after = opt.apply_gradients({"w": bad}, p)
+    bits = mx.uint16 if dtype in LOW else mx.uint32
+    assert opt.state["skipped_steps"].item() == 1
+    assert mx.array_equal(mx.view(after["w"], bits), mx.view(p["w"], bits)).item()
+
+
+def test_a_state_format_without_precision_has_no_buffer():
+    """Precision None is mlx's update, which writes to nearest: no mode gives it a buffer, so
+    making and converting its state agree."""
+    from adamw_lm.optim import StateFormat, convert_state, zeros_state
+
+    p = mx.ones((8,), mx.bfloat16)
+    fmt = StateFormat(None, "exact")
+    assert fmt.buffer(mx.bfloat16) is None and set(zeros_state(fmt, p)) == {"m", "v"}
+    old = zeros_state(StateFormat("fp32", "exact"), p)
+    assert set(convert_state(old, StateFormat("fp32", "exact"), fmt, p, mx.random.key(0), 1e-8,
+                             1e-8)) == {"m", "v"}  # fmt: skip
