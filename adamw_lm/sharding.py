@@ -167,6 +167,14 @@ class ShardedOptimizer:
 
     def init(self, parameters: dict) -> None:
         self.inner.init(self.owned(parameters))
+        self._whole_scalars(parameters)
+
+    def _whole_scalars(self, parameters: dict) -> None:
+        """This process's state gets the scalars of the whole optimizer's (a random key, a count
+        of skipped steps), whether or not its own share needs them: every process keeps them
+        alike, and a checkpoint has them whoever writes it."""
+        self.owned(parameters)
+        self.inner._add_scalars({p: a.dtype for p, a in tree_flatten(parameters)}, self._plan)
 
     def set_full_state(self, state: dict, parameters: dict) -> None:
         """Keep this process's share of ``state``, a whole (unsharded) state tree for ``parameters``."""
@@ -176,18 +184,28 @@ class ShardedOptimizer:
         full = dict(tree_flatten(parameters))
         kept = [(k, v) for k, v in tree_flatten(state) if owner_of(k, full) in mine | {None}]
         self.inner.state = tree_unflatten(kept)
-        self.inner.init(self.owned(parameters))
+        self.init(parameters)
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         flat_grads = dict(tree_flatten(gradients))
         mine = self.owned(parameters)
+        self._whole_scalars(parameters)
         my_grads = {p: flat_grads[p] for p, _ in tree_flatten(mine)}
-        if my_grads and any(self.inner.precision_plan.get(p) is not None for p in my_grads):
+        # The plan of the whole tree (``owned`` makes it), not the inner optimizer's: that one is
+        # empty until its first step has begun.
+        low = [p for p in my_grads if self._plan.get(p) is not None]
+        if any(p is not None for p in self._plan.values()):
             # A low-precision AdamW skips a step whose gradients are not finite; every process must
-            # agree, so the whole tree decides: a non-finite gradient elsewhere poisons one of ours.
+            # agree, so the whole tree decides: a non-finite gradient elsewhere poisons one of ours,
+            # one the step would skip (a tensor pinned to None takes mlx's update, NaN and all).
+            # A process with none of those counts the skipped step itself.
             finite = all_finite(list(flat_grads.values()), self.inner.settings.streams)
-            first = next(iter(my_grads))
-            my_grads[first] = mx.where(finite, my_grads[first], mx.array(float("nan"), my_grads[first].dtype))
+            if low:
+                poisoned = my_grads[low[0]]
+                my_grads[low[0]] = mx.where(finite, poisoned, mx.array(float("nan"), poisoned.dtype))
+            else:
+                state = self.inner.state
+                state["skipped_steps"] = state["skipped_steps"] + (~finite).astype(mx.uint32)
         updated = dict(tree_flatten(self.inner.apply_gradients(tree_unflatten(list(my_grads.items())), mine)))
         if self.world_size == 1:
             return tree_unflatten(list(updated.items()))

@@ -256,26 +256,35 @@ mx.random.seed(0)
 shapes = {"a": (64, 48), "b": (300,), "c": (32, 32), "d": (17, 40), "e": (7,)}
 params0 = {k: mx.random.normal(s).astype(mx.bfloat16 if k == "c" else mx.float32) for k, s in shapes.items()}
 grads = [{k: mx.random.normal(s).astype(params0[k].dtype) for k, s in shapes.items()} for _ in range(4)]
-grads[2]["e"] = grads[2]["e"] * float("nan")  # low precisions skip this step on every process alike; None (mlx) takes the NaN
+# Low precisions skip a step with a NaN on every process alike, the first step too (before any
+# state exists); None (mlx) takes the NaN. A tensor an override pins to None ("a", the first of
+# a process's share) takes mlx's update of its own, finite, gradient while the others skip.
+cases = [(precision, "", 2) for precision in (None, "fp32", "bf16", "int8", "int4")]
+cases += [(precision, variant, 0) for precision in ("fp32", "bf16", "int8", "int4")
+          for variant in ("@first", "@first+a:None")]
 results = {}
-for precision in (None, "fp32", "bf16", "int8", "int4"):
+for precision, variant, nan_step in cases:
+    overrides = {"^a$": None} if "a:None" in variant else {}
+    steps = [dict(g) for g in grads]
+    steps[nan_step]["e"] = steps[nan_step]["e"] * float("nan")
     runs = {}
     for name, exchange, seed in (("whole", None, 1), ("other_seed", None, 2), ("all_gather", "all_gather", 1),
                                  ("all_sum", "all_sum", 1)):
-        optimizer = AdamW(1e-2, state_precision=precision, min_quantize_size=64, seed=seed)
+        optimizer = AdamW(1e-2, state_precision=precision, min_quantize_size=64, seed=seed,
+                          precision_overrides=overrides)
         if exchange:
             optimizer = ShardedOptimizer(optimizer, exchange=exchange)
         params = dict(params0)
-        for g in grads:
+        for g in steps:
             params = optimizer.apply_gradients(g, params)
             mx.eval(params, optimizer.state)
         runs[name] = (params, optimizer.state_nbytes(), int(optimizer.state.get("skipped_steps", mx.array(0)).item()))
     whole = runs["whole"][0]
-    results[str(precision)] = {
+    results[str(precision) + variant] = {
         name: {"equal": all(mx.array_equal(whole[k], p[k], equal_nan=True).item() for k in whole),
                "max_diff": max((mx.abs(whole[k].astype(mx.float32) - p[k].astype(mx.float32)).max()
                                 / mx.abs(whole[k].astype(mx.float32)).max()).item() for k in whole),
-               "state_bytes": nbytes, "skipped": skipped}
+               "state_bytes": nbytes, "skipped": skipped, "nan_in_a": mx.isnan(p["a"]).any().item()}
         for name, (p, nbytes, skipped) in runs.items()}
 if group.rank() == 0:
     print("RESULT " + json.dumps(results))
@@ -289,17 +298,21 @@ def test_every_state_precision_works_sharded(tmp_path):
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line is not None, done.stderr[-3000:]
     results = json.loads(line[len("RESULT "):])
+    assert len(results) == 13
     for precision, runs in results.items():
         whole = runs["whole"]
         # Stochastic rounding draws each parameter's bits from the step's key and its path, so a
         # process rounds its share as the whole optimizer does; another seed rounds otherwise
         # (under fp32 too: the bf16 tensor's weight is written with stochastic rounding).
         assert runs["other_seed"]["equal"] == (precision == "None"), precision
+        # "a", pinned to None, takes mlx's update of its own finite gradient while the rest skip.
+        assert not any(run["nan_in_a"] for run in runs.values()), precision
         for exchange in ("all_gather", "all_sum"):
             run = runs[exchange]
             assert run["equal"], (precision, exchange, run)
             assert run["skipped"] == whole["skipped"] == (0 if precision == "None" else 1)
-            assert 0.3 * whole["state_bytes"] < run["state_bytes"] < 0.7 * whole["state_bytes"], (precision, run)
+            if "a:None" not in precision:  # else "a", with mlx's float32 moments, is 3/4 of the state
+                assert 0.3 * whole["state_bytes"] < run["state_bytes"] < 0.7 * whole["state_bytes"], (precision, run)
 
 
 def test_sigterm_to_one_process_stops_all_after_one_save_and_resume_is_bit_exact(runs, tmp_path,
