@@ -48,7 +48,7 @@ from mlx.utils import tree_flatten, tree_map
 from adamw_lm import AdamW
 from adamw_lm.optim import default_streams
 from adamw_lm.codecs import PRECISIONS
-from adamw_lm.weight_update import WEIGHT_UPDATES
+from adamw_lm.weight_update import DEFAULT_WEIGHT_UPDATE, WEIGHT_UPDATES
 
 MB = 2**20
 MLX = "mlx.optimizers.AdamW"
@@ -124,42 +124,33 @@ def package_at(revision: str) -> tuple[ModuleType, str]:
 def make_optimizers(
     weight_updates: bool = False, against: tuple[ModuleType, str] | None = None
 ) -> dict[str, Callable[[], optim.Optimizer]]:
+    """The optimizers to time, by row name: mlx's AdamW, ours at each state precision (and, with
+    ``weight_updates``, each weight update), each followed by its twin at ``against``."""
     lr = 1e-3
     makers: dict[str, Callable[[], optim.Optimizer]] = {
         MLX: lambda: optim.AdamW(lr),
         "None (bit-exact mlx)": lambda: AdamW(lr),
     }
-    if weight_updates:
-        for name in PRECISIONS:
-            for mode in WEIGHT_UPDATES:
-                makers[f"{name}, {mode}"] = lambda name=name, mode=mode: AdamW(
-                    lr, state_precision=name, weight_update=mode
-                )
-                if against:
-                    package, sha = against
-                    makers[f"{name}, {mode} @ {sha}"] = lambda n=name, m=mode, a=package: a.AdamW(
-                        lr, state_precision=n, weight_update=m
-                    )
-        return makers
-    for name in PRECISIONS:
-        makers[name] = lambda name=name: AdamW(lr, state_precision=name)
+
+    def add(name: str, **kwargs) -> None:
+        makers[name] = lambda: AdamW(lr, **kwargs)
         if against:
             package, sha = against
-            makers[f"{name} @ {sha}"] = lambda name=name, package=package: package.AdamW(
-                lr, state_precision=name
-            )
+            makers[f"{name} @ {sha}"] = lambda: package.AdamW(lr, **kwargs)
+
+    # Without weight updates, no weight_update argument: a revision from before them takes none.
+    modes = [{"weight_update": mode} for mode in WEIGHT_UPDATES] if weight_updates else [{}]
+    for name in PRECISIONS:
+        for mode in modes:
+            add(", ".join([name, *mode.values()]), state_precision=name, **mode)
     if (os.cpu_count() or 1) > 1 and mx.default_device() == mx.cpu:
         # The default is one stream (more cost memory in a training step: bench_memory.py); the
-        # 2-stream rows show what spreading the update over two CPU cores buys in time.
+        # 2-stream rows show what spreading the update over two CPU cores buys in time (with the
+        # default weight update, for bfloat16 weights).
+        mode = {"weight_update": DEFAULT_WEIGHT_UPDATE} if weight_updates else {}
         for name in PRECISIONS:
-            makers[f"{name}, 2 streams"] = lambda name=name: AdamW(
-                lr, state_precision=name, streams=2
-            )
-            if against:
-                package, sha = against
-                makers[f"{name}, 2 streams @ {sha}"] = lambda name=name, package=package: (
-                    package.AdamW(lr, state_precision=name, streams=2)
-                )
+            add(", ".join([name, *mode.values(), "2 streams"]), state_precision=name, streams=2,
+                **mode)  # fmt: skip
     return makers
 
 

@@ -1,9 +1,12 @@
 """scripts/bench_optimizer.py, small: its table, and ``--against`` timing another revision's
 package side by side with this one."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -48,6 +51,20 @@ def test_lora_rank_times_the_adapters_of_the_matrices():
     assert "LoRA rank 4), 14 tensors" in done.stdout
     assert "0.0M float32 parameters" in done.stdout
     assert float(rows(done.stdout)["int8"][1]) > 0
+
+
+def test_bfloat16_weights_time_every_weight_update_and_two_streams():
+    done = run("--weight-dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    table = rows(done.stdout)
+    for precision in ("fp32", "bf16", "int8", "int4"):
+        for mode in ("nearest", "stochastic", "exact"):
+            assert float(table[f"{precision}, {mode}"][1]) > 0
+        # Two streams with the default weight update, where there are two cores to spread over.
+        if (os.cpu_count() or 1) > 1:
+            assert float(table[f"{precision}, stochastic, 2 streams"][1]) > 0
+    # exact's buffer: 2 bytes per parameter more.
+    assert float(table["int8, exact"][0]) - float(table["int8, nearest"][0]) == pytest.approx(2)
 
 
 def test_against_an_unknown_revision_is_one_line():
