@@ -546,21 +546,32 @@ def test_all_finite_finds_every_nan_and_infinity(dtype, streams):
         all_finite([mx.zeros((3,), mx.int32)])
 
 
+def assert_finite(tree) -> None:
+    for path, a in tree_flatten(tree):
+        if mx.issubdtype(a.dtype, mx.floating):
+            assert mx.isfinite(a).all().item(), path
+
+
+def finite_steps(precision: str, gradients: list[mx.array]) -> tuple[dict, AdamW]:
+    """Steps of a 1024-element weight with ``gradients``: weights and state stay finite and no
+    step is skipped."""
+    params = {"w": mx.linspace(-1, 1, 1024)}
+    opt = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
+    for g in gradients:
+        params = opt.apply_gradients({"w": g}, params)
+        mx.eval(params, opt.state)
+    assert_finite((params, opt.state))
+    assert opt.state["skipped_steps"].item() == 0
+    return params, opt
+
+
 @pytest.mark.parametrize("precision", LOW)
 def test_overflowing_square_keeps_the_state_finite(precision):
     """A finite gradient whose square overflows float32: mlx's AdamW (and fp32 state) freezes that
     element (its v is infinite). Here v stops at the largest bfloat16: no NaN or infinity in weights
     or state (a checkpoint of it loads), and the other elements keep training."""
-    params = {"w": mx.linspace(-1, 1, 1024)}
     huge = mx.where(mx.arange(1024) == 3, 1e20, 1e-3)
-    opt = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
-    for g in [huge] + [mx.full((1024,), 1e-3)] * 5:
-        params = opt.apply_gradients({"w": g}, params)
-        mx.eval(params, opt.state)
-    for path, a in tree_flatten((params, opt.state)):
-        if mx.issubdtype(a.dtype, mx.floating):
-            assert mx.isfinite(a).all().item(), path
-    assert opt.state["skipped_steps"].item() == 0
+    params, _ = finite_steps(precision, [huge] + [mx.full((1024,), 1e-3)] * 5)
     # Outside the block of the huge element (256 elements at most), every weight moved.
     assert (params["w"][256:] != mx.linspace(-1, 1, 1024)[256:]).all().item()
 
@@ -584,15 +595,8 @@ def test_gradients_near_the_largest_float_keep_the_state_finite(precision):
     bfloat16 (rounding up would give infinity), an int8 block's scale at the largest whose
     quotient by its map's unit is finite; v stops at the largest bfloat16. Weights and state stay
     finite, no step is skipped, and normal gradients after them train on."""
-    params = {"w": mx.linspace(-1, 1, 1024)}
-    opt = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
-    for g in [mx.full((1024,), float.fromhex("0x1.fffffep127"))] * 40 + [mx.full((1024,), 1e-3)] * 3:
-        params = opt.apply_gradients({"w": g}, params)
-        mx.eval(params, opt.state)
-    for path, a in tree_flatten((params, opt.state)):
-        if mx.issubdtype(a.dtype, mx.floating):
-            assert mx.isfinite(a).all().item(), path
-    assert opt.state["skipped_steps"].item() == 0
+    largest = mx.full((1024,), float.fromhex("0x1.fffffep127"))
+    _, opt = finite_steps(precision, [largest] * 40 + [mx.full((1024,), 1e-3)] * 3)
     m, v = PRECISIONS[precision].decode(opt.state["w"], (1024,), opt.eps)
     assert v.max().item() <= float.fromhex("0x1.fep127")
     assert m.min().item() > 1e38  # kept, not lost (0.9^3 of float32's largest, give or take)
@@ -611,9 +615,7 @@ def test_converting_an_infinite_second_moment_keeps_it_finite(precision):
     assert mx.isinf(opt.state["w"]["v"]).any().item()
     state = convert_state(opt.state["w"], StateFormat("fp32"), StateFormat(precision),
                           params["w"], mx.random.key(0), opt.eps, opt.eps)  # fmt: skip
-    for path, a in tree_flatten(state):
-        if mx.issubdtype(a.dtype, mx.floating):
-            assert mx.isfinite(a).all().item(), path
+    assert_finite(state)
     lower = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
     lower.init(params)
     lower.state["w"] = state
