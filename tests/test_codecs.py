@@ -520,6 +520,17 @@ def test_a_stored_block_encodes_back_to_itself_at_every_scale(name):
 
 
 @pytest.mark.parametrize("name", CODECS)
+def test_a_nan_block_keeps_a_nan_scale(name):
+    """Neither bound on a block's scale takes a NaN, of either sign (mlx's 0 · inf is -NaN on
+    this CPU): the loader must still find it."""
+    codec = CODECS[name]
+    for nan_bits in (0x7FC00000, 0xFFC00000):
+        x = mx.view(mx.full((codec.block,), nan_bits, mx.uint32), mx.float32)
+        key = mx.array([3, 1], mx.uint32) if codec.rotating else mx.random.key(0)
+        assert mx.isnan(codec.encode(x, key)["scales"]).all().item(), hex(nan_bits)
+
+
+@pytest.mark.parametrize("name", CODECS)
 def test_magnitudes_up_to_the_largest_float_store_finite(name):
     """A block's scale over its map's unit (int8's first moment: 0.984) must stay finite: a
     block whose largest is above the largest such scale keeps that one, and its largest

@@ -77,8 +77,10 @@ def round_stochastic(
 
     The noise is the high (``half=1``) or low (``half=0``) 16 bits of :func:`random_bits`
     (``offset`` as there): two roundings with the same key and different halves are independent,
-    and, compiled together, share one hash. With ``saturate``, a finite ``x`` beyond the largest
-    bfloat16 (3.39e38) takes it, not infinity.
+    and, compiled together, share one hash. With ``saturate``, what would round to an infinity
+    takes the largest bfloat16 (3.39e38) of its sign instead: a finite ``x`` beyond it, an
+    infinity too, and a NaN whose payload lies in its low 16 bits only (which rounding would
+    make an infinity either way; mlx's NaNs stay NaN).
     """
     bits = mx.view(x.astype(mx.float32), mx.uint32)
     drawn = random_bits(x.shape, key, offset)

@@ -383,10 +383,12 @@ class Blockwise:
         if self.map.signed:
             magnitude = magnitude & 0x7FFFFFFF
         largest = mx.max(magnitude, axis=1)
-        largest = mx.where(largest < self._smallest_scale, 0, largest)
-        # (A NaN's bits are above infinity's: a NaN block keeps its NaN scale.)
+        # Per block: a NaN's bits are above infinity's (or, unsigned, negative, with its sign
+        # bit), and neither bound takes them: a NaN block keeps a NaN scale, as a -0 one its -0.
+        tiny = (largest >= 0) & (largest < self._smallest_scale)
         above = (largest > self._largest_scale) & (largest <= _INFINITY_BITS)
-        scales = mx.view(mx.where(above, self._largest_scale, largest), _F32)
+        largest = mx.where(tiny, 0, mx.where(above, self._largest_scale, largest))
+        scales = mx.view(largest, _F32)
         # The map's unit goes with the scale (one pass less than multiplying by it after): the
         # block's largest may come out an ulp off it, which the map's margins absorb.
         divisor = mx.where(scales == 0, 1.0, scales) / self.map.unit
