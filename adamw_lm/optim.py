@@ -365,9 +365,10 @@ class AdamW(optim.AdamW):
         def fill(path: str, parameter: mx.array, like: mx.array, state: dict) -> None:
             fmt = self._format(self._plan[path], parameter.dtype)
             fresh = zeros_state(fmt, like if fmt.precision is None else parameter)
+            typed = fmt.precision is not None
             if not state:
                 state.update(fresh)
-            elif _layout(state) != _layout(fresh):
+            elif _layout(state, typed) != _layout(fresh, typed):
                 # A state set from elsewhere (``optimizer.state = ...``) in another format would
                 # otherwise fail deep inside the first step.
                 raise ValueError(
@@ -518,10 +519,11 @@ class AdamW(optim.AdamW):
         return sum(a.nbytes for _, a in tree_flatten(self.state))
 
 
-def _layout(state: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """The keys and shapes of a parameter's state: what its format decides (a moment's dtype
-    under precision ``None`` follows the gradients, as mlx's)."""
-    return sorted((key, tuple(a.shape)) for key, a in tree_flatten(state))
+def _layout(state: dict, dtypes: bool) -> list[tuple]:
+    """The keys, shapes and (with ``dtypes``) dtypes of a parameter's state: what its format
+    decides (under precision ``None`` the moments' dtype follows the gradients, as mlx's)."""
+    return sorted((key, tuple(a.shape), *([str(a.dtype)] if dtypes else []))
+                  for key, a in tree_flatten(state))  # fmt: skip
 
 
 def _subtree(tree, path: str):
@@ -710,9 +712,10 @@ def _storable(v: mx.array) -> mx.array:
     inf · 0 in its block) or a state that a checkpoint cannot hold (states must be finite). So v
     stops at the largest bfloat16, which these formats store as it is (its block's other elements
     then decode to at least the lowest level of that, 1/65536 of it in int8: their steps all but
-    stop too). A select, the form a CPU kernel vectorizes. (The codecs store any finite m.)
+    stop too). A select, the form a CPU kernel vectorizes; a NaN stays NaN (for the loader's
+    checks to find). (The codecs store any finite m.)
     """
-    return mx.where(v < _V_MAX, v, _V_MAX)
+    return mx.where(v > _V_MAX, _V_MAX, v)
 
 
 def _fused_update(precision: Precision, mode: str | None, eps: float) -> Callable:

@@ -631,8 +631,9 @@ def test_setting_a_state_of_another_format_is_refused_clearly():
     grads = {"w": mx.full((64, 64), 1e-2)}
     source = AdamW(1e-3, state_precision="fp32")
     mx.eval(source.apply_gradients(grads, params), source.state)
-    target = AdamW(1e-3, state_precision="int8", min_quantize_size=0)
-    target.state = source.state
-    with pytest.raises(ValueError, match="state of 'w' is not stored as this optimizer.*int8.*"
-                                         "convert_state"):  # fmt: skip
-        target.apply_gradients(grads, params)
+    for precision in ("int8", "bf16"):  # other keys; the same keys and shapes, other dtypes
+        target = AdamW(1e-3, state_precision=precision, min_quantize_size=0)
+        target.state = source.state
+        with pytest.raises(ValueError, match=f"state of 'w' is not stored as this optimizer.*"
+                                             f"{precision}.*convert_state"):  # fmt: skip
+            target.apply_gradients(grads, params)

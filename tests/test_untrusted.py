@@ -598,10 +598,12 @@ def test_optimizer_scalars_cannot_be_dropped(run, tiny_model_path, which):
 
 
 @pytest.mark.parametrize("value, loads", [(float("inf"), True), (float("nan"), False), (-1.0, False)])
+@pytest.mark.parametrize("into", [None, "int8"])
 def test_an_infinite_float_second_moment_loads_as_mlx_leaves_it(tmp_path, tiny_model_path, value,
-                                                                 loads):
+                                                                 loads, into):
     """mlx's AdamW leaves v = +inf where a gradient's square overflowed (that element is frozen): a
-    checkpoint of such a state loads. A NaN or a negative second moment is refused."""
+    checkpoint of such a state loads, converted to int8 too (v capped at the largest bfloat16). A
+    NaN or a negative second moment is refused, before a conversion could hide it."""
     from mlx.utils import tree_unflatten
 
     model, optimizer = lora_model(tiny_model_path), AdamW(1e-2)  # precision None: mlx's state
@@ -613,13 +615,20 @@ def test_an_infinite_float_second_moment_loads_as_mlx_leaves_it(tmp_path, tiny_m
     state = {"iteration": 1, "epoch": 0, "offset": 2, "losses": losses, "val_losses": [], "seed": 0}
     adapter_config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}
     checkpoint.save(tmp_path, 1, model, optimizer, state, adapter_config)
-    restored = AdamW(1e-2)
+    restored = AdamW(1e-2, state_precision=into, min_quantize_size=0)
+    load = lambda: checkpoint.load_latest(  # noqa: E731
+        tmp_path, lora_model(tiny_model_path), restored, convert_precision=into is not None
+    )
     if loads:
-        checkpoint.load_latest(tmp_path, lora_model(tiny_model_path), restored)
-        assert mx.isinf(dict(tree_flatten(restored.state))[key]).any().item()
+        load()
+        restored_state = dict(tree_flatten(restored.state))
+        if into is None:
+            assert mx.isinf(restored_state[key]).any().item()
+        else:
+            assert mx.isfinite(restored_state[f"{key}.scales"]).all().item()
     else:
         with pytest.raises(CorruptCheckpointError, match=f"negative second moments.*first: {key}"):
-            checkpoint.load_latest(tmp_path, lora_model(tiny_model_path), restored)
+            load()
 
 
 def test_optimizer_step_must_be_the_runs_number_of_updates(tmp_path, tiny_model_path, data_dir):

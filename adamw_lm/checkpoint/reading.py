@@ -310,6 +310,9 @@ def _load_verified(
     for key in _REQUIRED_STATE:
         if key not in flat:
             raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
+    # As stored, before a conversion decodes and encodes it again (a NaN or a negative moment
+    # need not survive that as such), and after it.
+    _check_finite(flat, optimizer_path, moments=True)
     state = restore_state(
         flat, found.precision_plan, optimizer_path, trainable, whole, convert_precision,
         found.hyperparameters,
