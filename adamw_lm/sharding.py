@@ -192,8 +192,8 @@ class ShardedOptimizer:
         self._whole_scalars(parameters)
         my_grads = {p: flat_grads[p] for p, _ in tree_flatten(mine)}
         # The plan of the whole tree (``owned`` makes it), not the inner optimizer's: that one is
-        # empty until its first step has begun.
-        low = [p for p in my_grads if self._plan.get(p) is not None]
+        # empty until its first step has begun. (A NaN in an empty tensor would be no NaN.)
+        low = [p for p, g in my_grads.items() if self._plan.get(p) is not None and g.size]
         if any(p is not None for p in self._plan.values()):
             # A low-precision AdamW skips a step whose gradients are not finite; every process must
             # agree, so the whole tree decides: a non-finite gradient elsewhere poisons one of ours,
