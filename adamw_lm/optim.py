@@ -368,7 +368,7 @@ class AdamW(optim.AdamW):
             typed = fmt.precision is not None
             if not state:
                 state.update(fresh)
-            elif _layout(state, typed) != _layout(fresh, typed):
+            elif state_layout(state, typed) != state_layout(fresh, typed):
                 # A state set from elsewhere (``optimizer.state = ...``) in another format would
                 # otherwise fail deep inside the first step.
                 raise ValueError(
@@ -519,11 +519,12 @@ class AdamW(optim.AdamW):
         return sum(a.nbytes for _, a in tree_flatten(self.state))
 
 
-def _layout(state: dict, dtypes: bool) -> list[tuple]:
-    """The keys, shapes and (with ``dtypes``) dtypes of a parameter's state: what its format
-    decides (under precision ``None`` the moments' dtype follows the gradients, as mlx's)."""
-    return sorted((key, tuple(a.shape), *([str(a.dtype)] if dtypes else []))
-                  for key, a in tree_flatten(state))  # fmt: skip
+def state_layout(state: dict, dtypes: bool = True) -> dict[str, tuple]:
+    """``{flat key: (shape, dtype)}`` (or ``(shape,)`` without ``dtypes``) of a parameter's state,
+    a tree or already flat: what its :class:`StateFormat` decides (under precision ``None`` all
+    but the moments' dtype, which follows the gradients, as mlx's)."""
+    return {key: (tuple(a.shape), a.dtype) if dtypes else (tuple(a.shape),)
+            for key, a in tree_flatten(state)}  # fmt: skip
 
 
 def _subtree(tree, path: str):
@@ -703,7 +704,6 @@ class _Coefficients(NamedTuple):
 _V_MAX = float.fromhex("0x1.fep127")
 
 
-
 def _storable(v: mx.array) -> mx.array:
     """The second moment ``v`` (float32) within what every format below float32 stores.
 
@@ -793,5 +793,6 @@ __all__ = [
     "all_finite",
     "convert_state",
     "default_streams",
+    "state_layout",
     "zeros_state",
 ]

@@ -11,7 +11,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from ..codecs import PRECISIONS
-from ..optim import AdamW, StateFormat, convert_state, zeros_state
+from ..optim import AdamW, StateFormat, convert_state, state_layout, zeros_state
 from ..weight_update import WEIGHT_UPDATES
 from .format import (
     FORMAT_VERSION,
@@ -78,10 +78,6 @@ def _group_by_parameter(
         else:
             top[key] = value
     return groups, top
-
-
-def _layout(arrays: dict[str, mx.array]) -> dict[str, tuple]:
-    return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
 
 
 def _stored_formats(
@@ -177,17 +173,16 @@ def restore_state(
         entries = stored.get(name, {})
         if name in keys:
             old = stored_formats[name]
-            old_layout = _layout(dict(tree_flatten(zeros_state(old, parameter))))
-            if _layout(entries) != old_layout:
-                problems.append(f"{name}: expected {old_layout}, found {_layout(entries)}")
+            found, wanted = state_layout(entries), state_layout(zeros_state(old, parameter))
+            if found != wanted:
+                problems.append(f"{name}: expected {wanted}, found {found}")
                 continue
             tree = tree_unflatten(list(entries.items()))
             new = convert_state(tree, old, requested[name], parameter, keys[name], *eps)
             entries = dict(tree_flatten(new))
-        if _layout(entries) != _layout(expected.get(name, {})):
-            problems.append(
-                f"{name}: expected {_layout(expected.get(name, {}))}, found {_layout(entries)}"
-            )
+        found, wanted = state_layout(entries), state_layout(expected.get(name, {}))
+        if found != wanted:
+            problems.append(f"{name}: expected {wanted}, found {found}")
             continue
         # In the fresh state's order, so the tree flattens exactly like a never-saved optimizer's.
         restored[name] = tree_unflatten([(k, entries[k]) for k in expected[name]])
