@@ -172,8 +172,7 @@ class ShardedOptimizer:
     def _whole_scalars(self, parameters: dict) -> None:
         """This process's state gets the scalars of the whole optimizer's (a random key, a count
         of skipped steps), whether or not its own share needs them: every process keeps them
-        alike, and a checkpoint has them whoever writes it."""
-        self.owned(parameters)
+        alike, and a checkpoint has them whoever writes it. After :meth:`owned` (the plan)."""
         self.inner._add_scalars({p: a.dtype for p, a in tree_flatten(parameters)}, self._plan)
 
     def set_full_state(self, state: dict, parameters: dict) -> None:
@@ -189,7 +188,8 @@ class ShardedOptimizer:
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         flat_grads = dict(tree_flatten(gradients))
         mine = self.owned(parameters)
-        self._whole_scalars(parameters)
+        if not self.inner._initialized:  # a first step, or a state set since: not at every step
+            self._whole_scalars(parameters)
         my_grads = {p: flat_grads[p] for p, _ in tree_flatten(mine)}
         # The plan of the whole tree (``owned`` makes it), not the inner optimizer's: that one is
         # empty until its first step has begun. (A NaN in an empty tensor would be no NaN.)

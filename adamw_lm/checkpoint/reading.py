@@ -311,7 +311,7 @@ def _load_verified(
         if key not in flat:
             raise CorruptCheckpointError(f"{optimizer_path}: optimizer state has no {key!r}")
     # As stored, before a conversion decodes and encodes it again (a NaN or a negative moment
-    # need not survive that as such), and after it.
+    # need not survive that as such); below, what the conversion made.
     _check_finite(flat, optimizer_path, moments=True)
     state = restore_state(
         flat, found.precision_plan, optimizer_path, trainable, whole, convert_precision,
@@ -319,7 +319,10 @@ def _load_verified(
     )
     _check_state_layout(state, whole, trainable, optimizer_path)
     _check_finite(adapters, found.path / ADAPTERS)
-    _check_finite(dict(tree_flatten(state)), optimizer_path, moments=True)
+    # What a conversion (or a fresh entry) made: the arrays kept as stored are checked above.
+    as_stored = {id(a) for a in flat.values()}
+    made = {k: a for k, a in tree_flatten(state) if id(a) not in as_stored}
+    _check_finite(made, optimizer_path, moments=True)
 
     # Every check has passed: only now are the model and the optimizer changed.
     model.load_weights(list(adapters.items()), strict=False)
