@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import threading
 import zlib
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -27,8 +28,10 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import weight_update as weights
 from .codecs import PRECISIONS, MomentCodec, Precision, Stored
-from .codecs.bf16 import key_start
-from .memory import STATE_LADDER, choose_precisions, default_chunk_size, stored_precision
+from .codecs.bf16 import key_start, starts_at
+from .memory import (
+    STATE_LADDER, choose_precisions, default_chunk_size, stored_precision, update_bins,
+)
 from .optim_settings import LearningRate, Settings, check_adamw_arguments
 
 #: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
@@ -141,8 +144,11 @@ class AdamW(optim.AdamW):
             and only allowed with, ``state_precision="auto"``.
         chunk_size: under a precision other than ``None``, tensors are updated in slices of this
             many elements (a multiple of 256, so that slices hold whole blocks): the step's
-            temporaries are then a few slices, not a few copies of each tensor. Results do not
-            depend on it. ``None``: 2^18 on the CPU, 2^22 on a GPU (fewer, larger kernels).
+            temporaries are then a few slices, not a few copies of each tensor. Under int8 and
+            int4, smaller tensors of whole blocks (LoRA adapters) are laid end to end in bins of
+            at most a slice and updated a bin at a time
+            (:func:`adamw_lm.memory.update_bins`). Results do not depend on it. ``None``: 2^18
+            on the CPU, 2^22 on a GPU (fewer, larger kernels).
         streams: how many mlx streams the slices are spread over, in turn; results do not
             depend on it. ``None``: :func:`default_streams` (1: more lanes cost memory).
         weight_update: how a new weight is written into a bfloat16 / float16 parameter whose
@@ -417,69 +423,68 @@ class AdamW(optim.AdamW):
 
         flat = tree_flatten(gradients)
         low = [(path, g) for path, g in flat if self._plan.get(path) is not None]
+        grads = dict(low)
+        leaves: dict[str, mx.array] = {}
+        states: dict[str, dict] = {}
+
+        def collect(path: str, _, p: mx.array, s: dict) -> None:
+            leaves[path], states[path] = p, s
+
+        tree_map_with_path(collect, gradients, parameters, self.state)
+
+        def inputs(path: str) -> dict:
+            p, s = leaves[path], states[path]
+            tensors = {"g": grads[path], "p": p, "m": s["m"], "v": s["v"]}
+            buffer = self._format(self._plan[path], p.dtype).buffer(p.dtype)
+            if buffer:
+                tensors["buffer"] = s[buffer]
+            return tensors
+
+        # Small tensors are updated a bin at a time, laid end to end (each draws the bits it
+        # draws alone): per tensor, a step is ~80 operations, each a dispatch to the stream's
+        # thread, which bound the step of many small tensors (LoRA adapters) by their count.
+        chunk = self.settings.chunk_size or default_chunk_size()
+        kinds = ((path, (leaves[path].dtype, g.dtype), self._plan[path], g.size) for path, g in low)
+        bins = [_Bin.join(paths, [inputs(p) for p in paths]) for paths in update_bins(kinds, chunk)]
         finite = coefficients = None
         if low:
-            finite = all_finite([g for _, g in flat], self.settings.streams)
+            # A bin's gradients are checked joined: the check is 8 operations per tensor.
+            binned = {path for b in bins for path in b.paths}
+            checked = [b.tensors["g"] for b in bins] + [g for p, g in flat if p not in binned]
+            finite = all_finite(checked, self.settings.streams)
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)
-        keys, weight_keys, stochastic = {}, {}, []
+        stochastic: list[str] = []
+        step_key = None
         if "key" in self.state:
-            dtypes: dict[str, mx.Dtype] = {}
-            tree_map_with_path(
-                lambda path, _, p: dtypes.setdefault(path, p.dtype), gradients, parameters
-            )
-            stochastic = [path for path, _ in low if self._random(path, dtypes[path])]
+            stochastic = [path for path, _ in low if self._random(path, leaves[path].dtype)]
             self.state["key"], step_key = mx.random.split(self.state["key"])
-        if stochastic:
-            # A parameter's key comes from this step's key and its path, not from its place among
-            # the stochastic parameters: a process holding a share of them (ShardedOptimizer)
-            # draws for them what the whole optimizer draws.
-            # One (n, 2) array of keys and one hash for all of them: each scalar operation is a
-            # dispatch to the stream's thread, and per tensor they were ~25 of them.
-            tensor_keys = step_key ^ mx.array([_path_crcs(p) for p in stochastic], mx.uint32)
-            # The moments of a bf16 pair use both halves of their key's hash: the weight
-            # rounds with bits of a key drawn from it.
-            weight_keys = {
-                path: key_start(mx.random.split(tensor_keys[i], 1)[0])
-                for i, path in enumerate(stochastic)
-                if self.weight_update_for(self._plan[path], dtypes[path]) == "stochastic"
-            }
-            # Each key's start, once per tensor: hashed in every slice, it took a few dispatches
-            # each (random_bits draws the same bits from a key or its start).
-            # 0-d: mx.compile passes a scalar into its kernels as a constant, where a (1,) array
-            # would be a broadcast input and make the hash's kernel strided.
-            starts = mx.split(key_start(tensor_keys), len(stochastic))
-            keys = {path: start.squeeze(0) for path, start in zip(stochastic, starts)}
-        # A rotating codec's key: (its path's first CRC, the step).
-        step_pairs = self.step.astype(mx.uint32) * mx.array([0, 1], mx.uint32)
+        keys = _StepKeys(self.step, step_key, stochastic, [
+            path for path in stochastic
+            if self.weight_update_for(self._plan[path], leaves[path].dtype) == "stochastic"
+        ])  # fmt: skip
+        slices = _Slices(self.settings.streams, chunk)
 
-        def moment_keys(path: str, codecs: Precision) -> tuple[mx.array | None, ...]:
-            # A rotating codec's phases must stay the same from step to step, so they come from
-            # the parameter's path, not from the state's key (and neither from ``seed``, which a
-            # resumed state does not carry): the same in every run and every process.
-            return tuple(
-                mx.array([_path_crcs(path)[0], 0], mx.uint32) + step_pairs if codec.rotating
-                else keys[path] if codec.stochastic else None
-                for codec in (codecs.m, codecs.v)
+        def update(paths: list[str], tensors: dict, sizes: list[int]) -> dict:
+            p = leaves[paths[0]]
+            codecs = PRECISIONS[self._plan[paths[0]]]
+            mode = self.weight_update_for(codecs.name, p.dtype)
+            return slices.update(
+                self._update_fn(codecs, mode), tensors, codecs,
+                coefficients, keys.moments(paths, sizes, codecs), keys.weight(paths, sizes),
             )  # fmt: skip
 
-        slices = _Slices(self.settings.streams, self.settings.chunk_size or default_chunk_size())
+        done = {}
+        for b in bins:
+            done.update(zip(b.paths, b.cut(update(b.paths, b.tensors, b.sizes))))
 
         def apply(path: str, g: mx.array, p: mx.array, s: dict) -> mx.array:
             precision = self._plan.get(path)
             if precision is None:
                 return super(AdamW, self).apply_single(g, p, s)
-            codecs = PRECISIONS[precision]
-            mode = self.weight_update_for(precision, p.dtype)
-            buffer = weights.buffer_name(mode, p.dtype)
-            tensors = {"g": g, "p": p, "m": s["m"], "v": s["v"]}
-            if buffer:
-                tensors["buffer"] = s[buffer]
-            new = slices.update(
-                self._update_fn(codecs, mode), tensors, codecs,
-                coefficients, moment_keys(path, codecs), weight_keys.get(path),
-            )  # fmt: skip
+            new = done[path] if path in done else update([path], inputs(path), [p.size])
             s["m"], s["v"] = new["m"], new["v"]
+            buffer = self._format(precision, p.dtype).buffer(p.dtype)
             if buffer:
                 s[buffer] = new["buffer"]
             return new["p"]
@@ -656,6 +661,126 @@ class _Slices:
         for chain in self.chains:
             chain[:] = [a for _, a in tree_flatten(joined)]
         return joined
+
+
+class _StepKeys:
+    """A step's random keys: per tensor, as the codecs and the weight update take them, or per
+    element for tensors laid end to end (:func:`adamw_lm.codecs.bf16.starts_at`), each drawing the
+    bits it draws alone."""
+
+    def __init__(
+        self, step: mx.array, step_key: mx.array | None, stochastic: list[str], weighted: list[str]
+    ):
+        self.step = step
+        self.index = {path: i for i, path in enumerate(stochastic)}
+        self.weighted = {path: i for i, path in enumerate(weighted)}
+        self._solo: dict[str, list[mx.array]] = {}
+        self._step: mx.array | None = None
+        self._pairs: mx.array | None = None
+        if not stochastic:
+            return
+        # A parameter's key comes from this step's key and its path, not from its place among
+        # the stochastic parameters: a process holding a share of them (ShardedOptimizer) draws
+        # for them what the whole optimizer draws. One (n, 2) array of keys and one hash for
+        # all of them: each scalar operation is a dispatch to the stream's thread.
+        tensor_keys = step_key ^ mx.array([_path_crcs(p) for p in stochastic], mx.uint32)
+        self.starts = key_start(tensor_keys)
+        if weighted:
+            # The moments of a bf16 pair use both halves of their key's hash: the weight rounds
+            # with bits of a key drawn from it.
+            rows = mx.array([self.index[path] for path in weighted])
+            drawn = mx.vmap(lambda key: mx.random.split(key, 1)[0])(tensor_keys[rows])
+            self.weight_starts = key_start(drawn)
+
+    def _start(self, name: str, paths: list[str], sizes: list[int]) -> mx.array:
+        starts, index = (self.starts, self.index) if name == "moments" else (
+            self.weight_starts, self.weighted
+        )  # fmt: skip
+        if len(paths) > 1:
+            return starts_at(mx.take(starts, mx.array([index[p] for p in paths])), sizes)
+        # 0-d: mx.compile passes a scalar into its kernels as a constant, where a (1,) array
+        # would be a broadcast input and make the hash's kernel strided. One split for all.
+        if name not in self._solo:
+            self._solo[name] = mx.split(starts, starts.size)
+        return self._solo[name][index[paths[0]]].squeeze(0)
+
+    def moments(
+        self, paths: list[str], sizes: list[int], codecs: Precision
+    ) -> tuple[mx.array | tuple | None, ...]:
+        """The keys of ``codecs``' two moments for ``paths`` (one tensor, or a bin)."""
+        keys: list[mx.array | tuple | None] = []
+        fresh = None
+        for codec in (codecs.m, codecs.v):
+            if codec.rotating:
+                keys.append(self._rotating(paths, sizes))
+            elif codec.stochastic:
+                # Codecs that draw fresh bits share one key (their halves of one hash).
+                fresh = self._start("moments", paths, sizes) if fresh is None else fresh
+                keys.append(fresh)
+            else:
+                keys.append(None)
+        return tuple(keys)
+
+    def _rotating(self, paths: list[str], sizes: list[int]) -> mx.array | tuple:
+        # A rotating codec's phases must stay the same from step to step, so they come from the
+        # path, not from the state's key (nor from ``seed``, which a resumed state does not
+        # carry): the same in every run and every process. Its key: (the path's CRC, the step).
+        if self._step is None:
+            self._step = self.step.astype(mx.uint32)
+            self._pairs = self._step * mx.array([0, 1], mx.uint32)
+        if len(paths) == 1:
+            return mx.array([_path_crcs(paths[0])[0], 0], mx.uint32) + self._pairs
+        seeds = mx.array([[_path_crcs(p)[0], 0] for p in paths], mx.uint32)
+        return starts_at(key_start(seeds), sizes), self._step
+
+    def weight(self, paths: list[str], sizes: list[int]) -> mx.array | None:
+        """The key of the stochastic weight update of ``paths``, if theirs is one."""
+        return self._start("weight", paths, sizes) if paths[0] in self.weighted else None
+
+
+class _Bin(NamedTuple):
+    """Tensors of parameters updated as one, laid end to end."""
+
+    paths: list[str]
+    sizes: list[int]
+    shapes: list[tuple[int, ...]]
+    #: ``{"g", "p", "m", "v"[, "buffer"]}`` of all of them, joined: flat arrays, or a block-wise
+    #: moment's codes and scales, whose rows are whole blocks.
+    tensors: dict
+
+    @classmethod
+    def join(cls, paths: list[str], tensors: list[dict]) -> _Bin:
+        """The bin of ``paths``, whose tensors (``{"g", "p", "m", "v"[, "buffer"]}`` of one
+        parameter each) are ``tensors``."""
+
+        def join(parts: list[Stored]) -> Stored:
+            # mx.concatenate as it is: viewing each part as words (_concatenate) is an operation
+            # per part, which small parts do not repay.
+            if isinstance(parts[0], dict):
+                return {key: mx.concatenate([part[key] for part in parts]) for key in parts[0]}
+            # reshape(size): mlx gives a flat array back as it is, with no operation to dispatch.
+            return mx.concatenate([part.reshape(part.size) for part in parts])
+
+        return cls(
+            paths, [t["p"].size for t in tensors], [t["p"].shape for t in tensors],
+            {name: join([t[name] for t in tensors]) for name in tensors[0]},
+        )  # fmt: skip
+
+    def cut(self, joined: dict) -> list[dict]:
+        """``joined`` (the bin's new tensors, as :attr:`tensors`) cut back into each tensor's."""
+        bounds = list(itertools.accumulate(self.sizes[:-1]))
+        cut: list[dict] = [{} for _ in self.paths]
+        for name, stored in joined.items():
+            if isinstance(stored, dict):
+                for key, a in stored.items():
+                    # Rows of whole blocks: each tensor's are its elements over the block.
+                    per_row = sum(self.sizes) // a.shape[0]
+                    for part, rows in zip(cut, mx.split(a, [b // per_row for b in bounds])):
+                        part.setdefault(name, {})[key] = rows
+            else:
+                for part, shape, a in zip(cut, self.shapes, mx.split(stored, bounds)):
+                    part[name] = a.reshape(shape)
+        return cut
 
 
 def _slice_stored(codec: MomentCodec | None, stored: Stored, start: int, stop: int) -> Stored:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from adamw_lm.codecs import PRECISIONS, Precision
-from adamw_lm.codecs.bf16 import BF16_M, BF16_V, random_bits, round_stochastic
+from adamw_lm.codecs.bf16 import (
+    BF16_M, BF16_V, key_start, random_bits, round_stochastic, starts_at,
+)
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap, ShiftRootMap
 from adamw_lm.codecs.int4 import INT4_M, INT4_V
 from adamw_lm.codecs.int8 import INT8_M, INT8_V
@@ -672,6 +674,30 @@ def test_random_bits_match_numpy():
     bits = np.array(random_bits((1000, 1000), key)) >> 16
     assert abs(bits.mean() / 65536 - 0.5) < 1e-3  # the 16 bits used are uniform
     assert np.unique(bits).size == 65536
+
+
+def test_random_bits_per_element_starts_draw_each_tensors_own_bits():
+    """Tensors laid end to end, each with its own start (starts_at), draw the bits each draws
+    alone; a rotating codec given its phase's start and step encodes as from (seed, step)."""
+    keys = mx.random.split(mx.random.key(8), 3)
+    sizes = [256, 1024, 768]
+    starts = key_start(keys)
+    joined = np.array(random_bits((sum(sizes),), starts_at(starts, sizes)))
+    alone = np.concatenate([np_random_bits((n,), np.array(k)) for n, k in zip(sizes, keys)])
+    np.testing.assert_array_equal(joined, alone)
+    # Any shape of the draw's size but a key's (2,).
+    np.testing.assert_array_equal(
+        np.array(random_bits((8, 256), starts_at(starts, sizes))).reshape(-1), alone
+    )
+    with pytest.raises(ValueError, match="shape"):
+        random_bits((100,), starts_at(starts, sizes))
+    x = mx.random.normal((sum(sizes),), key=mx.random.key(1)) * 1e-2
+    seed_step = mx.array([12345, 7], mx.uint32)
+    phase = key_start(seed_step * mx.array([1, 0], mx.uint32))
+    expected = INT4_M.encode(x, seed_step)
+    given = INT4_M.encode(x, (phase, mx.array(7, mx.uint32)))
+    for name in expected:
+        np.testing.assert_array_equal(np.array(given[name]), np.array(expected[name]))
 
 
 def test_random_bits_are_independent():

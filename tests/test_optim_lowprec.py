@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from helpers.trees import assert_trees_equal
 
 from adamw_lm import AdamW
+from adamw_lm.memory import update_bins
 from adamw_lm.optim import all_finite
 from adamw_lm.codecs import PRECISIONS, Precision
 from adamw_lm.codecs.blockwise import Blockwise, PowerMap
@@ -191,6 +192,58 @@ def test_chunked_update_is_the_whole_tensor_update(precision):
     whole = run(1 << 20, 1)
     for chunk_size, streams in [(256, 1), (256, 3), (2560, 2)]:
         assert_trees_equal(run(chunk_size, streams), whole)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "dtype, weight_update",
+    [(mx.float32, None), (mx.bfloat16, "stochastic"), (mx.bfloat16, "exact"),
+     (mx.float16, "stochastic"), (mx.float16, "exact")],
+)  # fmt: skip
+def test_small_tensors_updated_together_as_each_alone(precision, dtype, weight_update):
+    """Small tensors of whole blocks are updated laid end to end, in bins of at most a slice
+    (LoRA adapters: one update per bin, not per tensor); each gets the parameters and stored
+    bits it gets alone (random keys from its path and position), across steps; tensors of
+    partial blocks, a slice or more, or another dtype are updated on their own."""
+    shapes = {"a": (64, 16), "b": (16, 128), "c": (2, 640), "d": (300,), "e": (4096,),
+              "f": (8, 32), "g": (1024,)}  # fmt: skip
+    keys = iter(mx.random.split(mx.random.key(5), 2 * len(shapes)))
+    params = {"layers": {name: mx.random.normal(s, key=next(keys)).astype(dtype)
+                         for name, s in shapes.items()}}  # fmt: skip
+    params["layers"]["g"] = params["layers"]["g"].astype(mx.float32)
+    grads = tree_map(lambda p: (1e-2 * mx.random.normal(p.shape, key=next(keys))).astype(p.dtype),
+                     params)  # fmt: skip
+    settings = dict(state_precision=precision, min_quantize_size=0, weight_update=weight_update,
+                    chunk_size=4096)  # fmt: skip
+    bins = update_bins([(path, p.dtype, precision, p.size) for path, p in tree_flatten(params)],
+                       4096)  # fmt: skip
+    # a + b + c would be past 4096 elements; g joins only its own dtype.
+    same_dtype = ["layers.g"] if dtype == mx.float32 else []
+    assert bins == [["layers.a", "layers.b"], ["layers.c", "layers.f", *same_dtype]]
+
+    def run(params: dict, grads: dict, streams: int = 1):
+        opt, p = AdamW(1e-2, streams=streams, **settings), params
+        for scale in (1.0, -0.5, 2.0):
+            p = opt.apply_gradients(tree_map(lambda g: g * scale, grads), p)
+            mx.eval(p, opt.state)
+        return p, opt.state
+
+    together, state = run(params, grads)
+    assert_trees_equal(run(params, grads, streams=2), (together, state))
+    for name in shapes:
+        alone = run(*({"layers": {name: t["layers"][name]}} for t in (params, grads)))
+        assert_trees_equal(alone[0]["layers"][name], together["layers"][name])
+        assert_trees_equal(alone[1]["layers"][name], state["layers"][name])
+
+    # A NaN in one binned gradient skips the whole step, bins checked joined.
+    opt = AdamW(1e-2, **settings)
+    p = opt.apply_gradients(grads, params)
+    mx.eval(p, opt.state)
+    before = tree_map(lambda a: a, opt.state["layers"])
+    bad = {"layers": {**grads["layers"], "b": grads["layers"]["b"].at[3, 5].add(mx.nan)}}
+    assert_trees_equal(opt.apply_gradients(bad, p), p)
+    assert_trees_equal(opt.state["layers"], before)
+    assert opt.state["skipped_steps"].item() == 1
 
 
 @pytest.mark.parametrize("precision", ["fp32", *LOW])

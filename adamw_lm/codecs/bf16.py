@@ -9,6 +9,7 @@ the key: reproducible from the key alone, and a few integer operations per eleme
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import mlx.core as mx
@@ -55,6 +56,10 @@ def random_bits(
     SplitMix, with a start the key picks. A caller drawing for many slices with one key passes
     its start: hashing the key takes a handful of scalar kernels, each a dispatch to the
     stream's thread.
+
+    ``key`` may also hold one start per element (uint32, ``shape``'s size, any shape but
+    ``(2,)``, which is a key): tensors laid end to end then each draw their own bits, element
+    ``i`` of a tensor starting at ``b`` with start ``s`` taking ``s - G·b`` (:func:`starts_at`).
     """
     golden = mx.array(GOLDEN, dtype=mx.uint32)
     # Everything that does not depend on the element is one scalar, so the per-element chain
@@ -62,12 +67,31 @@ def random_bits(
     # one kernel, and where it cuts a longer chain, a broadcast constant becomes an input and
     # the kernel indexes every element through strides (not vectorized on a CPU: this hash took
     # two such kernels before, docs/benchmarks.md, "Fusion-friendly codecs").
-    start = key.astype(mx.uint32) if key.ndim == 0 else key_start(key)
-    start = mx.array(offset, dtype=mx.uint32) * golden + start
     size = math.prod(shape)
+    if key.ndim == 0:
+        start = key.astype(mx.uint32)
+    elif key.shape == (2,):
+        start = key_start(key)
+    elif key.size == size:
+        start = key.astype(mx.uint32).reshape(shape)
+    else:
+        raise ValueError(f"random_bits: a key of shape {key.shape} for a draw of shape {shape}")
+    start = mx.array(offset, dtype=mx.uint32) * golden + start
     weyl = _WEYL[:size] if size <= _WEYL.size else mx.arange(size, dtype=mx.uint32) * golden
     # Its own kernel: consumers start a fresh chain, and two roundings share the bits.
     return mx.contiguous(_fmix32(weyl.reshape(shape) + start))
+
+
+def starts_at(starts: mx.array, sizes: list[int]) -> mx.array:
+    """One start per element for tensors of ``sizes`` elements laid end to end, each drawing with
+    its own start (``starts``, uint32 ``(len(sizes),)``) the bits it draws alone: shape
+    ``(sum(sizes), 1)`` (never a key's ``(2,)``), for :func:`random_bits`."""
+    positions = itertools.accumulate(sizes[:-1], initial=0)
+    # Element i of a tensor at b: G·i + s = G·(b + i) + (s - G·b), in wrapping uint32.
+    shifts = mx.array([GOLDEN * b % 2**32 for b in positions], dtype=mx.uint32)
+    parts = mx.split(starts.astype(mx.uint32) - shifts, len(sizes))
+    # A broadcast per tensor and one copy: a gather of the starts costs ~7 times as much.
+    return mx.concatenate([mx.broadcast_to(p, (size, 1)) for p, size in zip(parts, sizes)])
 
 
 def round_stochastic(

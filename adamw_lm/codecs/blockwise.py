@@ -368,7 +368,9 @@ class Blockwise:
         """Quantize the float32 moment ``x``; a stochastic codec draws its noise from ``key`` and
         each element's flat position plus ``offset`` (see
         :func:`~adamw_lm.codecs.bf16.random_bits`); a rotating one's ``key`` is ``(seed, step)``
-        (uint32). Any finite ``x`` gives finite scales."""
+        (uint32), or a tuple ``(phase_key, step)`` whose ``phase_key`` is what ``random_bits``
+        takes (``(seed, 0)``, its start, or one start per element). Any finite ``x`` gives
+        finite scales."""
         nb = self.blocks(x.shape)
         # reshape(size): mlx gives a flat x back as it is, with no operation to dispatch.
         flat = x.astype(_F32).reshape(x.size)
@@ -398,9 +400,13 @@ class Blockwise:
             if key is None:
                 raise ValueError("this codec rounds stochastically: encode needs a random key")
             if self.rotating:
-                key = key.astype(mx.uint32)
-                phase = random_bits(blocks.shape, key * mx.array([1, 0], dtype=mx.uint32), offset)
-                drawn = phase + key[1] * mx.array(GOLDEN, dtype=mx.uint32)
+                if isinstance(key, tuple):
+                    seed, step = key
+                else:
+                    key = key.astype(mx.uint32)
+                    seed, step = key * mx.array([1, 0], dtype=mx.uint32), key[1]
+                phase = random_bits(blocks.shape, seed, offset)
+                drawn = phase + step.astype(mx.uint32) * mx.array(GOLDEN, dtype=mx.uint32)
             else:
                 drawn = random_bits(blocks.shape, key, offset)
             drawn = drawn >> 16 if self.half else drawn & mx.array(0xFFFF, dtype=mx.uint32)
