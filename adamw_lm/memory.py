@@ -31,7 +31,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .codecs import PRECISIONS
-from .weight_update import DEFAULT_WEIGHT_UPDATE, buffer_nbytes, check_weight_update
+from .weight_update import (
+    DEFAULT_WEIGHT_UPDATE, LOW_DTYPES, buffer_nbytes, check_weight_update,
+)
 
 #: State precisions from the most to the fewest bytes per element (the registry's order on a tie);
 #: ``"auto"`` lowers tensors along it.
@@ -266,27 +268,29 @@ def activation_bytes(
     return kept + head, tokens * (linear + 4 * 4 * heads * max_seq_length)
 
 
+#: Precisions whose small tensors :class:`~adamw_lm.AdamW` updates together (:func:`update_bins`):
+#: their update is 80 to 110 operations per tensor, each a dispatch to the stream's thread, more
+#: than copying the tensors end to end costs. Measured on LoRA adapters, one stream, the same code
+#: with and without bins: int8 -10 %, int4 -26 % a step; bf16 (~30 operations) within +-3 %, fp32
+#: (a few) +37 % (docs/benchmarks.md, "Small tensors laid end to end").
+BINNED_PRECISIONS: tuple[str, ...] = ("int8", "int4")
+
+
 def update_bins(
     tensors: Iterable[tuple[Any, Hashable, str | None, int]], chunk: int
 ) -> list[list[Any]]:
     """The tensors :class:`~adamw_lm.AdamW` updates together, laid end to end in one slice: bins
     of two or more names, from ``tensors`` given as ``(name, kind, stored precision, size)`` in
-    tree order. A bin holds tensors of one ``kind`` (the optimizer's: their dtypes) and one
-    block-wise precision (int8, int4), each smaller than a slice (``chunk`` elements) and of whole
-    blocks (so codes and scales join as they are), at most ``chunk`` elements together.
-
-    Only block-wise precisions: their update is 80 to 110 operations per tensor, each a dispatch
-    to the stream's thread, where fp32's and bf16's ~30 cost less than copying the tensors end to
-    end (measured on LoRA adapters: docs/benchmarks.md, "Small tensors laid end to end").
-    """
+    tree order. A bin holds tensors of one ``kind`` (the optimizer's: their dtypes) and one of the
+    :data:`BINNED_PRECISIONS`, each smaller than a slice (``chunk`` elements) and of whole blocks
+    (so codes and scales join as they are), at most ``chunk`` elements together."""
     bins: list[list[Any]] = []
     filling: dict[tuple, tuple[list[Any], int]] = {}
     for name, kind, precision, size in tensors:
-        if precision is None:
+        if precision not in BINNED_PRECISIONS:
             continue
         codecs = PRECISIONS[precision]
-        block = math.lcm(codecs.m.block, codecs.v.block)
-        if block == 1 or not 0 < size < chunk or size % block:
+        if not 0 < size < chunk or size % math.lcm(codecs.m.block, codecs.v.block):
             continue
         names, filled = filling.get((precision, kind), ([], 0))
         if filled + size > chunk:
@@ -315,7 +319,7 @@ def step_temporaries(
     of several slices is joined at the end: its new slices and the joined copy of parameter and
     state (and about a float32 copy of the tensor) exist together before the old ones are freed.
     Small tensors updated together (:func:`update_bins`) are one slice, whose inputs (parameters,
-    gradients and state) are copied end to end.
+    gradients and state) are copied end to end, with a random start per element for each draw.
     """
     chunk = chunk_size or default_chunk_size()
     trainable = list(trainable)
@@ -339,7 +343,15 @@ def step_temporaries(
         size = sum(trainable[i].size for i in members)
         grads = sum(trainable[i].nbytes for i in members)
         bytes_held = sum(held[i] for i in members)
-        largest = max(largest, 2 * bytes_held + grads + working(stored[members[0]], size))
+        # Each random draw of a bin reads one uint32 start per element (its tensor's): one for
+        # fresh bits (both moments'), one for a rotating codec, one for the weight's rounding.
+        codecs = PRECISIONS[stored[members[0]]]
+        draws = [c.stochastic and not c.rotating for c in (codecs.m, codecs.v)]
+        starts = int(any(draws)) + int(codecs.m.rotating or codecs.v.rotating)
+        rounded = trainable[members[0]].dtype in LOW_DTYPES
+        starts += int(rounded and (weight_update or DEFAULT_WEIGHT_UPDATE) == "stochastic")
+        temporaries = 2 * bytes_held + grads + 4 * starts * size
+        largest = max(largest, temporaries + working(stored[members[0]], size))
     binned = {i for members in bins for i in members}
     for i, (a, s) in enumerate(zip(trainable, stored)):
         if i in binned:
@@ -716,6 +728,7 @@ def _model_args(model: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "BINNED_PRECISIONS",
     "DEFAULT_PRECISIONS",
     "METAL_WORKING_SET_SHARE",
     "SLICE_WORKING_ARRAYS",

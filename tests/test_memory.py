@@ -541,12 +541,19 @@ def test_step_temporaries_by_precision():
     # Small tensors of whole blocks updated together: one slice of all of them, their parameters,
     # gradients and state copied end to end beside the new ones.
     smalls = [mx.zeros((64, 256), mx.bfloat16) for _ in range(4)]
+    # A random start per element for the moments' draws and one for the weight's (stochastic).
     held = sum(a.nbytes + state_bytes("int8", a.shape) for a in smalls)
-    binned = 2 * held + sum(a.nbytes for a in smalls) + SLICE_WORKING_ARRAYS["int8"] * 4 * 4 * 64 * 256
+    working = (SLICE_WORKING_ARRAYS["int8"] + 2) * 4 * 4 * 64 * 256
+    binned = 2 * held + sum(a.nbytes for a in smalls) + working
     assert step_temporaries(smalls, "int8", chunk_size=1 << 16) == binned
-    # bf16 states are not binned, nor a tensor of a slice or more.
-    alone = smalls[0].nbytes + state_bytes("bf16", smalls[0].shape)
-    assert step_temporaries(smalls, "bf16", chunk_size=1 << 16) == alone + 7 * 4 * 64 * 256
+    nearest = step_temporaries(smalls, "int8", weight_update="nearest", chunk_size=1 << 16)
+    assert binned - nearest == 4 * 4 * 64 * 256
+    # fp32 and bf16 states are not binned, nor a tensor of a slice or more.
+    alone = smalls[0].nbytes + state_bytes("fp32", smalls[0].shape)
+    assert step_temporaries(smalls, "fp32", chunk_size=1 << 16) == alone + 3 * 4 * 64 * 256
+    assert step_temporaries(smalls, "int8", chunk_size=1 << 14) == (
+        smalls[0].nbytes + state_bytes("int8", smalls[0].shape) + 11 * 4 * 64 * 256
+    )
 
 
 def test_plan_with_a_batch_has_a_step_peak():

@@ -202,7 +202,8 @@ def test_chunked_update_is_the_whole_tensor_update(precision):
 )  # fmt: skip
 def test_small_tensors_updated_together_as_each_alone(precision, dtype, weight_update):
     """Small tensors of whole blocks are updated laid end to end, in bins of at most a slice
-    (LoRA adapters: one update per bin, not per tensor); each gets the parameters and stored
+    (LoRA adapters: one update per bin, not per tensor; not under fp32 and bf16, whose updates
+    are shorter than the copies); each gets the parameters and stored
     bits it gets alone (random keys from its path and position), across steps; tensors of
     partial blocks, a slice or more, or another dtype are updated on their own."""
     shapes = {"a": (64, 16), "b": (16, 128), "c": (2, 640), "d": (300,), "e": (4096,),
@@ -217,9 +218,13 @@ def test_small_tensors_updated_together_as_each_alone(precision, dtype, weight_u
                     chunk_size=4096)  # fmt: skip
     bins = update_bins([(path, p.dtype, precision, p.size) for path, p in tree_flatten(params)],
                        4096)  # fmt: skip
-    # a + b + c would be past 4096 elements; g joins only its own dtype.
+    # a + b + c would be past 4096 elements; d is of a partial block; g joins only its own dtype;
+    # e is a whole slice.
     same_dtype = ["layers.g"] if dtype == mx.float32 else []
     assert bins == [["layers.a", "layers.b"], ["layers.c", "layers.f", *same_dtype]]
+    for shorter in ("fp32", "bf16"):
+        tensors = [(path, p.dtype, shorter, p.size) for path, p in tree_flatten(params)]
+        assert update_bins(tensors, 4096) == []
 
     def run(params: dict, grads: dict, streams: int = 1):
         opt, p = AdamW(1e-2, streams=streams, **settings), params
