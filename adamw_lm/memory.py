@@ -271,7 +271,7 @@ def activation_bytes(
 #: Precisions whose small tensors :class:`~adamw_lm.AdamW` updates together (:func:`update_bins`):
 #: their update is 80 to 110 operations per tensor, each a dispatch to the stream's thread, more
 #: than copying the tensors end to end costs. Measured on LoRA adapters, one stream, the same code
-#: with and without bins: int8 -10 %, int4 -26 % a step; bf16 (~30 operations) within +-3 %, fp32
+#: with and without bins: int8 -10 %, int4 -26 % a step; bf16 (~30 operations) -8 to +3 %, fp32
 #: (a few) +37 % (docs/benchmarks.md, "Small tensors laid end to end").
 BINNED_PRECISIONS: tuple[str, ...] = ("int8", "int4")
 
