@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import threading
 import zlib
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -754,10 +753,12 @@ class _Bin(NamedTuple):
         parameter each) are ``tensors``."""
 
         def join(parts: list[Stored]) -> Stored:
-            # mx.concatenate as it is: viewing each part as words (_concatenate) is an operation
-            # per part, which small parts do not repay.
+            # Codes viewed as words (_concatenate: a CPU copies element by element), the rest as
+            # it is: for 4-byte elements a view per part costs what it saves (measured: with
+            # views for the codes only, -3 % for an int8 LoRA step; for everything, +1 to +7 %).
             if isinstance(parts[0], dict):
-                return {key: mx.concatenate([part[key] for part in parts]) for key in parts[0]}
+                return {key: (_concatenate if parts[0][key].dtype.size == 1 else mx.concatenate)(
+                    [part[key] for part in parts]) for key in parts[0]}  # fmt: skip
             # reshape(size): mlx gives a flat array back as it is, with no operation to dispatch.
             return mx.concatenate([part.reshape(part.size) for part in parts])
 
