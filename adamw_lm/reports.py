@@ -17,13 +17,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 
-from .checkpoint.format import finite_number
+from .checkpoint.format import CorruptCheckpointError, finite_number
+from .checkpoint.untrusted import parse_json
 from .runfiles import open_append, read_text_nofollow, replace_file, replace_text
 
 METRICS_FILE = "metrics.jsonl"
 #: The loss plot (run folder, and next to the model card on the Hub).
 LOSS_PLOT = "loss.png"
 _MAX_METRICS_BYTES = 256 << 20
+#: Longest line of ``metrics.jsonl`` read back: a record is a few hundred bytes, and a line is
+#: parsed whole (a 256 MB array on one line would take gigabytes as Python objects).
+_MAX_METRICS_LINE = 64 << 10
 
 
 class MetricsLog(TrainingCallback):
@@ -70,13 +74,24 @@ def truncate_metrics(run_dir: Path, iteration: int) -> None:
         return
     kept = []
     for line in text.splitlines():
-        try:
-            record = json.loads(line)
-            if isinstance(record, dict) and 0 <= record["iteration"] <= iteration:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
+        record = _record(line)
+        at = finite_number(record.get("iteration")) if record is not None else None
+        if at is not None and 0 <= at <= iteration:
+            kept.append(line)
     replace_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record(line: str) -> Optional[dict]:
+    """The object on one line of ``metrics.jsonl``, or ``None`` for a line that is not one (torn
+    by a crash, or written by someone else: the log is read back from the run folder, untrusted,
+    so a line is capped in length and parsed with the checkpoint's limits, nesting included)."""
+    if len(line) > _MAX_METRICS_LINE:
+        return None
+    try:
+        record = parse_json(line.encode(), METRICS_FILE, nonfinite=True)
+    except CorruptCheckpointError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class TerminalReport(TrainingCallback):
@@ -199,15 +214,8 @@ def unused_precision_warnings(config: Any, model: nn.Module, optimizer: Any) -> 
 def _records(run_dir: Path) -> list[dict]:
     """The objects of ``metrics.jsonl`` (none if it is missing). The log is read back from the run
     folder, so it is untrusted: size-limited, not followed through a link, malformed lines left out."""
-    records = []
-    for line in read_text_nofollow(run_dir / METRICS_FILE, _MAX_METRICS_BYTES).splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    lines = read_text_nofollow(run_dir / METRICS_FILE, _MAX_METRICS_BYTES).splitlines()
+    return [record for record in map(_record, lines) if record is not None]
 
 
 def logged(run_dir: Path, key: str, iteration: int) -> bool:

@@ -19,7 +19,7 @@ import yaml
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import iterate_batches
 
-from adamw_lm import resuming, trainer
+from adamw_lm import reports, resuming, trainer
 from adamw_lm.config import ConfigError, from_dict
 from adamw_lm.fingerprint import fingerprint
 
@@ -166,6 +166,22 @@ def test_a_new_run_starts_its_own_metrics_log(tmp_path, tiny_model_path, data_di
     trainer.run(from_dict(base(tiny_model_path, data_dir, run_dir, iters=2)), progress=False)
     iterations = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 99 not in iterations and max(iterations) == 2
+
+
+def test_metrics_log_lines_from_anyone_are_read_within_limits(tmp_path):
+    """metrics.jsonl is read back from the run folder (untrusted), on resume and for the plot: a
+    line nested too deep, too long, torn or not an object is left out, without a traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [
+        '{"iteration": 1, "train_loss": NaN}', "[" * 100_000 + "]" * 100_000,
+        '{"iteration": 2, "x": [' + "0, " * 30_000 + "0]}", '{"iteration": 3, "tr', "[1, 2]",
+        '{"iteration": 4, "train_loss": 2.0}', '{"iteration": 9, "train_loss": 1.0}',
+    ]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert reports.logged(run_dir, "train_loss", 4) and not reports.logged(run_dir, "x", 2)
+    reports.truncate_metrics(run_dir, 5)
+    assert (run_dir / "metrics.jsonl").read_text().splitlines() == [lines[0], lines[5]]
 
 
 def test_resume_refuses_a_metrics_log_that_is_a_link(tmp_path, tiny_model_path, data_dir):
