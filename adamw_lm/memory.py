@@ -332,8 +332,8 @@ def step_temporaries(
         for a, s in zip(trainable, stored)
     ]  # fmt: skip
 
-    def working(precision: str, size: int) -> int:
-        return SLICE_WORKING_ARRAYS.get(precision, max(SLICE_WORKING_ARRAYS.values())) * 4 * size
+    def working(stored_as: str, size: int) -> int:
+        return SLICE_WORKING_ARRAYS.get(stored_as, max(SLICE_WORKING_ARRAYS.values())) * 4 * size
 
     bins = update_bins(
         ((i, a.dtype, s, a.size) for i, (a, s) in enumerate(zip(trainable, stored))), chunk

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .optim import AdamW, all_finite, zeros_state
+from .optim import AdamW, zeros_state
+from .slicing import all_finite
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
