@@ -27,7 +27,7 @@ from .memory import (
     STATE_LADDER, choose_precisions, default_chunk_size, stored_precision, update_bins,
 )
 from .optim_settings import LearningRate, Settings, check_adamw_arguments
-from .slicing import Bin, Slices, StepKeys, all_finite, default_streams
+from .slicing import Bin, Slices, StepKeys, all_finite, default_streams, join_flat
 
 #: Seconds one ``precision_overrides`` pattern may take to search one parameter path.
 PATTERN_TIMEOUT_S = 0.1
@@ -442,12 +442,19 @@ class AdamW(optim.AdamW):
         # thread, which bound the step of many small tensors (LoRA adapters) by their count.
         chunk = self.settings.chunk_size or default_chunk_size()
         kinds = ((path, (leaves[path].dtype, g.dtype), self._plan[path], g.size) for path, g in low)
-        bins = [Bin.join(paths, [inputs(p) for p in paths]) for paths in update_bins(kinds, chunk)]
+        binned = update_bins(kinds, chunk)
+        for path in (path for paths in binned for path in paths):
+            # Flat once, for the bin's join and the check's (each reshape is a dispatch).
+            grads[path] = grads[path].reshape(grads[path].size)
+        bins = [Bin.join(paths, [inputs(p) for p in paths]) for paths in binned]
         finite = coefficients = None
         if low:
-            # A bin's gradients are checked joined: the check is 8 operations per tensor.
-            binned = {path for b in bins for path in b.paths}
-            checked = [b.tensors["g"] for b in bins] + [g for p, g in flat if p not in binned]
+            # A bin's gradients are checked joined (the check is 8 operations per tensor), each
+            # joined again: every update waits for the check, so the updates' own joined copies,
+            # read by it, would all be alive before the first bin's update.
+            checked = [join_flat([grads[p] for p in paths]) for paths in binned]
+            joined = {path for paths in binned for path in paths}
+            checked += [g for p, g in flat if p not in joined]
             finite = all_finite(checked, self.settings.streams)
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
             coefficients = self._coefficients(finite)

@@ -217,6 +217,12 @@ class StepKeys:
         return self._start("weight", paths, sizes) if paths[0] in self.weighted else None
 
 
+def join_flat(parts: list[mx.array]) -> mx.array:
+    """``parts`` flattened and laid end to end."""
+    # reshape(size): mlx gives a flat array back as it is, with no operation to dispatch.
+    return mx.concatenate([part.reshape(part.size) for part in parts])
+
+
 class Bin(NamedTuple):
     """Tensors of parameters updated as one, laid end to end."""
 
@@ -239,8 +245,7 @@ class Bin(NamedTuple):
             if isinstance(parts[0], dict):
                 return {key: (_concatenate if parts[0][key].dtype.size == 1 else mx.concatenate)(
                     [part[key] for part in parts]) for key in parts[0]}  # fmt: skip
-            # reshape(size): mlx gives a flat array back as it is, with no operation to dispatch.
-            return mx.concatenate([part.reshape(part.size) for part in parts])
+            return join_flat(parts)
 
         return cls(
             paths, [t["p"].size for t in tensors], [t["p"].shape for t in tensors],
@@ -293,4 +298,4 @@ def _concatenate(parts: list[mx.array]) -> mx.array:
     return mx.view(mx.concatenate([mx.view(part, mx.uint64) for part in parts]), parts[0].dtype)
 
 
-__all__ = ["Bin", "Slices", "StepKeys", "all_finite", "default_streams"]
+__all__ = ["Bin", "Slices", "StepKeys", "all_finite", "default_streams", "join_flat"]

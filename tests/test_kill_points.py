@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adamw_lm import checkpoint, reports, resuming, trainer
+from adamw_lm import checkpoint, reports, resuming
 from test_resume import cli, make_config
 
 HELPER = Path(__file__).parent / "helpers" / "kill_at.py"

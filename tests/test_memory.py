@@ -595,19 +595,22 @@ def test_markdown_says_what_fits_a_mac():
         metal_limit_bytes(0)
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 1 << 16], ids=["6 bins", "23 bins"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_step_temporaries_match_a_measured_step_of_small_tensors(precision):
+def test_step_temporaries_match_a_measured_step_of_small_tensors(precision, chunk):
     """Many small tensors of bf16 weights (LoRA-like), updated a bin at a time: the step's peak
-    over what it holds is what step_temporaries says, within 35 %."""
-    shapes = [(1024, 16), (16, 1024), (2816, 16), (16, 2816)] * 6
+    over what it holds is what step_temporaries says, within 35 %, however many bins (measured
+    0.85-1.10; 1.55-1.74 over 23 bins while the finite check read the updates' joined gradients,
+    which kept every bin's alive at once)."""
+    shapes = [(1024, 16), (16, 1024), (2816, 16), (16, 2816)] * 12
     keys = iter(mx.random.split(mx.random.key(1), 2 * len(shapes)))
     params = {f"t{i}": (0.02 * mx.random.normal(s, key=next(keys))).astype(mx.bfloat16)
               for i, s in enumerate(shapes)}  # fmt: skip
     grads = {n: (0.01 * mx.random.normal(p.shape, key=next(keys))).astype(mx.bfloat16)
              for n, p in params.items()}  # fmt: skip
-    opt = AdamW(1e-5, state_precision=precision, chunk_size=1 << 18)
+    opt = AdamW(1e-5, state_precision=precision, chunk_size=chunk)
     measured = measured_step_peak(opt, params, grads)
-    predicted = step_temporaries(list(params.values()), precision, chunk_size=1 << 18)
+    predicted = step_temporaries(list(params.values()), precision, chunk_size=chunk)
     assert 0.65 <= measured / predicted <= 1.35, (measured, predicted)
 
 
