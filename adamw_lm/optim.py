@@ -443,7 +443,8 @@ class AdamW(optim.AdamW):
         chunk = self.settings.chunk_size or default_chunk_size()
         kinds = ((path, (leaves[path].dtype, g.dtype), self._plan[path], g.size) for path, g in low)
         binned = update_bins(kinds, chunk)
-        for path in (path for paths in binned for path in paths):
+        joined = {path for paths in binned for path in paths}
+        for path in joined:
             # Flat once, for the bin's join and the check's (each reshape is a dispatch).
             grads[path] = grads[path].reshape(grads[path].size)
         bins = [Bin.join(paths, [inputs(p) for p in paths]) for paths in binned]
@@ -453,7 +454,6 @@ class AdamW(optim.AdamW):
             # joined again: every update waits for the check, so the updates' own joined copies,
             # read by it, would all be alive before the first bin's update.
             checked = [join_flat([grads[p] for p in paths]) for paths in binned]
-            joined = {path for paths in binned for path in paths}
             checked += [g for p, g in flat if p not in joined]
             finite = all_finite(checked, self.settings.streams)
             self.state["skipped_steps"] = self.state["skipped_steps"] + (~finite).astype(mx.uint32)
